@@ -1,0 +1,1 @@
+"""Wasla clinic box: ingest, imaging, inference, triage, store, daemon and technician CLI."""
