@@ -1,0 +1,287 @@
+"""The one typed, strict Wasla configuration: TOML in, frozen dataclasses out, every key documented."""
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+from edge.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PATHS = (Path("/etc/wasla/box.toml"),)
+ENV_VAR = "WASLA_CONFIG"
+
+
+def _default_models_dir() -> Path:
+    # An editable/source install ships the packages beside the code; an installed box keeps them under /var/lib.
+    here = REPO_ROOT / "models"
+    return here if here.is_dir() else Path("/var/lib/wasla/models")
+
+
+def _default_trusted_keys() -> list[Path]:
+    return sorted((_default_models_dir() / "keys").glob("*.pub"))
+
+
+@dataclass(frozen=True)
+class BoxConfig:
+    id: str = "box-001"
+    """Device id: unique in the fleet, used in MQTT topics. Letters, digits, '-' and '_'."""
+    data_dir: Path = Path("/var/lib/wasla")
+    """Root of the spool, the SQLite store and the quarantine."""
+
+
+@dataclass(frozen=True)
+class DicomConfig:
+    enabled: bool = True
+    """Run the DICOM C-STORE SCP."""
+    ae_title: str = "WASLA"
+    """Our AE title (1-16 characters)."""
+    bind: str = "0.0.0.0"
+    """Address the SCP listens on."""
+    port: int = 11112
+    """TCP port (above 1024 so the daemon needs no privilege)."""
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    """Calling AE titles allowed to store; empty list = any."""
+    acse_timeout: float = 30.0
+    """Seconds to wait for association messages."""
+    dimse_timeout: float = 60.0
+    """Seconds to wait for DIMSE messages."""
+    network_timeout: float = 60.0
+    """Seconds of network silence before an association is dropped."""
+    max_associations: int = 4
+    """Concurrent associations accepted."""
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    enabled: bool = False
+    """Watch a folder for DICOM files dropped by the modality."""
+    dir: Path | None = None
+    """Folder to watch; default <data_dir>/watch."""
+    poll_seconds: float = 2.0
+    """How often the folder is scanned."""
+    settle_seconds: float = 2.0
+    """A file is taken only once its size and mtime have not changed for this long (still being copied)."""
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    backend: str = "auto"
+    """"auto" (fastest installed for each model), "onnxruntime" or "openvino"."""
+    threads: int = 2
+    """Inference threads per model."""
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    """ONNX Runtime execution providers in preference order (e.g. TensorRT, CUDA on a Jetson); absent ones are skipped."""
+    warmup: int = 3
+    """Warm-up inferences per model at start."""
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    dir: Path = field(default_factory=_default_models_dir)
+    """Folder of model packages (<name>/<version>/manifest.json)."""
+    trusted_keys: list[Path] = field(default_factory=_default_trusted_keys)
+    """Public keys (hex ed25519) whose signatures on model manifests are accepted."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    min_free_mb: int = 512
+    """New studies are refused (DICOM 'out of resources') when free disk would drop below this."""
+    max_pixels: int = 100_000_000
+    """Largest rows x columns x frames x samples accepted; bigger claims are quarantined before decoding."""
+    max_file_mb: int = 2048
+    """Largest single file accepted."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    enabled: bool = False
+    """Upload flags and studies to the hub over MQTT."""
+    broker_host: str = "127.0.0.1"
+    """MQTT broker host."""
+    broker_port: int = 1883
+    """MQTT broker port."""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    """DEBUG, INFO, WARNING or ERROR."""
+
+
+@dataclass(frozen=True)
+class Config:
+    box: BoxConfig = field(default_factory=BoxConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.box.data_dir / "wasla.db"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.box.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.box.data_dir / "quarantine"
+
+    @property
+    def watch_dir(self) -> Path:
+        return self.watch.dir or self.box.data_dir / "watch"
+
+
+def _convert(value, tp, key: str, base: Path | None):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, args[0], key, base)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]", base) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        p = Path(value).expanduser()
+        # Relative paths are relative to the config file, so a bundle folder can be moved as a whole.
+        return p if p.is_absolute() or base is None else (base / p)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def _build(cls, data: dict, prefix: str, base: Path | None):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls) if f.name != "source"}
+    for k in data:
+        if k not in known:
+            raise ConfigError(f"unknown key '{prefix}{k}' (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if is_dataclass(tp):
+            if not isinstance(data[f.name], dict):
+                raise ConfigError(f"{key}: expected a table [{key}]")
+            kwargs[f.name] = _build(tp, data[f.name], key + ".", base)
+        else:
+            kwargs[f.name] = _convert(data[f.name], tp, key, base)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.box.id):
+        raise ConfigError(f"box.id: {cfg.box.id!r} must be 1-64 letters, digits, '-' or '_'")
+    if not (1 <= len(cfg.dicom.ae_title) <= 16) or not cfg.dicom.ae_title.isascii():
+        raise ConfigError(f"dicom.ae_title: {cfg.dicom.ae_title!r} must be 1-16 ASCII characters")
+    if not 0 <= cfg.dicom.port <= 65535:
+        raise ConfigError(f"dicom.port: {cfg.dicom.port} is not a TCP port")
+    if not 0 < cfg.sync.broker_port <= 65535:
+        raise ConfigError(f"sync.broker_port: {cfg.sync.broker_port} is not a TCP port")
+    for key, val in (("dicom.acse_timeout", cfg.dicom.acse_timeout), ("dicom.dimse_timeout", cfg.dicom.dimse_timeout),
+                     ("dicom.network_timeout", cfg.dicom.network_timeout), ("watch.poll_seconds", cfg.watch.poll_seconds)):
+        if val <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {val}")
+    if cfg.watch.settle_seconds < 0:
+        raise ConfigError(f"watch.settle_seconds: must be >= 0, got {cfg.watch.settle_seconds}")
+    if cfg.dicom.max_associations < 1:
+        raise ConfigError(f"dicom.max_associations: must be >= 1, got {cfg.dicom.max_associations}")
+    if cfg.inference.backend not in ("auto", "onnxruntime", "openvino"):
+        raise ConfigError(f"inference.backend: {cfg.inference.backend!r} is not one of auto, onnxruntime, openvino")
+    if not 1 <= cfg.inference.threads <= 64:
+        raise ConfigError(f"inference.threads: must be 1-64, got {cfg.inference.threads}")
+    if cfg.inference.warmup < 0:
+        raise ConfigError(f"inference.warmup: must be >= 0, got {cfg.inference.warmup}")
+    if cfg.storage.min_free_mb < 0 or cfg.storage.max_pixels < 1 or cfg.storage.max_file_mb < 1:
+        raise ConfigError("storage: min_free_mb must be >= 0, max_pixels and max_file_mb >= 1")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
+
+
+def parse(text: str, base: Path | None = None, source: Path | None = None) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source or 'config'}: not valid TOML: {err}") from err
+    cfg = _build(Config, data, "", base)
+    cfg = replace(cfg, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: Path | str | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load the config from `path`, else $WASLA_CONFIG, else /etc/wasla/box.toml, else the built-in defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_VAR):
+        path = env[ENV_VAR]
+    if path is None:
+        path = next((p for p in DEFAULT_PATHS if p.is_file()), None)
+    if path is None:
+        cfg = Config()
+        _validate(cfg)
+        return cfg
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
+    return parse(text, base=path.resolve().parent, source=path)
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every setting — the reference printed by `wasla config --defaults` and the README."""
+    rows = []
+    defaults = Config()
+    for section in fields(Config):
+        if section.name == "source":
+            continue
+        cls = type(getattr(defaults, section.name))
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            rows.append((f"{section.name}.{f.name}", repr(getattr(getattr(defaults, section.name), f.name)), docs.get(f.name, "")))
+    return rows
+
+
+def _field_docs(cls) -> dict[str, str]:
+    # Attribute docstrings are not kept by Python; read them from the source once, for the reference table.
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs

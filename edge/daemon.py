@@ -1,0 +1,126 @@
+"""`wasla run`: wires store, model engine, DICOM SCP, watch folder and worker; speaks systemd notify; stops cleanly."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+
+from edge.config import Config
+from edge.engine import Engine
+from edge.store import Store
+from edge.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def sd_notify(message: str) -> bool:
+    """Send a datagram to systemd's notify socket; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(addr)
+            sock.sendall(message.encode())
+        return True
+    except OSError as err:
+        log.warning("sd_notify failed: %s", err)
+        return False
+
+
+def watchdog_interval() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2e6
+
+
+def setup_logging(level: str) -> None:
+    # Log lines carry SOP/Study UIDs and instance ids, never patient names or IDs (the code never formats those).
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.stop_event = threading.Event()
+        self.store: Store | None = None
+        self.parts: list = []
+
+    def start(self) -> None:
+        from edge import ingest
+        from edge.scp import StoreSCP
+        from edge.watch import FolderWatcher
+
+        cfg = self.cfg
+        self.store = Store.from_config(cfg)
+        back = self.store.recover()
+        if back:
+            log.info("%d interrupted instance(s) returned to the queue", back)
+        adopted = ingest.adopt_orphans(self.store)
+        if adopted:
+            log.info("%d orphan spool file(s) re-registered", adopted)
+        self.engine = Engine.load(cfg)
+        self.worker = Worker(self.store, self.engine)
+        self.worker.start()
+        self.parts.append(self.worker)
+        if cfg.dicom.enabled:
+            self.scp = StoreSCP(cfg, self.store, on_stored=self.worker.wake.set)
+            self.scp.start()
+            self.parts.append(self.scp)
+            log.info("DICOM SCP %s listening on %s:%s", cfg.dicom.ae_title, cfg.dicom.bind, self.scp.port)
+        if cfg.watch.enabled:
+            self.watcher = FolderWatcher(cfg, self.store, on_stored=self.worker.wake.set)
+            self.watcher.start()
+            self.parts.append(self.watcher)
+            log.info("watching %s", cfg.watch_dir)
+        if cfg.sync.enabled:
+            from sync.uploader import Uploader
+
+            self.uploader = Uploader(cfg, self.store, self.engine)
+            self.uploader.start()
+            self.parts.append(self.uploader)
+
+    def stop(self) -> None:
+        sd_notify("STOPPING=1")
+        # Doors first (no new work accepted), then the worker finishes the instance in hand.
+        for part in reversed(self.parts):
+            try:
+                part.stop()
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                log.exception("error while stopping %s", type(part).__name__)
+        if self.store:
+            self.store.close()
+
+    def run_forever(self) -> int:
+        def _on_signal(signum, _frame):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        sd_notify("READY=1\nSTATUS=triage running")
+        log.info("wasla box %s ready", self.cfg.box.id)
+        interval = watchdog_interval()
+        tick = min(interval, 5.0) if interval else 5.0
+        while not self.stop_event.wait(tick):
+            # Feed the watchdog only while the worker is really alive: a hung worker should get us restarted.
+            if interval and self.worker.alive():
+                sd_notify("WATCHDOG=1")
+        self.stop()
+        log.info("stopped")
+        return 0
+
+
+def run(cfg: Config) -> int:
+    setup_logging(cfg.log.level)
+    return Daemon(cfg).run_forever()

@@ -1,0 +1,81 @@
+"""The triage worker: takes received instances from the store one at a time and records their outcome exactly once."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from edge.engine import Engine
+from edge.errors import BadInputError, StoreError, WaslaError
+from edge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, store: Store, engine: Engine, idle_wait: float = 0.2):
+        self.store = store
+        self.engine = engine
+        self.idle_wait = idle_wait
+        self.wake = threading.Event()
+        self.stop_event = threading.Event()
+        self.last_beat = time.monotonic()
+        self.processed = 0
+        self._thread: threading.Thread | None = None
+
+    def process_one(self) -> bool:
+        """Triage the oldest received instance; False when the queue is empty."""
+        row = self.store.claim_next()
+        if row is None:
+            return False
+        iid = row["id"]
+        t0 = time.perf_counter()
+        try:
+            outcome = self.engine.triage_file(self.store.instance_path(row))
+        except BadInputError as err:
+            self.store.quarantine(iid, str(err))
+            return True
+        except WaslaError as err:
+            # A model or runtime failure is not the image's fault, but retrying forever would stall the queue.
+            self.store.quarantine(iid, f"triage failed: {err}")
+            return True
+        except Exception as err:  # noqa: BLE001 - one bad instance must never stop the daemon
+            log.exception("unexpected error on instance #%s", iid)
+            self.store.quarantine(iid, f"internal error: {type(err).__name__}: {err}")
+            return True
+        t1 = time.perf_counter()
+        outcome.timings["pipeline_ms"] = round((t1 - t0) * 1000, 2)
+        for r in outcome.results:
+            r["timings"] = dict(outcome.timings)
+        self.store.record_triage(iid, outcome.label, outcome.reasons, outcome.results)
+        commit_ms = round((time.perf_counter() - t1) * 1000, 2)
+        self.processed += 1
+        log.info("instance #%s %s triaged %s in %.0f ms (+%.1f ms commit)", iid, row["sop_instance_uid"],
+                 outcome.label, outcome.timings["pipeline_ms"], commit_ms)
+        return True
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.last_beat = time.monotonic()
+            try:
+                busy = self.process_one()
+            except StoreError as err:
+                log.error("store error in worker: %s", err)
+                busy = False
+            if not busy:
+                self.wake.wait(self.idle_wait)
+                self.wake.clear()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="triage-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the instance in hand, then stop; anything still `processing` goes back to the queue on next start."""
+        self.stop_event.set()
+        self.wake.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+    def alive(self, max_silence: float = 120.0) -> bool:
+        return self._thread is not None and self._thread.is_alive() and time.monotonic() - self.last_beat < max_silence

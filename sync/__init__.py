@@ -1,0 +1,1 @@
+"""Wasla wire: protocol, codecs, box uploader, hub receiver."""
