@@ -39,7 +39,7 @@ _FRAME_POLICIES = ("middle", "first", "all")
 # Percentiles used when a grey image carries no window: robust to burnt-in text and collimator edges.
 _AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 # Decoder messages are about bytes and lengths, never element values, but cap them for quarantine logs.
-_MAX_REASON = 160
+_MAX_REASON = 300
 
 
 @dataclass(frozen=True)
@@ -366,7 +366,8 @@ def _reduced_frame(ds, codestream: bytes, factor: int) -> tuple[np.ndarray, str]
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err).splitlines()[0] if str(err) else ""
+    # pydicom puts each plugin's own error on a line of its own; keep them all, on one line.
+    text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:_MAX_REASON]}" if text else type(err).__name__
 
 

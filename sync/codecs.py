@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 import pydicom
 from pydicom import uid
+from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
@@ -19,16 +20,18 @@ from edge.errors import BadInputError, NoPixelDataError, UnsupportedTransferSynt
 
 log = logging.getLogger(__name__)
 
-# Supplement 232 (2024); pydicom 3.0 has no constant and no decoder for it, so the receiver decodes it here.
+# Supplement 232 (2024). pydicom 3.0 does not know the UID, so it would refuse to write or parse a file in it
+# (UID.is_transfer_syntax is a dictionary look-up); registering it is additive and a no-op once pydicom has it.
+# pydicom has no decoder for it either: `_frames` decodes it through imagecodecs.
 JPEGXLLossless = uid.UID("1.2.840.10008.1.2.4.110")
+UID_dictionary.setdefault(JPEGXLLossless, ("JPEG XL Lossless", "Transfer Syntax", "", "", "JPEGXLLossless"))
 
 # Pixel data in these is already lossy: re-encoding cannot win anything back, so they travel untouched.
 # J2K .91 and HTJ2K .203 may hold reversible codestreams, but the transfer syntax does not promise it.
 LOSSY_SYNTAXES = frozenset({
-    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000, uid.JPEG2000MC,
-    uid.HTJ2K, uid.MPEG2MPML, uid.MPEG2MPHL, uid.MPEG4HP41, uid.MPEG4HP41BD, uid.MPEG4HP422D,
-    uid.MPEG4HP423D, uid.MPEG4HP42STEREO, uid.HEVCMP51, uid.HEVCM10P51, uid.JPIPReferenced,
-    uid.JPIPReferencedDeflate, uid.JPIPHTJ2KReferenced, uid.JPIPHTJ2KReferencedDeflate,
+    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000, uid.JPEG2000MC, uid.HTJ2K,
+    uid.JPIPHTJ2KReferenced, uid.JPIPHTJ2KReferencedDeflate, *uid.MPEGTransferSyntaxes,
+    "1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95",  # JPIP referenced (deflate)
     "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112",  # JPEG XL recompressed JPEG / JPEG XL (lossy)
 })
 NATIVE_SYNTAXES = frozenset({
@@ -344,6 +347,8 @@ def _reencodable(ds: Dataset, syntax: str) -> str | None:
 
 def _container(frames: np.ndarray, info: FrameInfo) -> np.ndarray:
     # 8-bit values in a 16-bit container would make the codecs declare 16-bit precision and compress worse.
+    if not frames.dtype.isnative:  # a big-endian source: the codecs read native words
+        frames = frames.astype(frames.dtype.newbyteorder("="))
     if info.bits_stored <= 8 and frames.dtype.itemsize > 1:
         return frames.astype(np.int8 if info.signed else np.uint8)
     return frames

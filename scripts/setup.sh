@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what Wasla needs on a fresh Debian 12 / Ubuntu 24.04 machine: system packages, a virtualenv, the package.
+# Usage: bash scripts/setup.sh [extras]   (extras default "samples"; the tests use "test,train")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="${1:-samples}"
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "Installing system packages: ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || { echo "Python >= 3.11 is required" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch pinned to the CPU build: a plain "torch" would pull gigabytes of CUDA.
+.venv/bin/python -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v -E "^(WARNING: Location|DEPRECATION)" || true
+.venv/bin/python -c 'import edge, pydicom, pynetdicom, onnxruntime, openvino' || { echo "installation failed" >&2; exit 1; }
