@@ -45,9 +45,12 @@ class Thresholds:
     urgent: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ModelPackage:
-    """A verified package. Only `load_package` builds one, so holding one means its checks passed."""
+    """A verified package. Only `load_package` builds one, so holding one means its checks passed.
+
+    Compared and hashed by identity, so packages can key dicts (e.g. package -> backend).
+    """
 
     name: str
     version: str

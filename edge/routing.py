@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydicom.multival import MultiValue
+
 from edge.modelpkg import ROUTING_KEYS, ModelPackage
 
 
@@ -13,7 +15,7 @@ def instance_attrs(ds: Any) -> dict[str, str]:
         value = ds.get(key, None)
         if value is None:
             attrs[key] = ""
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        elif isinstance(value, (list, tuple, MultiValue)):
             attrs[key] = "\\".join(str(v).strip() for v in value)
         else:
             attrs[key] = str(value).strip()

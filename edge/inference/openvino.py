@@ -11,6 +11,8 @@ from edge.modelpkg import backend_relpath, read_verified
 
 
 class OpenVinoBackend(Backend):
+    """Compiled for "CPU"; `providers` (an ONNX Runtime notion) does not apply and is ignored."""
+
     TYPE_KEY: ClassVar[str] = "openvino"
     RUNTIME_MODULE: ClassVar[str] = "openvino"
 
