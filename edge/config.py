@@ -92,7 +92,7 @@ class StorageConfig:
     min_free_mb: int = 512
     """New studies are refused (DICOM 'out of resources') when free disk would drop below this."""
     max_pixels: int = 100_000_000
-    """Largest rows x columns x frames x samples accepted; bigger claims are quarantined before decoding."""
+    """Largest rows x columns x samples of one frame; bigger claims are quarantined before decoding."""
     max_file_mb: int = 2048
     """Largest single file accepted."""
 

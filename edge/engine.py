@@ -49,12 +49,13 @@ class Engine:
         """Load every active package that verifies; a refused package is reported, never half-loaded."""
         trusted = modelpkg.load_trusted_keys(cfg.models.trusted_keys) if cfg.models.trusted_keys else {}
         loaded, errors = [], []
-        for folder in modelpkg.active_packages(cfg.models.dir):
+        for folder in modelpkg.active_folders(cfg.models.dir):
             try:
                 pkg = modelpkg.load_package(folder, trusted)
-                backend = create_backend(pkg, cfg.inference.backend, cfg.inference.threads, cfg.inference.providers)
-                backend.warmup(cfg.inference.warmup)
-                loaded.append(LoadedModel(pkg, backend, imaging.InputSpec.from_manifest(pkg.input)))
+                # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
+                backend = create_backend(pkg, cfg.inference.backend, cfg.inference.threads, cfg.inference.providers,
+                                         cfg.inference.warmup)
+                loaded.append(LoadedModel(pkg, backend, imaging.InputSpec.from_manifest(pkg.input_spec)))
                 log.info("model %s %s loaded on %s", pkg.name, pkg.version, backend.name)
             except WaslaError as err:
                 errors.append(f"{folder}: {err}")
@@ -105,7 +106,7 @@ class Engine:
             results.append({
                 "model": m.package.name, "model_version": m.package.version, "backend": m.backend.name,
                 "scores": dict(zip(m.package.labels, [round(float(v), 6) for v in probs[worst]])),
-                "score": d.score, "thresholds": dict(m.package.thresholds), "label": d.label,
+                "score": d.score, "thresholds": {"review": m.package.thresholds.review, "urgent": m.package.thresholds.urgent}, "label": d.label,
                 "reasons": d.reasons, "frames": len(frames), "timings": dict(t),
             })
         return Outcome(triage.most_severe(labels), reasons, results, t)
@@ -119,7 +120,7 @@ def check_models(cfg: Config) -> tuple[list[dict], list[str]]:
     """Verify packages without loading a runtime (for `wasla status` / `doctor`)."""
     trusted = modelpkg.load_trusted_keys(cfg.models.trusted_keys) if cfg.models.trusted_keys else {}
     ok, bad = [], []
-    for folder in modelpkg.active_packages(cfg.models.dir):
+    for folder in modelpkg.active_folders(cfg.models.dir):
         try:
             pkg = modelpkg.load_package(folder, trusted)
             ok.append({"name": pkg.name, "version": pkg.version, "key_id": pkg.key_id})

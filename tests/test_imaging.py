@@ -2,7 +2,7 @@
 
 Timings measured on the 2-core dev box (median of 10, render(min_side=224) + to_tensor at 224x224), kept here
 as notes rather than assertions because the box is shared:
-  RG1_UNCR ~15 ms; RG1_J2KR reduced (factor 2) ~45 ms vs full ~620 ms; US1_UNCR ~3 ms.
+  RG1_UNCR 16-17 ms; RG1_J2KR reduced (factor 2) 60-85 ms vs full 800-1060 ms; US1_UNCR 3-7 ms.
 """
 from __future__ import annotations
 
@@ -134,11 +134,12 @@ def test_jpeg_baseline_ybr_422_renders_rgb_close_to_dcmtk_decompression():
 def test_uncompressed_ybr_full_is_converted_to_rgb_once():
     (ybr,) = render(read("SC_ybr_full_uncompressed.dcm"))
     (rgb,) = render(read("SC_rgb.dcm"))
-    assert np.abs(ybr - rgb).max() < 0.02
+    # 8-bit YBR round trips are off by a few levels; a second conversion would be off by most of the range.
+    assert np.abs(ybr - rgb).max() < 0.03
 
 
 def test_jpeg_baseline_ultrasound_cine_middle_frame_is_rgb():
-    ds = read("color3d_jpeg_baseline.dcm")  # YBR_FULL_422, 120 frames
+    ds = read("color3d_jpeg_baseline.dcm")  # YBR_FULL_422, 120 frames: a long cine is fine, one frame is decoded
     (frame,) = render(ds)
     reference = pixel_array(ds, index=60).astype(np.float32) / 255.0
     assert frame.shape == (480, 640, 3)
@@ -260,9 +261,12 @@ def test_reduced_jpeg2000_decode_really_skips_resolution_levels():
     assert np.array_equal(full, ds.pixel_array)
 
 
-def test_render_with_min_side_returns_frames_twice_that_size():
-    (frame,) = render(read("RG1_J2KR.dcm"), min_side=224)
-    assert min(frame.shape) == 448
+@pytest.mark.parametrize(("name", "smallest"), [("RG1_J2KR.dcm", 461), ("RG1_UNCR.dcm", 448), ("US1_UNCR.dcm", 480)])
+def test_render_with_min_side_shrinks_large_frames_to_about_twice_that_size(name, smallest):
+    # J2K comes back at its reduced level (1841 / 4 rounded up), native data is shrunk to 2 * min_side, and
+    # frames under 3 * min_side are left alone.
+    (frame,) = render(read(name), min_side=224)
+    assert min(frame.shape[:2]) == smallest
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from edge import modelpkg, routing, triage
 from edge.errors import ConfigError, InferenceError, ModelError, ModelIntegrityError, NotFoundError
 from edge.inference import BACKENDS, create_backend
 from edge.modelpkg import activate, active_version, install, load_package, load_trusted_keys, rollback
-from modelfactory import brightness_tensor, make_tiny_package, nan_model, signing_key, write_signed_manifest
+from modelfactory import brightness_tensor, make_tiny_package, nan_model, signing_key, tiny_model, write_signed_manifest
 
 CPU = ["CPUExecutionProvider"]
 
@@ -149,7 +149,6 @@ def test_nan_producing_model_raises_inference_error_never_zeros(tmp_path, keys_d
 
 @pytest.mark.parametrize("kind", ["onnxruntime", "openvino"])
 def test_output_not_matching_labels_is_an_inference_error(tmp_path, keys_dir, kind):
-    from modelfactory import tiny_model
     folder, pub = make_tiny_package(tmp_path, key_dir=keys_dir,
                                     model=tiny_model(64, ("a", "b", "c"), ("c",)))
     pkg = load_package(folder, load_trusted_keys([pub]))

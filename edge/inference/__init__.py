@@ -33,10 +33,10 @@ def _load_plugins() -> dict[str, type[Backend]]:
 BACKENDS: dict[str, type[Backend]] = _load_plugins()
 
 
-def create_backend(package: ModelPackage, kind: str, threads: int, providers: list[str]) -> Backend:
+def create_backend(package: ModelPackage, kind: str, threads: int, providers: list[str], warmup: int = 3) -> Backend:
     """A loaded, warmed-up backend for `package`. `kind` is a TYPE_KEY or "auto" (fastest installed one)."""
     if kind == AUTO:
-        return _fastest(package, threads, providers)
+        return _fastest(package, threads, providers, warmup)
     cls = BACKENDS.get(kind)
     if cls is None:
         raise ConfigError(f"unknown inference backend {kind!r}; known: {', '.join([AUTO, *BACKENDS])}")
@@ -44,11 +44,11 @@ def create_backend(package: ModelPackage, kind: str, threads: int, providers: li
         raise ConfigError(f"inference backend {kind!r} is not installed on this box")
     backend = cls(package, threads, providers)
     backend.load()
-    backend.warmup()
+    backend.warmup(warmup)
     return backend
 
 
-def _fastest(package: ModelPackage, threads: int, providers: list[str]) -> Backend:
+def _fastest(package: ModelPackage, threads: int, providers: list[str], warmup: int = 3) -> Backend:
     candidates = [cls for key, cls in BACKENDS.items() if key in package.backend_files and cls.available()]
     if not candidates:
         raise ModelError(f"no installed inference backend can run {package.id} "
@@ -62,7 +62,7 @@ def _fastest(package: ModelPackage, threads: int, providers: list[str]) -> Backe
         backend = cls(package, threads, providers)
         try:
             backend.load()
-            backend.warmup()
+            backend.warmup(warmup)
             runs = []
             for _ in range(_TIMED_RUNS):
                 start = time.perf_counter()

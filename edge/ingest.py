@@ -1,0 +1,318 @@
+"""The one path every door (DICOM SCP, watch folder, `wasla ingest`) takes from bytes on disk to a committed row."""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
+
+from edge.config import StorageConfig
+from edge.errors import BadInputError, NoPixelDataError, NotFoundError, OutOfResourcesError
+from edge.imaging import check_header
+from edge.store import InstanceMeta, Store
+
+log = logging.getLogger(__name__)
+
+STORED, DUPLICATE, QUARANTINED = "stored", "duplicate", "quarantined"
+
+_PREAMBLE_BYTES = 128
+_MAGIC = b"DICM"
+_COPY_CHUNK = 1 << 20
+# Values larger than this stay on disk during the structural read: the pixel bytes are never loaded at ingest.
+_DEFER_SIZE = 1024
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_TAGS = (Tag(0x7FE00010), Tag(0x7FE00008), Tag(0x7FE00009))  # PixelData, FloatPixelData, DoubleFloatPixelData
+# A raw data set (no preamble) nearly always starts with group 0002 (meta) or 0008 (identifying) little endian.
+_RAW_DATASET_GROUPS = (b"\x02\x00", b"\x08\x00")
+_MAX_REASON = 200
+_DEFAULT_LIMITS = StorageConfig()
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What happened to one input; plain values only so the CLI can print it as JSON."""
+
+    status: str
+    """"stored", "duplicate" or "quarantined"."""
+    instance_id: int
+    """Row id in `instances` (for a duplicate: the row already holding that SOP Instance UID)."""
+    reason: str | None = None
+    """Quarantine reason, for a person to read."""
+    sop_instance_uid: str | None = None
+    error: str | None = None
+    """Name of the BadInputError subclass behind a quarantine (the SCP maps it to a DICOM status)."""
+
+
+def limits_from_config(cfg) -> dict[str, int]:
+    """The keyword arguments `ingest_file` / `ingest_paths` need, from the config (MB = 10^6 bytes, as the store)."""
+    return {"max_pixels": cfg.storage.max_pixels, "max_file_bytes": cfg.storage.max_file_mb * 1_000_000}
+
+
+def meta_from_dataset(ds) -> InstanceMeta:
+    """Header facts for the store row; raises BadInputError when the UIDs that identify the instance are missing."""
+    sop = str(ds.get("SOPInstanceUID", "") or "").strip()
+    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    if not sop:
+        raise BadInputError("dataset has no SOP Instance UID")
+    if not study:
+        raise BadInputError("dataset has no Study Instance UID")
+    file_meta = getattr(ds, "file_meta", None)
+    ts = file_meta.get("TransferSyntaxUID", "") if file_meta is not None else ""
+    return InstanceMeta(
+        sop_instance_uid=sop,
+        study_uid=study,
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_class_uid=_text(ds, "SOPClassUID") or (_text(file_meta, "MediaStorageSOPClassUID") if file_meta else ""),
+        modality=_text(ds, "Modality"),
+        body_part=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        transfer_syntax=str(ts or ""),
+        rows=_int(ds, "Rows", 0),
+        columns=_int(ds, "Columns", 0),
+        frames=max(_int(ds, "NumberOfFrames", 1), 1),
+    )
+
+
+def _text(ds, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+# --- reading and judging one written file ----------------------------------------------------------------------
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())[:_MAX_REASON]
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _check_part10(path: Path, size: int) -> None:
+    # Strict on purpose: without the 'DICM' marker pydicom can only guess (force=True), and a guess turns any file
+    # into a "dataset" of garbage elements. Every spool file must open without force for the decoder and the
+    # re-encoder downstream, so a bare data set is refused with a reason that tells the technician what to do.
+    if size == 0:
+        raise BadInputError("empty file (0 bytes)")
+    with open(path, "rb") as fh:
+        head = fh.read(_PREAMBLE_BYTES + len(_MAGIC))
+    if head[_PREAMBLE_BYTES:] == _MAGIC:
+        return
+    if head[:2] in _RAW_DATASET_GROUPS and len(head) >= 8:
+        raise BadInputError("DICOM data set without the Part 10 file header ('DICM' preamble); re-export it as a "
+                            "DICOM file")
+    if size < _PREAMBLE_BYTES + len(_MAGIC) and not head.strip(b"\x00"):
+        raise BadInputError(f"truncated DICOM: only {size} bytes, ends inside the preamble")
+    raise BadInputError("not a DICOM file (no 'DICM' marker at byte 128)")
+
+
+def _read_header(path: Path):
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (EOFError, struct.error) as err:
+        raise BadInputError(f"truncated DICOM: header ends early ({_short(err)})") from err
+    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError) as err:
+        raise BadInputError(f"corrupt DICOM header: {_short(err)}") from err
+
+
+def _read_structure(path: Path, size: int, header) -> bool:
+    """Read every element lazily and return whether pixel data is present; raise BadInputError when truncated.
+
+    pydicom is lenient with a short file: it stops quietly, or warns and returns what it has. So truncation is
+    judged from what it hands back: a header element missing from the full read, a value claiming bytes past the
+    end, or the last element ending before the end of the file.
+    """
+    try:
+        full = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
+    except (EOFError, struct.error) as err:
+        raise BadInputError(f"truncated DICOM: {_short(err)}") from err
+    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError) as err:
+        raise BadInputError(f"corrupt DICOM: {_short(err)}") from err
+    elements = full._dict  # raw elements: reading values would load the deferred pixel bytes
+    if any(tag not in elements for tag in header._dict):
+        raise BadInputError("truncated DICOM: the file ends inside an element (data set incomplete)")
+    last_end = None
+    for tag, elem in elements.items():
+        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH or elem.value_tell is None:
+            last_end = None
+            continue
+        last_end = elem.value_tell + elem.length
+        if last_end > size:
+            raise BadInputError(f"truncated DICOM: element {tag} needs {last_end - size} bytes beyond the end of "
+                                f"the file")
+    has_pixels = any(tag in elements for tag in _PIXEL_TAGS)
+    # Bytes left over that pydicom could not parse mean it met half an element header at the end.
+    if not has_pixels and last_end is not None and last_end < size:
+        raise BadInputError(f"truncated DICOM: {size - last_end} unparsed bytes at the end of the file")
+    return has_pixels
+
+
+def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMeta | None, BadInputError | None]:
+    """Meta of a written file and, when it must be quarantined, why. Meta is kept when known so the study sees it."""
+    meta = None
+    try:
+        size = path.stat().st_size
+        _check_part10(path, size)
+        if size > max_file_bytes:
+            raise BadInputError(f"file too large: {size / 1e6:.0f} MB exceeds the limit of {max_file_bytes / 1e6:.0f} MB")
+        header = _read_header(path)
+        meta = meta_from_dataset(header)
+        try:
+            check_header(header, max_pixels)
+        except NoPixelDataError:
+            # Expected on a header read (stop_before_pixels) that has image attributes: presence is checked below.
+            if "Rows" not in header and "Columns" not in header:
+                raise
+        if not _read_structure(path, size, header):
+            raise NoPixelDataError("dataset has no Pixel Data element")
+    except BadInputError as err:
+        return meta, err
+    return meta, None
+
+
+def ingest_tmp(store: Store, tmp_path: Path, *, source: str, max_pixels: int, max_file_bytes: int,
+               calling_ae: str | None = None, original_name: str | None = None) -> IngestOutcome:
+    """Judge a file already written (and fsynced) to a store temp path, then store or quarantine it.
+
+    The row is committed when this returns. Bad input never raises; store failures (disk, SQLite) do.
+    """
+    meta, bad = _judge(tmp_path, max_pixels, max_file_bytes)
+    if bad is not None:
+        reason = str(bad) or type(bad).__name__
+        iid = store.add_quarantined(tmp_path, reason, source=source, original_name=original_name, meta=meta,
+                                    calling_ae=calling_ae)
+        return IngestOutcome(QUARANTINED, iid, reason, meta.sop_instance_uid if meta else None, type(bad).__name__)
+    try:
+        added = store.add_instance(tmp_path, meta, source=source, calling_ae=calling_ae)
+    finally:
+        tmp_path.unlink(missing_ok=True)  # only left behind when add_instance failed before its rename
+    if added.duplicate:
+        return IngestOutcome(DUPLICATE, added.id, None, meta.sop_instance_uid)
+    log.info("stored instance %s as #%s from %s", meta.sop_instance_uid, added.id, source)
+    return IngestOutcome(STORED, added.id, None, meta.sop_instance_uid)
+
+
+def write_fsynced(dest: Path, chunks: Iterable[bytes]) -> int:
+    """Write `chunks` to `dest` and fsync it: a file we acknowledge must survive a power cut."""
+    n = 0
+    with open(dest, "wb") as out:
+        for chunk in chunks:
+            out.write(chunk)
+            n += len(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return n
+
+
+def _copy_chunks(src) -> Iterable[bytes]:
+    return iter(lambda: src.read(_COPY_CHUNK), b"")
+
+
+def ingest_file(store: Store, path: Path | str, *, source: str, max_pixels: int, max_file_bytes: int,
+                calling_ae: str | None = None) -> IngestOutcome:
+    """Copy one file into the store's temp area, judge the copy, then store or quarantine it.
+
+    The original is only read, never moved: the caller (watch folder) deletes it once this has returned.
+    Raises NotFoundError when `path` vanished, OutOfResourcesError when the disk is too full; never for bad input.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as err:
+        raise NotFoundError(f"{path} does not exist") from err
+    store.check_space(size)
+    tmp = store.new_tmp_path()
+    try:
+        with open(path, "rb") as src:
+            write_fsynced(tmp, _copy_chunks(src))
+    except FileNotFoundError as err:
+        tmp.unlink(missing_ok=True)
+        raise NotFoundError(f"{path} disappeared while being read") from err
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:  # the reserve check raced another writer
+            raise OutOfResourcesError(f"disk full while copying {path.name}") from err
+        if err.filename == str(path):
+            reason = f"cannot read file: {err.strerror or err}"
+            iid = store.add_quarantined(None, reason, source=source, original_name=path.name, calling_ae=calling_ae)
+            return IngestOutcome(QUARANTINED, iid, reason, None, "BadInputError")
+        raise
+    return ingest_tmp(store, tmp, source=source, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                      calling_ae=calling_ae, original_name=path.name)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def expand_paths(paths: Iterable[Path | str]) -> list[Path]:
+    """Files and folders (recursive, sorted) to the files to ingest; dotfiles and dot-folders are skipped."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, dirs, names in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not _hidden(d))
+                files.extend(Path(root) / n for n in sorted(names) if not _hidden(n))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise NotFoundError(f"{p} does not exist")
+    return files
+
+
+def ingest_paths(store: Store, paths: Iterable[Path | str], *, source: str = "cli", max_pixels: int,
+                 max_file_bytes: int, progress: Callable[[int, int], None] | None = None) -> list[IngestOutcome]:
+    """Ingest files and folders; `progress(done, total)` after each file. A full disk stops the batch (raised)."""
+    files = expand_paths(paths)
+    outcomes = []
+    for i, f in enumerate(files, 1):
+        outcomes.append(ingest_file(store, f, source=source, max_pixels=max_pixels, max_file_bytes=max_file_bytes))
+        if progress is not None:
+            progress(i, len(files))
+    return outcomes
+
+
+def adopt_orphans(store: Store, *, max_pixels: int = _DEFAULT_LIMITS.max_pixels,
+                  max_file_bytes: int = _DEFAULT_LIMITS.max_file_mb * 1_000_000) -> int:
+    """At start: register spool files whose row never committed (crash between rename and commit); drop *.part.
+
+    A *.part was never acknowledged to anyone, so its sender still has it and will resend. Returns how many spool
+    files were re-registered (stored or quarantined); duplicates of a committed row are removed.
+    """
+    removed = 0
+    for part in store.tmp_dir.glob("*.part"):
+        part.unlink(missing_ok=True)
+        removed += 1
+    if removed:
+        log.info("removed %d unacknowledged partial file(s) from %s", removed, store.tmp_dir)
+    known = store.known_paths()
+    adopted = 0
+    for spool_file in list(store.iter_spool_files()):
+        if str(spool_file.relative_to(store.spool_dir)) in known:
+            continue
+        # Back to a temp name so the one ingest path applies: add_instance renames it to the same content address.
+        tmp = store.new_tmp_path()
+        os.replace(spool_file, tmp)
+        outcome = ingest_tmp(store, tmp, source="recovered", max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+                             original_name=spool_file.name)
+        if outcome.status != DUPLICATE:
+            adopted += 1
+        log.info("orphan spool file %s: %s as #%s", spool_file.name, outcome.status, outcome.instance_id)
+    return adopted

@@ -1,0 +1,141 @@
+"""The watch folder: files a modality (or a person) drops into a folder are ingested once settled, then removed.
+
+Polling, not inotify: inotify sees nothing on CIFS/NFS shares and misses events on some FUSE/USB mounts, which is
+exactly where clinic modalities export to; a scan every few seconds works on every filesystem and needs no
+dependency.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from edge.config import Config
+from edge.errors import NotFoundError, OutOfResourcesError
+from edge.ingest import STORED, IngestOutcome, ingest_file, limits_from_config
+from edge.store import Store
+
+log = logging.getLogger(__name__)
+
+# Names that copy tools and browsers use while a file is still being written.
+_IN_PROGRESS_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload")
+
+_Signature = tuple[int, int]  # size, mtime in ns
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name.lower().endswith(_IN_PROGRESS_SUFFIXES)
+
+
+class FolderWatcher:
+    """Scans `cfg.watch_dir`; a file is taken when its size and mtime held still for `settle_seconds`.
+
+    Exactly once across restarts: the file is deleted only after `ingest_file` has committed its row, so a crash in
+    between leaves it here to be taken again, and the store's duplicate check makes the second take harmless.
+    """
+
+    def __init__(self, cfg: Config, store: Store, *, on_stored: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.dir = Path(cfg.watch_dir)
+        self.store = store
+        self.poll_seconds = cfg.watch.poll_seconds
+        self.settle_seconds = cfg.watch.settle_seconds
+        self.limits = limits_from_config(cfg)
+        self.on_stored = on_stored
+        self._clock = clock
+        # path -> (signature, monotonic time it was first seen with that signature)
+        self._pending: dict[Path, tuple[_Signature, float]] = {}
+        # Ingested but not deletable (permissions): remembered with their signature so they are not taken in a loop.
+        self._stuck: dict[Path, _Signature] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _candidates(self) -> dict[Path, _Signature]:
+        found: dict[Path, _Signature] = {}
+        for root, dirs, names in os.walk(self.dir):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                if _skipped(name):
+                    continue
+                path = Path(root) / name
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                if os.path.isfile(path):
+                    found[path] = (st.st_size, st.st_mtime_ns)
+        return found
+
+    def _settled(self, path: Path, sig: _Signature, now: float) -> bool:
+        seen = self._pending.get(path)
+        if seen is None or seen[0] != sig:
+            self._pending[path] = (sig, now)
+            # settle_seconds = 0 means "take on sight" (a folder filled by an atomic rename, for instance).
+            return self.settle_seconds == 0
+        return now - seen[1] >= self.settle_seconds
+
+    def scan_once(self) -> list[IngestOutcome]:
+        """One pass over the folder: take every settled file, return what happened to each."""
+        now = self._clock()
+        found = self._candidates()
+        for gone in set(self._pending) - set(found):
+            del self._pending[gone]
+        for gone in set(self._stuck) - set(found):
+            del self._stuck[gone]
+        outcomes = []
+        for path, sig in found.items():
+            if self._stuck.get(path) == sig or not self._settled(path, sig, now):
+                continue
+            try:
+                outcome = ingest_file(self.store, path, source="watch", **self.limits)
+            except NotFoundError:
+                self._pending.pop(path, None)  # taken away by someone else meanwhile
+                continue
+            except OutOfResourcesError as err:
+                # Leave the file where it is: it is the only copy, and it will be taken once there is room.
+                log.warning("watch folder paused: %s", err)
+                break
+            except OSError as err:
+                log.warning("cannot take %s from the watch folder, will retry: %s", path.name, err)
+                continue
+            outcomes.append(outcome)
+            self._pending.pop(path, None)
+            self._remove(path, sig)
+            if outcome.status == STORED and self.on_stored is not None:
+                self.on_stored()
+        return outcomes
+
+    def _remove(self, path: Path, sig: _Signature) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            self._stuck[path] = sig
+            log.warning("ingested %s but cannot remove it from the watch folder (%s); it will be ignored until it "
+                        "changes", path.name, err.strerror or err)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.scan_once()
+            except Exception:  # noqa: BLE001 - a bad scan must not end the watcher; the next poll retries
+                log.exception("watch folder scan failed")
+            self._stop.wait(self.poll_seconds)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="wasla-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(self.poll_seconds, 1.0) + 30)
+            self._thread = None

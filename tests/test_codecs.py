@@ -1,0 +1,152 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.data import get_testdata_file
+
+from edge.errors import BadInputError
+from sync.codecs import available_codecs, decode_wire, encode_for_wire, pixels_equal
+
+SITE = Path(pydicom.__file__).parent.parent
+DATA = SITE / "data_store" / "data"
+CR_CHEST = DATA / "RG1_UNCR.dcm"
+CR_SMALL = DATA / "RG3_UNCR.dcm"
+US_RGB = DATA / "US1_UNCR.dcm"
+US_PALETTE = DATA / "OBXXXX1A.dcm"
+CR_LOSSY = DATA / "RG1_J2KI.dcm"
+DX_CAT = SITE / "deid_data" / "data" / "animals" / "cat.dcm"
+
+pytestmark = pytest.mark.skipif(not CR_CHEST.exists(), reason="pydicom-data samples not installed")
+
+
+def _round_trip(source, **kw):
+    wire = encode_for_wire(source, **kw)
+    received = decode_wire(wire.data)
+    original = pydicom.dcmread(source if not isinstance(source, bytes) else io.BytesIO(source))
+    assert pixels_equal(received, original)
+    assert str(received.file_meta.TransferSyntaxUID) == wire.transfer_syntax_uid
+    assert wire.ratio == pytest.approx(wire.original_size / len(wire.data))
+    return wire, received
+
+
+def _part10(ds) -> bytes:
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_chest_cr_round_trips_bit_exact_and_shrinks():
+    wire, received = _round_trip(CR_CHEST)
+    assert wire.codec != "original" and wire.verified
+    assert wire.ratio > 1.4
+    assert received.PhotometricInterpretation == "MONOCHROME1" and received.BitsStored == 15
+
+
+@pytest.mark.parametrize("path", [CR_SMALL, US_RGB, US_PALETTE, DX_CAT], ids=lambda p: p.name)
+def test_sample_round_trips_bit_exact(path):
+    if not path.exists():
+        pytest.skip(f"{path.name} not installed")
+    wire, _ = _round_trip(path)
+    assert wire.codec != "original" and wire.verified and wire.ratio > 1.0
+
+
+def test_wire_file_is_valid_part10_with_advertised_syntax():
+    wire = encode_for_wire(CR_SMALL, codecs=["jpegls"])
+    assert wire.data[128:132] == b"DICM"
+    ds = pydicom.dcmread(io.BytesIO(wire.data))
+    assert ds.file_meta.TransferSyntaxUID == uid.JPEGLSLossless == wire.transfer_syntax_uid
+    assert ds["PixelData"].is_undefined_length and ds.SOPInstanceUID == pydicom.dcmread(CR_SMALL).SOPInstanceUID
+    ds.pixel_array  # pydicom alone decodes the standard syntaxes
+
+
+def test_lossy_input_is_sent_as_original():
+    raw = CR_LOSSY.read_bytes()
+    wire = encode_for_wire(raw)
+    assert wire.codec == "original" and wire.data == raw and wire.ratio == 1.0
+    assert wire.transfer_syntax_uid == uid.JPEG2000
+
+
+def test_lossy_flag_on_native_pixels_is_sent_as_original():
+    ds = pydicom.dcmread(CR_SMALL)
+    ds.LossyImageCompression = "01"
+    raw = _part10(ds)
+    assert encode_for_wire(raw).data == raw
+
+
+@pytest.mark.parametrize("codec, syntax", [
+    ("jpegls", uid.JPEGLSLossless), ("htj2k", uid.HTJ2KLossless), ("j2k", uid.JPEG2000Lossless),
+    ("jpegxl:1", "1.2.840.10008.1.2.4.110"),
+])
+def test_forced_codec_is_used_and_round_trips(codec, syntax):
+    if codec.split(":")[0] not in available_codecs():
+        pytest.skip(f"{codec} not installed")
+    wire, _ = _round_trip(US_RGB, codecs=[codec])
+    assert wire.codec == codec and wire.transfer_syntax_uid == syntax
+
+
+def test_rgb_j2k_declares_ybr_rct_and_restores_rgb():
+    wire, received = _round_trip(US_RGB, codecs=["htj2k"])
+    assert received.PhotometricInterpretation == "YBR_RCT"
+
+
+def test_planar_rgb_is_interleaved_on_the_wire():
+    ds = pydicom.dcmread(US_RGB)
+    ds.PixelData = np.ascontiguousarray(ds.pixel_array.transpose(2, 0, 1)).tobytes()
+    ds.PlanarConfiguration = 1
+    wire, received = _round_trip(_part10(ds), codecs=["jpegls"])
+    assert received.PlanarConfiguration == 0
+
+
+def test_multiframe_round_trips_with_offset_table():
+    path = get_testdata_file("emri_small.dcm")  # 10 frames, 12 of 16 bits
+    wire, received = _round_trip(path, codecs=["jpegls", "htj2k"])
+    assert int(received.NumberOfFrames) == 10
+    bot = pydicom.encaps.parse_basic_offsets(io.BytesIO(received.PixelData))
+    assert len(bot) == 10 and bot[0] == 0
+
+
+def test_signed_and_big_endian_sources_round_trip():
+    for name in ("CT_small.dcm", "MR_small_bigendian.dcm"):
+        wire, received = _round_trip(get_testdata_file(name))
+        assert wire.codec != "original" and received.PixelRepresentation == 1
+
+
+def test_lossless_compressed_source_keeps_the_smaller():
+    raw = Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")).read_bytes()
+    wire, _ = _round_trip(raw, codecs=["jpegls"])
+    assert len(wire.data) <= len(raw)
+
+
+def test_frames_limit_sends_long_loops_as_is():
+    raw = Path(get_testdata_file("emri_small.dcm")).read_bytes()
+    assert encode_for_wire(raw, frames_limit=5).codec == "original"
+
+
+@pytest.mark.parametrize("codec", ["jpegls", "htj2k", "jpegxl:2"])
+def test_corrupted_pixel_byte_is_detected_by_receiver(codec):
+    if codec.split(":")[0] not in available_codecs():
+        pytest.skip(f"{codec} not installed")
+    wire = encode_for_wire(CR_SMALL, codecs=[codec])
+    assert wire.codec == codec
+    data = bytearray(wire.data)
+    data[len(data) - len(data) // 3] ^= 0x5A  # inside the single fragment, well past the headers
+    original = pydicom.dcmread(CR_SMALL)
+    try:
+        received = decode_wire(bytes(data))
+    except BadInputError:
+        return
+    assert not pixels_equal(received, original)
+
+
+def test_receiver_rejects_truncated_file():
+    wire = encode_for_wire(CR_SMALL, codecs=["jpegls"])
+    with pytest.raises(BadInputError):
+        decode_wire(wire.data[: len(wire.data) // 2])
+
+
+def test_non_dicom_input_is_bad_input():
+    with pytest.raises(BadInputError):
+        encode_for_wire(b"not a dicom file at all")
