@@ -88,8 +88,14 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     db["events"].create({"id": int, "at": float, "kind": str, "detail": str}, pk="id")
 
 
+def _m002_receive_timing(db: sqlite_utils.Database) -> None:
+    # How long a door took from first byte to the row (benchmarks' "receive" stage).
+    db["instances"].add_column("receive_ms", float)
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
+    (2, "receive timing", _m002_receive_timing),
 ]
 
 
@@ -196,8 +202,11 @@ class Store:
         return self.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{threading.get_ident()}.part"
 
     # --- ingest ------------------------------------------------------------------------------------------
-    def add_instance(self, tmp_path: Path, meta: InstanceMeta, *, source: str, calling_ae: str | None = None) -> AddResult:
-        """Move a fully written, fsynced temp file into the spool and commit its row. Only then may a door say yes."""
+    def add_instance(self, tmp_path: Path, meta: InstanceMeta, *, source: str, calling_ae: str | None = None,
+                     started: float | None = None) -> AddResult:
+        """Move a fully written, fsynced temp file into the spool and commit its row. Only then may a door say yes.
+
+        `started` is the door's time.perf_counter() at the first byte, recorded as receive_ms."""
         size = tmp_path.stat().st_size
         sha = file_sha256(tmp_path)
         dest = self.spool_dir / sha[:2] / f"{sha}.dcm"
@@ -216,6 +225,7 @@ class Store:
                 **meta.__dict__, "path": str(dest.relative_to(self.spool_dir)), "sha256": sha, "size": size,
                 "source": source, "calling_ae": calling_ae, "state": RECEIVED, "reason": None, "label": None,
                 "received_at": now, "updated_at": now,
+                "receive_ms": round((time.perf_counter() - started) * 1000, 2) if started is not None else None,
             }
             if existing is not None:  # a quarantined copy is replaced by a good resend
                 db["instances"].update(existing[0], {**row, "attempts": 0})
