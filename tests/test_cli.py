@@ -1,0 +1,81 @@
+"""The technician CLI: help with examples everywhere, JSON output, one-line errors with exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import typer.main
+
+from edge.cli import app, main
+
+
+def _commands(group=None, prefix=()):
+    group = group or typer.main.get_command(app)
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):
+            yield from _commands(cmd, prefix + (name,))
+        else:
+            yield prefix + (name,), cmd
+
+
+def test_every_command_has_help_with_an_example():
+    missing = [" ".join(path) for path, cmd in _commands() if "Example: wasla" not in (cmd.help or "")]
+    assert missing == []
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text(f'[box]\ndata_dir = "{tmp_path / "data"}"\n[models]\ndir = "{tmp_path / "models"}"\ntrusted_keys = []\n'
+                 '[storage]\nmin_free_mb = 1\n[sync]\nbroker_port = 1\n')
+    return f
+
+
+def run(cfg, *args):
+    return subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(cfg), *args], capture_output=True, text=True)
+
+
+def test_status_json_is_machine_readable_on_an_empty_box(cfg):
+    out = run(cfg, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["states"]["received"] == 0 and info["broker_reachable"] is False and info["models"] == []
+
+
+def test_show_unknown_study_is_one_line_and_exit_code_3(cfg):
+    out = run(cfg, "show", "1.2.3.4.5")
+    assert out.returncode == 3
+    assert out.stderr.strip().count("\n") == 0 and "not found" in out.stderr
+
+
+def test_bad_config_value_is_one_line_naming_the_key_and_exit_code_2(tmp_path):
+    f = tmp_path / "box.toml"
+    f.write_text("[dicom]\nport = -4\n")
+    out = run(f, "status")
+    assert out.returncode == 2 and "dicom.port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_results_rejects_an_unknown_label(cfg):
+    assert main(["--config", str(cfg), "results", "--label", "fine"]) == 2
+
+
+def test_doctor_fails_without_a_model_and_says_why(cfg):
+    out = run(cfg, "doctor", "--json")
+    assert out.returncode == 1
+    checks = {c["check"]: c for c in json.loads(out.stdout)}
+    assert checks["models"]["ok"] is False and "no model package" in checks["models"]["detail"]
+    assert checks["store"]["ok"] and checks["clock"]["ok"]
+
+
+def test_ingest_reports_stored_and_quarantined_files(cfg, tmp_path):
+    from edge import samples
+
+    good = samples.fresh_copy(samples.sample_path("US1_UNCR.dcm"), tmp_path / "in" / "us.dcm")
+    (tmp_path / "in" / "junk.dcm").write_bytes(b"junk")
+    out = run(cfg, "ingest", str(tmp_path / "in"), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["summary"] == {"stored": 1, "duplicate": 0, "quarantined": 1}
+    again = json.loads(run(cfg, "ingest", str(good), "--json").stdout)
+    assert again["summary"]["duplicate"] == 1
