@@ -12,6 +12,11 @@ from typing import Optional
 
 import typer
 
+try:  # recent typer vendors click
+    from typer._click.exceptions import ClickException as _ClickException
+except ImportError:  # pragma: no cover - older typer with click installed
+    from click.exceptions import ClickException as _ClickException
+
 from edge import config as config_mod
 from edge.errors import WaslaError
 from edge.i18n import _, pick_language, set_language
@@ -304,15 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except typer.Exit as ex:
         return ex.exit_code
-    except Exception as err:  # click's usage errors and aborts
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
-        if isinstance(err, click.exceptions.Abort):
-            return 130
-        raise
+    except _ClickException as err:  # usage errors: click prints them the usual way
+        err.show()
+        return err.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        return 130
 
 
 if __name__ == "__main__":

@@ -104,7 +104,50 @@ class SyncConfig:
     broker_host: str = "127.0.0.1"
     """MQTT broker host."""
     broker_port: int = 1883
-    """MQTT broker port."""
+    """MQTT broker port (8883 with TLS)."""
+    tls_ca_file: Path | None = None
+    """CA certificate (PEM) the broker's certificate must chain to; setting it turns TLS on."""
+    tls_cert_file: Path | None = None
+    """This box's client certificate (PEM); the broker ACL keys topics on its identity."""
+    tls_key_file: Path | None = None
+    """Private key of tls_cert_file (PEM; a systemd credential, never inside this file)."""
+    username: str = ""
+    """MQTT username; empty = none."""
+    password_file: Path | None = None
+    """File holding the MQTT password (a secret stays out of the config file)."""
+    client_id: str = ""
+    """MQTT client id; empty = "wasla-box-<box.id>". Must stay stable: the broker keeps the session under it."""
+    keepalive_seconds: int = 60
+    """MQTT keepalive (10-3600 s): how fast a silent dead link is noticed."""
+    session_expiry_hours: float = 168.0
+    """How long the broker keeps this box's session (subscriptions, queued acks and reads) while it is offline."""
+    chunk_bytes: int = 16384
+    """Study chunk size (1 KiB-1 MiB). 16 KiB is half a second at 256 kbit/s: a cut loses little, overhead ~1.5 %."""
+    max_inflight_bytes: int = 32768
+    """Bulk bytes published but not yet confirmed by the broker; bounds how much queued bulk an urgent flag waits
+    behind (~1 s at 256 kbit/s) while two chunks still cover a 600 ms GEO round trip."""
+    socket_sndbuf_bytes: int = 8192
+    """SO_SNDBUF of the MQTT socket (0 = kernel default). Small, so bulk queues in our outbox, not the kernel."""
+    max_rate_kbps: float = 0.0
+    """Upload rate cap in kbit/s for all traffic (0 = none). Flags are never delayed by it but are counted."""
+    bulk_windows: list[str] = field(default_factory=list)
+    """Local-time windows when studies may be sent, e.g. ["22:00-06:00"]; empty = any time. Flags ignore them."""
+    daily_quota_mb: float = 0.0
+    """Study and telemetry bytes allowed per local day (0 = unlimited). Flags ignore it but are counted."""
+    urgent_ignores_budget: bool = True
+    """Urgent studies may go outside bulk_windows and past daily_quota (a radiologist is waiting for them)."""
+    heartbeat_seconds: float = 300.0
+    """Interval of heartbeat telemetry (queue depth, oldest unsent, disk, models, link stats)."""
+    ack_timeout_seconds: float = 120.0
+    """Chunks the hub has not confirmed this long after the broker took them are sent again (after a resume query)."""
+    preview: bool = False
+    """Attach a small JPEG preview (preview_px on the long side) to each flag."""
+    preview_px: int = 512
+    """Long side of the flag preview in pixels (64-1024)."""
+    codecs: list[str] = field(default_factory=list)
+    """Lossless wire codecs to try (see sync/codecs.py); empty = the built-in policy."""
+    frames_limit: int = 64
+    """Instances with more frames than this travel as received (re-encoding a long cine would hog the CPU)."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +252,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"dicom.port: {cfg.dicom.port} is not a TCP port")
     if not 0 < cfg.sync.broker_port <= 65535:
         raise ConfigError(f"sync.broker_port: {cfg.sync.broker_port} is not a TCP port")
+    _validate_sync(cfg.sync)
     for key, val in (("dicom.acse_timeout", cfg.dicom.acse_timeout), ("dicom.dimse_timeout", cfg.dicom.dimse_timeout),
                      ("dicom.network_timeout", cfg.dicom.network_timeout), ("watch.poll_seconds", cfg.watch.poll_seconds)):
         if val <= 0:
@@ -227,6 +271,38 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("storage: min_free_mb must be >= 0, max_pixels and max_file_mb >= 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
+
+
+def _validate_sync(s: SyncConfig) -> None:
+    import re
+
+    if s.client_id and not re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", s.client_id):
+        raise ConfigError(f"sync.client_id: {s.client_id!r} must be 1-128 letters, digits, '.', '-' or '_'")
+    if not 10 <= s.keepalive_seconds <= 3600:
+        raise ConfigError(f"sync.keepalive_seconds: must be 10-3600, got {s.keepalive_seconds}")
+    if not 0 < s.session_expiry_hours <= 24 * 365:
+        raise ConfigError(f"sync.session_expiry_hours: must be > 0 and <= 8760, got {s.session_expiry_hours}")
+    if not 1024 <= s.chunk_bytes <= 1024 * 1024:
+        raise ConfigError(f"sync.chunk_bytes: must be 1024-1048576, got {s.chunk_bytes}")
+    if s.max_inflight_bytes < s.chunk_bytes:
+        raise ConfigError(f"sync.max_inflight_bytes: must be >= sync.chunk_bytes ({s.chunk_bytes}), got {s.max_inflight_bytes}")
+    if not 0 <= s.socket_sndbuf_bytes <= 16 * 1024 * 1024:
+        raise ConfigError(f"sync.socket_sndbuf_bytes: must be 0-16777216, got {s.socket_sndbuf_bytes}")
+    for key, val in (("max_rate_kbps", s.max_rate_kbps), ("daily_quota_mb", s.daily_quota_mb)):
+        if val < 0:
+            raise ConfigError(f"sync.{key}: must be >= 0, got {val}")
+    for key, val in (("heartbeat_seconds", s.heartbeat_seconds), ("ack_timeout_seconds", s.ack_timeout_seconds)):
+        if val <= 0:
+            raise ConfigError(f"sync.{key}: must be > 0, got {val}")
+    if not 64 <= s.preview_px <= 1024:
+        raise ConfigError(f"sync.preview_px: must be 64-1024, got {s.preview_px}")
+    if s.frames_limit < 1:
+        raise ConfigError(f"sync.frames_limit: must be >= 1, got {s.frames_limit}")
+    for w in s.bulk_windows:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-4]):[0-5]\d", w):
+            raise ConfigError(f"sync.bulk_windows: {w!r} is not HH:MM-HH:MM")
+    if (s.tls_cert_file is None) != (s.tls_key_file is None):
+        raise ConfigError("sync.tls_cert_file and sync.tls_key_file go together")
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> Config:

@@ -99,12 +99,34 @@ def wasla_command() -> list[str]:
     return [sys.executable, "-m", "edge.cli"]
 
 
+# storescu's option that proposes (first) a file's own transfer syntax; absent = its default uncompressed proposal.
+STORESCU_PROPOSE = {
+    "1.2.840.10008.1.2": ["-xi"], "1.2.840.10008.1.2.2": ["-xb"], "1.2.840.10008.1.2.5": ["-xr"],
+    "1.2.840.10008.1.2.4.50": ["-xy"], "1.2.840.10008.1.2.4.51": ["-xx"], "1.2.840.10008.1.2.4.57": ["-xs"],
+    "1.2.840.10008.1.2.4.70": ["-xs"], "1.2.840.10008.1.2.4.80": ["-xt"], "1.2.840.10008.1.2.4.81": ["-xu"],
+    "1.2.840.10008.1.2.4.90": ["-xv"], "1.2.840.10008.1.2.4.91": ["-xw"], "1.2.840.10008.1.2.1.99": ["-xd"],
+}
+
+
 def storescu(port: int, files: list[Path], *, called: str = "WASLA", calling: str = "MODALITY", host: str = "127.0.0.1",
              timeout: float = 120) -> subprocess.CompletedProcess:
-    """Send with dcmtk's storescu, proposing each file's own transfer syntax (no re-encoding by the sender)."""
+    """Send with dcmtk's storescu, each file in its own transfer syntax (no re-encoding by the sender).
+
+    storescu -R folds every syntax of one SOP class into one presentation context, and the SCP may then accept a
+    syntax the file is not in; one association per transfer syntax keeps every file as it is, like a modality."""
+    import pydicom
+
     exe = shutil.which("storescu")
     if not exe:
         raise WaslaError("dcmtk storescu is not installed (apt-get install dcmtk)")
-    # -R proposes exactly the SOP class + transfer syntax pairs the files carry, so compressed files travel as they are.
-    cmd = [exe, "-aet", calling, "-aec", called, "-R", host, str(port), *map(str, files)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    groups: dict[str, list[str]] = {}
+    for f in files:
+        try:
+            ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        except Exception:  # noqa: BLE001 - let storescu itself report an unreadable file
+            ts = "?"
+        groups.setdefault(ts, []).append(str(f))
+    outs = [subprocess.run([exe, "-aet", calling, "-aec", called, *STORESCU_PROPOSE.get(ts, []), host, str(port), *group],
+                           capture_output=True, text=True, timeout=timeout) for ts, group in groups.items()]
+    return subprocess.CompletedProcess(outs[0].args if outs else [exe], max((o.returncode for o in outs), default=0),
+                                       "".join(o.stdout for o in outs), "".join(o.stderr for o in outs))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 
 from edge.config import StorageConfig
@@ -118,8 +117,8 @@ def _check_part10(path: Path, size: int) -> None:
     if head[:2] in _RAW_DATASET_GROUPS and len(head) >= 8:
         raise BadInputError("DICOM data set without the Part 10 file header ('DICM' preamble); re-export it as a "
                             "DICOM file")
-    if size < _PREAMBLE_BYTES + len(_MAGIC) and not head.strip(b"\x00"):
-        raise BadInputError(f"truncated DICOM: only {size} bytes, ends inside the preamble")
+    if size < _PREAMBLE_BYTES + len(_MAGIC):
+        raise BadInputError(f"not a DICOM file (only {size} bytes, shorter than the DICOM preamble)")
     raise BadInputError("not a DICOM file (no 'DICM' marker at byte 128)")
 
 
@@ -128,7 +127,7 @@ def _read_header(path: Path):
         return pydicom.dcmread(path, stop_before_pixels=True)
     except (EOFError, struct.error) as err:
         raise BadInputError(f"truncated DICOM: header ends early ({_short(err)})") from err
-    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 - untrusted bytes: pydicom's failure modes are not a closed set
         raise BadInputError(f"corrupt DICOM header: {_short(err)}") from err
 
 
@@ -143,9 +142,11 @@ def _read_structure(path: Path, size: int, header) -> bool:
         full = pydicom.dcmread(path, defer_size=_DEFER_SIZE)
     except (EOFError, struct.error) as err:
         raise BadInputError(f"truncated DICOM: {_short(err)}") from err
-    except (InvalidDicomError, ValueError, KeyError, TypeError, AttributeError, OverflowError, IndexError) as err:
+    except Exception as err:  # noqa: BLE001 - as above
         raise BadInputError(f"corrupt DICOM: {_short(err)}") from err
     elements = full._dict  # raw elements: reading values would load the deferred pixel bytes
+    if not elements:
+        raise BadInputError("truncated DICOM: no data set after the file meta information")
     if any(tag not in elements for tag in header._dict):
         raise BadInputError("truncated DICOM: the file ends inside an element (data set incomplete)")
     last_end = None
@@ -173,14 +174,23 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
         if size > max_file_bytes:
             raise BadInputError(f"file too large: {size / 1e6:.0f} MB exceeds the limit of {max_file_bytes / 1e6:.0f} MB")
         header = _read_header(path)
-        meta = meta_from_dataset(header)
+        try:
+            meta = meta_from_dataset(header)  # early, so even a cut file's quarantine row names its study
+        except BadInputError as err:
+            missing_uid = err
+        else:
+            missing_uid = None
+        # Structure before content: a cut file would otherwise be reported by whichever attribute it lost.
+        has_pixels = _read_structure(path, size, header)
+        if missing_uid is not None:
+            raise missing_uid
         try:
             check_header(header, max_pixels)
         except NoPixelDataError:
-            # Expected on a header read (stop_before_pixels) that has image attributes: presence is checked below.
+            # Expected on a header read (stop_before_pixels) that has image attributes: presence is known above.
             if "Rows" not in header and "Columns" not in header:
                 raise
-        if not _read_structure(path, size, header):
+        if not has_pixels:
             raise NoPixelDataError("dataset has no Pixel Data element")
     except BadInputError as err:
         return meta, err

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CRImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
 from edge.errors import NotFoundError
 

@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom._globals import ALL_TRANSFER_SYNTAXES
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from edge.config import Config

@@ -93,9 +93,29 @@ def _m002_receive_timing(db: sqlite_utils.Database) -> None:
     db["instances"].add_column("receive_ms", float)
 
 
+def _m003_sync_outbox(db: sqlite_utils.Database) -> None:
+    # The uploader's source of truth (sync/outbox.py): one row per flag or per instance transfer.
+    db["outbox"].create({
+        "id": int, "kind": str, "priority": int, "state": str, "study_uid": str, "instance_id": int, "label": str,
+        "flag_id": str, "transfer_id": str, "payload": str, "wire_path": str, "size": int, "sha256": str,
+        "chunk_size": int, "count": int, "codec": str, "transfer_syntax": str, "original_size": int, "ratio": float,
+        "have": str, "attempts": int, "reason": str, "created_at": float, "updated_at": float, "done_at": float,
+    }, pk="id", not_null={"kind", "priority", "state", "created_at"}, defaults={"attempts": 0, "have": "[]"})
+    db.execute("CREATE UNIQUE INDEX ux_outbox_flag ON outbox(flag_id) WHERE flag_id IS NOT NULL")
+    db.execute("CREATE UNIQUE INDEX ux_outbox_transfer ON outbox(transfer_id) WHERE transfer_id IS NOT NULL")
+    db["outbox"].create_index(["state", "priority", "id"])
+    db["outbox"].create_index(["study_uid"])
+    db["sync_dead_letters"].create({"id": int, "at": float, "topic": str, "reason": str, "size": int, "head": str},
+                                   pk="id")
+    db["sync_usage"].create({"day": str, "flag": int, "bulk": int, "telemetry": int}, pk="day",
+                            defaults={"flag": 0, "bulk": 0, "telemetry": 0})
+    db["sync_reads"].create({"read_id": str, "study_uid": str, "applied_at": float}, pk="read_id")
+
+
 MIGRATIONS: list[tuple[int, str, Callable[[sqlite_utils.Database], None]]] = [
     (1, "initial schema", _m001_initial),
     (2, "receive timing", _m002_receive_timing),
+    (3, "sync outbox, dead letters, usage, reads", _m003_sync_outbox),
 ]
 
 
@@ -434,3 +454,12 @@ class Store:
 
     def known_paths(self) -> set[str]:
         return {r["path"] for r in self.query("SELECT path FROM instances")}
+
+    # --- for sync/outbox.py: its own tables, and instance transitions in the same transaction ----------------------
+    def transaction(self):
+        """BEGIN IMMEDIATE under the writer lock; commits on success, rolls back on an exception."""
+        return self._tx()
+
+    def transition(self, db, instance_id: int, to: str, **extra) -> dict:
+        """One state-machine step inside `transaction()`; StateError when the machine does not allow it."""
+        return self._transition(db, instance_id, to, **extra)

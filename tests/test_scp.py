@@ -18,8 +18,7 @@ CALLED_AE = "WASLA"
 
 
 def storescu(port: int, *files, flags=(), aet: str = "MODALITY") -> subprocess.CompletedProcess:
-    # -v prints the response status of every store; -nh keeps going after a failed one.
-    cmd = ["storescu", "-v", "-nh", "-ta", "10", "-td", "30", "-aet", aet, "-aec", CALLED_AE, *flags,
+    cmd = ["storescu", "-v", "-ta", "10", "-td", "30", "-aet", aet, "-aec", CALLED_AE, *flags,
            "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 

@@ -1,0 +1,158 @@
+"""The common ingest path: judging files, storing or quarantining them, and recovering after a crash."""
+from __future__ import annotations
+
+import shutil
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from edge.errors import BadInputError, NotFoundError, OutOfResourcesError
+from edge.ingest import adopt_orphans, expand_paths, ingest_file, ingest_paths, limits_from_config, meta_from_dataset
+from edge.store import Store, file_sha256
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def limits(cfg):
+    return limits_from_config(cfg)
+
+
+def _copy_with_new_uid(src, dest):
+    ds = pydicom.dcmread(src)
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(dest)
+    return ds.SOPInstanceUID
+
+
+def test_meta_from_dataset_takes_header_facts_and_refuses_missing_uids(sample):
+    ds = pydicom.dcmread(sample("RG1_UNCR.dcm"), stop_before_pixels=True)
+    meta = meta_from_dataset(ds)
+    assert (meta.sop_instance_uid, meta.study_uid) == (ds.SOPInstanceUID, ds.StudyInstanceUID)
+    assert (meta.rows, meta.columns, meta.frames, meta.modality) == (ds.Rows, ds.Columns, 1, ds.Modality)
+    assert meta.transfer_syntax == ds.file_meta.TransferSyntaxUID
+    for keyword, words in (("SOPInstanceUID", "SOP Instance UID"), ("StudyInstanceUID", "Study Instance UID")):
+        partial = Dataset()
+        for other in {"SOPInstanceUID", "StudyInstanceUID"} - {keyword}:
+            setattr(partial, other, ds[other].value)
+        with pytest.raises(BadInputError, match=words):
+            meta_from_dataset(partial)
+
+
+def test_good_file_is_stored_from_a_copy_and_the_original_is_left_alone(store, sample, limits):
+    src = sample("US1_J2KR.dcm")
+    before = file_sha256(src)
+
+    first = ingest_file(store, src, source="cli", **limits)
+    second = ingest_file(store, src, source="cli", **limits)
+
+    assert first.status == "stored" and first.reason is None
+    assert second.status == "duplicate" and second.instance_id == first.instance_id
+    assert file_sha256(src) == before
+    (row,) = store.query("SELECT * FROM instances")
+    assert row["state"] == "received" and row["sha256"] == before
+    assert not list(store.tmp_dir.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:End of file reached before delimiter")
+def test_each_kind_of_bad_file_is_quarantined_with_its_own_reason(store, sample, limits, tmp_path):
+    good = sample("RG1_UNCR.dcm").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.dcm").write_bytes(b"")
+    (bad / "truncated.dcm").write_bytes(good[:2000])
+    (bad / "half.dcm").write_bytes(sample("US1_J2KR.dcm").read_bytes()[:70000])  # inside encapsulated pixel data
+    (bad / "notes.txt").write_text("not an image\n" * 20)
+    (bad / "raw.dcm").write_bytes(good[132:])  # a bare data set: no preamble, no file meta
+    ds = pydicom.dcmread(sample("RG1_UNCR.dcm"))
+    del ds.SOPInstanceUID
+    ds.save_as(bad / "nouid.dcm")
+    expected = {
+        "empty.dcm": "empty file (0 bytes)",
+        "truncated.dcm": "truncated DICOM",
+        "half.dcm": "truncated DICOM",
+        "notes.txt": "not a DICOM file",
+        "raw.dcm": "without the Part 10 file header",
+        "nouid.dcm": "no SOP Instance UID",
+    }
+
+    outcomes = {name: ingest_file(store, bad / name, source="cli", **limits) for name in expected}
+
+    for name, words in expected.items():
+        assert outcomes[name].status == "quarantined", name
+        assert words in outcomes[name].reason, (name, outcomes[name].reason)
+    # A cut file still names its instance, so its study is flagged for review rather than forgotten.
+    assert outcomes["truncated.dcm"].sop_instance_uid == pydicom.dcmread(sample("RG1_UNCR.dcm")).SOPInstanceUID
+    rows = store.quarantined()
+    assert len(rows) == len(expected)
+    assert all(r["reason"] for r in rows)
+    assert not list(store.iter_spool_files()) and not list(store.tmp_dir.iterdir())
+
+
+def test_too_large_file_is_quarantined_not_parsed(store, sample, cfg):
+    out = ingest_file(store, sample("RG1_UNCR.dcm"), source="cli", max_pixels=cfg.storage.max_pixels,
+                      max_file_bytes=1_000_000)
+    assert out.status == "quarantined" and "file too large" in out.reason
+
+
+def test_full_disk_is_refused_not_quarantined(cfg, sample, limits):
+    store = Store(cfg.db_path, cfg.spool_dir, cfg.quarantine_dir, min_free_mb=10**12)
+    try:
+        with pytest.raises(OutOfResourcesError):
+            ingest_file(store, sample("RG1_UNCR.dcm"), source="cli", **limits)
+        assert store.query("SELECT * FROM instances") == []
+        assert not list(store.tmp_dir.iterdir())
+    finally:
+        store.close()
+
+
+def test_vanished_file_raises_not_found(store, tmp_path, limits):
+    with pytest.raises(NotFoundError):
+        ingest_file(store, tmp_path / "gone.dcm", source="cli", **limits)
+
+
+def test_ingest_paths_walks_folders_skips_dotfiles_and_reports_progress(store, sample, limits, tmp_path):
+    root = tmp_path / "usb"
+    (root / "DICOM" / "nested").mkdir(parents=True)
+    (root / ".Trashes").mkdir()
+    _copy_with_new_uid(sample("RG1_UNCR.dcm"), root / "DICOM" / "IM0001")
+    _copy_with_new_uid(sample("OBXXXX1A_rle.dcm"), root / "DICOM" / "nested" / "IM0002")
+    (root / "DICOM" / "nested" / "IM0003").write_bytes(sample("RG1_UNCR.dcm").read_bytes()[:2000])
+    (root / "DICOMDIR.txt").write_text("index\n")
+    (root / ".DS_Store").write_bytes(b"\0" * 50)
+    shutil.copy(sample("US1_J2KR.dcm"), root / ".Trashes" / "deleted.dcm")
+    single = tmp_path / "single.dcm"
+    _copy_with_new_uid(sample("US1_J2KR.dcm"), single)
+    seen = []
+
+    outcomes = ingest_paths(store, [root, single], max_pixels=limits["max_pixels"],
+                            max_file_bytes=limits["max_file_bytes"], progress=lambda done, total: seen.append((done, total)))
+
+    assert sorted(o.status for o in outcomes) == ["quarantined", "quarantined", "stored", "stored", "stored"]
+    assert seen == [(i, 5) for i in range(1, 6)]
+    assert {r["source"] for r in store.query("SELECT source FROM instances")} == {"cli"}
+    with pytest.raises(NotFoundError):
+        expand_paths([tmp_path / "no-such-folder"])
+
+
+def test_adopt_orphans_registers_a_spool_file_whose_row_never_committed_and_drops_part_files(store, sample):
+    # The crash window: the file was renamed into the spool, the process died before the row committed.
+    src = sample("OBXXXX1A_rle.dcm")
+    sha = file_sha256(src)
+    orphan = store.spool_dir / sha[:2] / f"{sha}.dcm"
+    orphan.parent.mkdir(parents=True)
+    shutil.copy(src, orphan)
+    leftover = store.new_tmp_path()
+    leftover.write_bytes(b"half a C-STORE")
+
+    assert adopt_orphans(store) == 1
+
+    (row,) = store.query("SELECT * FROM instances")
+    assert row["state"] == "received" and row["path"] == f"{sha[:2]}/{sha}.dcm" and row["source"] == "recovered"
+    assert row["sop_instance_uid"] == pydicom.dcmread(orphan, stop_before_pixels=True).SOPInstanceUID
+    assert not leftover.exists()
+    assert adopt_orphans(store) == 0
+    assert len(store.query("SELECT * FROM instances")) == 1

@@ -1,0 +1,257 @@
+"""The model pipeline end to end on tiny generated datasets: split, train, export, quantise, calibrate, evaluate,
+package (signed, hash-listed) and local adaptation; plus the pure-numpy pieces (splitting, thresholds, AUC)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cv2 = pytest.importorskip("cv2")
+
+from edge import signing  # noqa: E402
+from edge.errors import ModelIntegrityError  # noqa: E402
+from models.pipeline import metrics  # noqa: E402
+from models.pipeline.data import Sample, dedupe, patient_id, split_groups  # noqa: E402
+
+PATTERNS = ("hstripes", "vstripes", "checker", "disc", "diagonal")
+TINY = ["--image-size", "64", "--epochs", "1", "--samples-per-epoch", "32", "--batch-size", "8",
+        "--calibration-images", "16", "--resamples", "200", "--val-fraction", "0.25", "--created",
+        "2026-01-01T00:00:00Z"]
+
+
+def _pattern(kind: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = rng.integers(6, 10)
+    image = {
+        "hstripes": (yy // period) % 2,
+        "vstripes": (xx // period) % 2,
+        "checker": ((yy // period) + (xx // period)) % 2,
+        "disc": ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / rng.uniform(3, 4)) ** 2),
+        "diagonal": ((yy + xx) // period) % 2,
+    }[kind].astype(np.float32)
+    image = 60 + 140 * image + rng.normal(0, 12, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_dataset(root: Path, classes: list[str], per_class: int, seed: int = 0, splits=("train", "test")) -> Path:
+    """Folder-per-class JPEGs with Kermany-style names, two images per patient."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        count = per_class if split == "train" else max(6, per_class // 3)
+        for k, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                person = 1000 * k + i // 2 + (500 if split == "test" else 0)
+                rgb = cv2.cvtColor(_pattern(PATTERNS[k], rng), cv2.COLOR_GRAY2BGR)
+                cv2.imwrite(str(folder / f"person{person}_{name.lower()}_{i}.jpeg"), rgb)
+    return root
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("keys")
+    signing.generate_keypair(folder / "test.key", folder / "test.pub")
+    return folder / "test.key", folder / "test.pub"
+
+
+def _run(args: list[str]) -> None:
+    from models.pipeline.__main__ import main
+
+    assert main(args) == 0
+
+
+def _build(tmp: Path, keys, classes: list[str], abnormal: str, name: str) -> tuple[Path, Path]:
+    data = make_dataset(tmp / "data", classes, per_class=24)
+    work, out = tmp / "work", tmp / "models"
+    _run(["all", "--data", str(data), "--work", str(work), "--out-root", str(out), "--name", name,
+          "--abnormal", abnormal, "--signing-key", str(keys[0]), "--public-key", str(keys[1]), *TINY])
+    return out / name / "1.0.0", work
+
+
+@pytest.fixture(scope="module")
+def binary_package(tmp_path_factory, keys):
+    pytest.importorskip("torch")
+    return _build(tmp_path_factory.mktemp("binary"), keys, ["NORMAL", "PNEUMONIA"], "pneumonia", "tiny-binary")
+
+
+@pytest.fixture(scope="module")
+def multiclass_package(tmp_path_factory, keys):
+    pytest.importorskip("torch")
+    return _build(tmp_path_factory.mktemp("multi"), keys, ["femur", "thorax", "brain", "abdomen", "other"],
+                  "other", "tiny-bodypart")
+
+
+def _check_package(folder: Path, pub: Path) -> dict:
+    from models.pipeline.package import verify_package
+
+    manifest = verify_package(folder, [pub])
+    data = (folder / "manifest.json").read_bytes()
+    kid, key = signing.load_public(pub)
+    assert signing.verify(data, (folder / "manifest.sig").read_bytes(), {kid: key}) == manifest["signing_key_id"]
+    assert data.decode("utf-8") == json.dumps(json.loads(data), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    assert set(manifest["files"]) == {"model.int8.onnx", "openvino/model.xml", "openvino/model.bin",
+                                      "MODEL_CARD.md", "evaluation.json"}
+    for rel in manifest["files"]:
+        assert (folder / rel).stat().st_size <= 8 * 1024 * 1024
+    assert not list(folder.rglob("*fp32*"))
+    assert 0 <= manifest["thresholds"]["review"] <= manifest["thresholds"]["urgent"] <= 1
+    assert manifest["input"]["name"] == "input" and manifest["output"] == {"name": "logits", "activation": "softmax"}
+    assert manifest["backends"] == {"onnxruntime": "model.int8.onnx", "openvino": "openvino/model.xml"}
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert "NOT FOR CLINICAL USE" in card and "95 % CI" in card
+    try:  # the box's own loader, where it is installed, must accept what the pipeline writes
+        from edge.modelpkg import load_package
+    except ImportError:
+        pass
+    else:
+        assert load_package(folder, {kid: key}).name == manifest["name"]
+    return manifest
+
+
+def _onnx_input_shape(path: Path) -> list[int]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "input" and session.get_outputs()[0].name == "logits"
+    return list(inp.shape)
+
+
+def test_binary_pipeline_builds_signed_package_whose_files_hash_verify(binary_package, keys):
+    folder, work = binary_package
+    manifest = _check_package(folder, keys[1])
+    assert manifest["task"] == "binary" and manifest["labels"] == ["normal", "pneumonia"]
+    assert manifest["abnormal_labels"] == ["pneumonia"]
+    assert manifest["input"]["shape"] == [1, 3, 64, 64] == _onnx_input_shape(folder / "model.int8.onnx")
+    assert manifest["routing"] == [{"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST", ""]}]
+    test = manifest["metrics"]["test"]
+    assert len(test["auc_ci95"]) == 2 and test["n"] == 16
+    report = json.loads((folder / "evaluation.json").read_text())
+    assert report["evaluation"]["bootstrap"]["resamples"] == 200
+    assert report["training"]["pretrained"] == "imagenet"
+    assert (work / "model.fp32.onnx").is_file()
+
+
+def test_split_keeps_patients_and_duplicate_files_on_one_side(binary_package):
+    _, work = binary_package
+    split = json.loads((work / "split.json").read_text())
+    train = {patient_id(Path(p).name) for p, _ in split["train"]}
+    val = {patient_id(Path(p).name) for p, _ in split["val"]}
+    assert train and val and not train & val
+    assert min(split["counts"]["val"]) > 0
+
+
+def test_tampered_package_file_is_refused(binary_package, keys, tmp_path):
+    from models.pipeline.package import verify_package
+
+    folder = tmp_path / "copy"
+    shutil.copytree(binary_package[0], folder)
+    with open(folder / "openvino" / "model.bin", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelIntegrityError):
+        verify_package(folder, [keys[1]])
+
+
+def test_package_signed_by_a_foreign_key_is_refused(binary_package, tmp_path):
+    from models.pipeline.package import verify_package
+
+    signing.generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    with pytest.raises(ModelIntegrityError):
+        verify_package(binary_package[0], [tmp_path / "other.pub"])
+
+
+def test_multiclass_pipeline_builds_five_class_package(multiclass_package, keys):
+    folder, _ = multiclass_package
+    manifest = _check_package(folder, keys[1])
+    assert manifest["task"] == "multiclass"
+    assert manifest["labels"] == ["abdomen", "brain", "femur", "other", "thorax"]
+    assert manifest["abnormal_labels"] == ["other"]
+    report = json.loads((folder / "evaluation.json").read_text())
+    assert len(report["evaluation"]["multiclass"]["confusion"]) == 5
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_adapt_on_local_folder_writes_new_version_with_before_and_after_metrics(kind, binary_package,
+                                                                                multiclass_package, keys, tmp_path):
+    folder, work = binary_package if kind == "binary" else multiclass_package
+    manifest = json.loads((folder / "manifest.json").read_text())
+    classes = ["normal", "pneumonia"] if kind == "binary" else ["femur", "thorax", "brain", "abdomen", "other"]
+    local = make_dataset(tmp_path / "local", classes, per_class=20, seed=7, splits=("train",)) / "train"
+    out = tmp_path / "models"
+    _run(["adapt", "--package", str(folder), "--checkpoint", str(work / "checkpoint.pt"), "--data", str(local),
+          "--work", str(tmp_path / "adapt-work"), "--out-root", str(out), "--epochs", "1", "--resamples", "200",
+          "--signing-key", str(keys[0]), "--public-key", str(keys[1]), "--trusted-key", str(keys[1])])
+    new = out / manifest["name"] / "1.0.1"
+    adapted = _check_package(new, keys[1])
+    assert adapted["version"] == "1.0.1" and adapted["labels"] == manifest["labels"]
+    assert "local_test" in adapted["metrics"] and "local_test_before" in adapted["metrics"]
+    assert adapted["metrics"]["local_test_before"]["auc"] is not None
+    report = json.loads((new / "evaluation.json").read_text())
+    assert report["provenance"]["parent"]["version"] == "1.0.0"
+    assert "Before adaptation" in (new / "MODEL_CARD.md").read_text()
+
+
+def test_adapt_refuses_a_checkpoint_the_package_was_not_built_from(binary_package, keys, tmp_path):
+    from edge.errors import ModelError
+    from models.pipeline.adapt import adapt
+
+    bogus = tmp_path / "bogus.pt"
+    bogus.write_bytes(b"not the checkpoint")
+    with pytest.raises(ModelError):
+        adapt(binary_package[0], bogus, tmp_path, tmp_path / "w", out_root=tmp_path, signing_key=keys[0],
+              public_key=keys[1], trusted_keys=[keys[1]])
+
+
+def test_patient_ids_follow_kermany_file_names():
+    assert patient_id("person1000_bacteria_2931.jpeg") == "PERSON1000"
+    assert patient_id("person1000_virus_1681.jpeg") == "PERSON1000"
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("IM-0115-0001-0002.jpeg") == "IM-0115"
+    assert patient_id("NORMAL2-IM-1427-0001.jpeg") == "NORMAL2-IM-1427"
+    assert patient_id("scan.png") == "scan"
+
+
+def test_split_groups_patients_and_identical_content_across_patients():
+    samples = [Sample(f"/d/person{i // 3}_x_{i}.jpeg", int(i >= 30)) for i in range(60)]
+    hashes = [f"h{i}" for i in range(60)]
+    hashes[5] = hashes[50] = "same"  # one file duplicated under another patient (and class)
+    hashes[7] = hashes[8] = "dup"  # a plain duplicate within a patient
+    keep, report = dedupe(samples, hashes)
+    assert report == {"duplicate_copies_dropped": 1, "conflicting_label_files_dropped": 2}
+    kept = [samples[i] for i in keep]
+    train, val = split_groups(kept, 0.3, seed=3, hashes=[hashes[i] for i in keep])
+    assert not {patient_id(Path(kept[i].path).name) for i in train} & {patient_id(Path(kept[i].path).name)
+                                                                        for i in val}
+    assert {kept[i].label for i in val} == {0, 1}
+    assert split_groups(kept, 0.3, seed=3, hashes=[hashes[i] for i in keep]) == (train, val)
+
+
+def test_thresholds_meet_sensitivity_and_specificity_targets_on_validation():
+    from models.pipeline.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(300), np.zeros(200)].astype(bool)
+    score = np.r_[rng.beta(5, 2, 300), rng.beta(2, 5, 200)]
+    t = choose_thresholds(y, score, 0.98, 0.95)
+    sens, _ = metrics.sens_spec(y, score, t["review"])
+    _, spec = metrics.sens_spec(y, score, t["urgent"])
+    assert sens >= 0.98 and spec >= 0.95
+    # highest / lowest such thresholds: one step further breaks the target
+    assert metrics.sens_spec(y, score, np.nextafter(t["review"], 1))[0] < 0.98
+    assert metrics.sens_spec(y, score, np.nextafter(t["urgent"], 0))[1] < 0.95
+
+
+def test_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200).astype(bool)
+    score = np.round(rng.random(200), 1)
+    pos, neg = score[y], score[~y]
+    expected = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
+    assert metrics.auc(y, score) == pytest.approx(expected)
