@@ -62,7 +62,7 @@ min_free_mb = 64
         for cls, jpeg in samples.kermany_images("test", per_class=2):
             files.append(samples.jpeg_to_cr(jpeg, work / "in" / f"kermany-{cls.lower()}-{jpeg.stem}.dcm"))
         bad = work / "in" / "truncated.dcm"
-        bad.write_bytes(files[0].read_bytes()[:4096])
+        bad.write_bytes(samples.fresh_copy(samples.sample_path(SAMPLES[0]), work / "truncated-src.dcm").read_bytes()[:4096])
         print(f"[demo] sending {len(files)} real studies + 1 truncated file with dcmtk storescu")
         sent = harness.storescu(dicom_port, files)
         print(f"[demo] storescu exit {sent.returncode}")
