@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -75,6 +74,14 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; an exited child its parent has not reaped yet (state Z) counts as gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def cmd_down(args) -> int:
     pidfile = PID_DIR / f"{args.prefix}.pid"
     if pidfile.exists():
@@ -86,7 +93,7 @@ def cmd_down(args) -> int:
         if pid and b"linkemu" in cmdline:  # only the forwarder `up` started, never a reused pid
             os.kill(pid, signal.SIGTERM)
             for _ in range(100):
-                if not Path(f"/proc/{pid}").exists():
+                if not _alive(pid):
                     break
                 time.sleep(0.1)
         pidfile.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -242,6 +242,9 @@ class Forwarder:
                 pkt = os.read(fd, _MAX_PACKET)
             except BlockingIOError:
                 return
+            except OSError as err:  # e.g. EIO while the device is being torn down
+                log.warning("read from the %s TUN failed: %s", name, err)
+                return
             st["packets_in"] += 1
             st["bytes_in"] += len(pkt)
             if self.is_down(now):
@@ -330,11 +333,10 @@ def _open_tun_in(ns: str) -> int:
     return out["fd"]
 
 
-def teardown(prefix: str) -> list[str]:
-    """Delete the prefix's namespaces if they exist; returns the ones deleted. Idempotent."""
-    existing = set(list_netns())
+def _delete_netns(names: list[str]) -> list[str]:
+    existing = set(list_netns()) if names else set()
     removed = []
-    for ns in ns_names(prefix).values():
+    for ns in names:
         if ns in existing:
             pids = _ip("netns", "pids", ns).split()
             if pids:
@@ -342,6 +344,11 @@ def teardown(prefix: str) -> list[str]:
             _ip("netns", "del", ns)
             removed.append(ns)
     return removed
+
+
+def teardown(prefix: str) -> list[str]:
+    """Delete the prefix's namespaces if they exist; returns the ones deleted. Idempotent."""
+    return _delete_netns(list(ns_names(prefix).values()))
 
 
 class LinkEmulator:
@@ -363,6 +370,7 @@ class LinkEmulator:
         self._fds: list[int] = []
         self._thread: threading.Thread | None = None
         self._procs: list[subprocess.Popen] = []
+        self._created: list[str] = []  # only these are ever deleted: never another run's namespaces
 
     def __enter__(self) -> LinkEmulator:
         self.start()
@@ -389,6 +397,7 @@ class LinkEmulator:
             for side, ip in (("box", BOX_IP), ("hub", HUB_IP)):
                 ns = self.ns(side)
                 _ip("netns", "add", ns)
+                self._created.append(ns)
                 self._fds.append(_open_tun_in(ns))
                 _ip("-n", ns, "-batch", "-", stdin=f"link set lo up\naddr add {ip}/{PREFIX_LEN} dev {TUN_NAME}\n"
                                                    f"link set {TUN_NAME} up\n")
@@ -397,9 +406,15 @@ class LinkEmulator:
             self.stop()
             raise
         if threaded:
-            self._thread = threading.Thread(target=self.forwarder.run, name=f"linkemu-{self.prefix}", daemon=True)
+            self._thread = threading.Thread(target=self._run_logged, name=f"linkemu-{self.prefix}", daemon=True)
             self._thread.start()
         log.info("link %s up: %s", self.prefix, self.profile.describe())
+
+    def _run_logged(self) -> None:
+        try:
+            self._fwd().run()
+        except Exception:
+            log.exception("forwarder of link %s died; the link carries nothing now", self.prefix)
 
     def stop(self) -> None:
         """End the processes started through this object, stop the forwarder, delete both namespaces."""
@@ -422,8 +437,10 @@ class LinkEmulator:
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
-        teardown(self.prefix)
-        log.info("link %s down and removed", self.prefix)
+        removed = _delete_netns(self._created)
+        if removed:
+            log.info("link %s down, %s removed", self.prefix, " ".join(removed))
+        self._created.clear()
 
     def set_down(self, down: bool = True) -> None:
         """Cut the link by hand (True) or restore it (False); scheduled cuts still apply on top."""
@@ -538,7 +555,3 @@ def tcp_goodput(link: LinkEmulator, seconds: float = 10.0, direction: str = "up"
     out = json.loads(line)
     out["bps"] = out["bytes"] * 8 / out["seconds"] if out["seconds"] else 0.0
     return out
-
-
-def profile_json(profile: LinkProfile) -> str:
-    return json.dumps(asdict(profile))

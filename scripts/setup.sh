@@ -9,6 +9,10 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+if [[ "$EXTRAS" == *test* ]]; then  # the link-emulator tests ping across network namespaces
+  command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
+  command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   echo "Installing system packages: ${need_apt[*]}"

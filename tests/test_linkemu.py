@@ -179,6 +179,16 @@ def test_cleanup_leaves_no_namespace_even_when_the_body_raises(prefix):
 
 
 @needs_netns
+def test_a_second_link_on_a_taken_prefix_is_refused_and_leaves_the_first_alone(prefix):
+    with le.LinkEmulator("clean", prefix=prefix) as first:
+        second = le.LinkEmulator("geo", prefix=prefix)
+        with pytest.raises(le.LinkEmuError, match="already exists"):
+            second.start()
+        second.stop()
+        assert {first.box_ns, first.hub_ns} <= set(le.list_netns())
+
+
+@needs_netns
 @needs_ping
 def test_up_runs_until_down_then_removes_its_namespaces(prefix):
     up = subprocess.Popen([sys.executable, str(SCRIPTS / "linkemu.py"), "up", "--profile", "starlink",
