@@ -182,7 +182,45 @@ def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
             for reason in res["reasons"] or []:
                 typer.echo(f"    {_('reason')}: {_(reason['code'])}")
     if s.get("read_disposition"):
-        typer.echo(f"{_('Radiologist read')}: {s['read_disposition']} — {s.get('read_note') or ''} ({_ts(s.get('read_at'))})")
+        by = f"{s['read_by']}, " if s.get("read_by") else ""
+        typer.echo(f"{_('Radiologist read')}: {s['read_disposition']} — {s.get('read_note') or ''} ({by}{_ts(s.get('read_at'))})")
+
+
+@app.command("sync")
+def sync_status(now: bool = typer.Option(False, "--now", help="Ask the running daemon to re-query the hub and send now."),
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Outbox to the hub: queued flags and studies, bytes, ratio, today's usage. Example: wasla sync --now"""
+    import datetime as _dt
+
+    from sync.outbox import Outbox
+
+    cfg = _cfg()
+    box = Outbox(_store(), cfg.box.data_dir / "outbox", cfg.box.id)
+    if now:
+        # The daemon watches this file's mtime; a nudge is harmless when no daemon runs.
+        (box.wire_dir / ".nudge").touch()
+    info = {**box.summary(), "enabled": cfg.sync.enabled, "broker": f"{cfg.sync.broker_host}:{cfg.sync.broker_port}",
+            "usage_today": box.load_usage(_dt.date.today().isoformat()), "active": box.active_rows(), "nudged": now}
+    if as_json:
+        _print_json(info)
+        return
+    typer.echo(f"{_('Sync')}: {_('on') if cfg.sync.enabled else _('off')} -> {info['broker']}")
+    typer.echo(f"{_('Queue')}: {info['queue_depth']} ({info['queued_bytes']} bytes), "
+               f"{_('oldest')} {_ts(info['oldest_unsent_at'])}")
+    typer.echo(f"{_('Done')}: " + ", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())))
+    if info["wire_ratio"]:
+        typer.echo(f"{_('Compression ratio')}: {info['wire_ratio']}")
+    usage = info["usage_today"] or {}
+    typer.echo(f"{_('Sent today')}: flags {usage.get('flag', 0)} B, studies {usage.get('bulk', 0)} B, "
+               f"telemetry {usage.get('telemetry', 0)} B")
+    for r in info["active"]:
+        r["progress"] = f"{sum(b - a + 1 for a, b in json.loads(r['have'] or '[]'))}/{r['count']}" if r["count"] else ""
+    _table(info["active"], [("kind", _("kind")), ("state", _("state")), ("label", _("label")),
+                            ("study_uid", _("study")), ("progress", _("chunks")), ("reason", _("reason"))])
+    if info["dead_letters"]:
+        typer.echo(f"{_('Dead letters')}: {info['dead_letters']}")
+    if now:
+        typer.echo(_("Nudged the daemon."))
 
 
 @app.command()

@@ -255,3 +255,13 @@ def test_auc_matches_pairwise_definition_with_ties():
     pos, neg = score[y], score[~y]
     expected = ((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg))
     assert metrics.auc(y, score) == pytest.approx(expected)
+
+
+def test_every_pipeline_step_has_help_with_an_example(capsys):
+    from models.pipeline.__main__ import STEPS, build_parser
+
+    parser = build_parser()
+    for step in STEPS:
+        with pytest.raises(SystemExit):
+            parser.parse_args([step, "--help"])
+        assert f"python -m models.pipeline {step} " in capsys.readouterr().out

@@ -1,0 +1,342 @@
+"""The hub's store: study files on disk plus a SQLite index (transfers, chunks, instances, studies, boxes, reads)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from edge.errors import NotFoundError, StoreError
+
+log = logging.getLogger(__name__)
+
+# Several receivers (one per process) share this database: WAL, a busy timeout and BEGIN IMMEDIATE keep them honest.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+  transfer_id TEXT PRIMARY KEY, device TEXT NOT NULL, study_uid TEXT, sop_instance_uid TEXT, label TEXT,
+  size INTEGER NOT NULL, sha256 TEXT NOT NULL, chunk_size INTEGER NOT NULL, count INTEGER NOT NULL,
+  codec TEXT, transfer_syntax TEXT, original_size INTEGER, ratio REAL,
+  state TEXT NOT NULL DEFAULT 'receiving', claimed_at REAL, retries INTEGER NOT NULL DEFAULT 0,
+  dup_chunks INTEGER NOT NULL DEFAULT 0, reason TEXT, created_at REAL, updated_at REAL, completed_at REAL);
+CREATE TABLE IF NOT EXISTS chunks (transfer_id TEXT NOT NULL, idx INTEGER NOT NULL, at REAL,
+  PRIMARY KEY (transfer_id, idx));
+CREATE TABLE IF NOT EXISTS instances (
+  sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL, transfer_id TEXT,
+  sha256 TEXT, size INTEGER, original_size INTEGER, codec TEXT, transfer_syntax TEXT, path TEXT, stored_at REAL);
+CREATE INDEX IF NOT EXISTS ix_instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+  study_uid TEXT PRIMARY KEY, device TEXT NOT NULL, label TEXT, reasons TEXT, modality TEXT,
+  n_expected INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0,
+  wire_bytes INTEGER NOT NULL DEFAULT 0, original_bytes INTEGER NOT NULL DEFAULT 0,
+  flagged_at REAL, first_seen REAL, updated_at REAL, preview_path TEXT,
+  read_disposition TEXT, read_note TEXT, read_by TEXT, read_at REAL);
+CREATE TABLE IF NOT EXISTS flags (flag_id TEXT NOT NULL, device TEXT NOT NULL, study_uid TEXT, label TEXT,
+  received_at REAL, times INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (device, flag_id));
+CREATE TABLE IF NOT EXISTS boxes (device TEXT PRIMARY KEY, first_seen REAL, last_seen REAL, online INTEGER,
+  status_at REAL, heartbeat TEXT, heartbeat_at REAL, queue_depth INTEGER, oldest_unsent_at REAL,
+  messages INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0, dup_chunks INTEGER NOT NULL DEFAULT 0,
+  bad_messages INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS reads (read_id TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL,
+  disposition TEXT NOT NULL, note TEXT, by TEXT, at REAL NOT NULL, published_at REAL, delivered_at REAL);
+CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, at REAL, topic TEXT, device TEXT, reason TEXT,
+  size INTEGER, head TEXT);
+"""
+LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
+SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
+CLAIM_STALE_S = 120.0
+
+
+def safe_name(uid: str) -> str:
+    # DICOM UIDs are digits and dots; anything else never becomes a path component.
+    return uid if re.fullmatch(r"[0-9.]{1,64}", uid or "") else hashlib.sha256((uid or "").encode()).hexdigest()[:32]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HubStore:
+    def __init__(self, db_path: Path, studies_dir: Path, partial_dir: Path):
+        self.db_path, self.studies_dir, self.partial_dir = Path(db_path), Path(studies_dir), Path(partial_dir)
+        for d in (self.db_path.parent, self.studies_dir, self.partial_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open hub store {self.db_path}: {err}") from err
+        self._lock = threading.RLock()
+
+    @classmethod
+    def from_config(cls, cfg) -> "HubStore":
+        return cls(cfg.db_path, cfg.studies_dir, cfg.partial_dir)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def tx(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                store._lock.acquire()
+                store.conn.execute("BEGIN IMMEDIATE")
+                return store.conn
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                try:
+                    store.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    # --- boxes and dead letters ---------------------------------------------------------------------------------
+    def seen(self, device: str, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO boxes (device, first_seen, last_seen) VALUES (?, ?, ?) ON CONFLICT(device) DO "
+                       "UPDATE SET last_seen = excluded.last_seen", [device, now, now])
+            db.execute("UPDATE boxes SET messages = messages + 1, chunks = chunks + ?, dup_chunks = dup_chunks + ?, "
+                       "bad_messages = bad_messages + ? WHERE device = ?", [int(chunk), int(dup), int(bad), device])
+
+    def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO dead_letters (at, topic, device, reason, size, head) VALUES (?, ?, ?, ?, ?, ?)",
+                       [time.time(), topic[:300], device, reason[:500], len(payload), payload[:64].hex()])
+        log.warning("dead letter on %s: %s", topic, reason)
+
+    def record_status(self, device: str, online: bool, at: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE boxes SET online = ?, status_at = ? WHERE device = ?", [int(online), at, device])
+
+    def record_heartbeat(self, device: str, fields: dict) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE boxes SET heartbeat = ?, heartbeat_at = ?, queue_depth = ?, oldest_unsent_at = ?, "
+                       "online = 1 WHERE device = ?",
+                       [json.dumps(fields), time.time(), fields.get("queue_depth"), fields.get("oldest_unsent_at"),
+                        device])
+            for rid in fields.get("reads_applied") or []:
+                db.execute("UPDATE reads SET delivered_at = ? WHERE read_id = ? AND device = ? AND delivered_at IS NULL",
+                           [time.time(), str(rid), device])
+
+    # --- flags --------------------------------------------------------------------------------------------------
+    def record_flag(self, device: str, f: dict, preview: bytes | None) -> None:
+        now = time.time()
+        preview_path = None
+        if preview:
+            folder = self.studies_dir / safe_name(f["study_uid"])
+            folder.mkdir(parents=True, exist_ok=True)
+            preview_path = folder / "preview.jpg"
+            tmp = preview_path.with_suffix(".tmp")
+            tmp.write_bytes(preview)
+            os.replace(tmp, preview_path)
+        with self.tx() as db:
+            db.execute("INSERT INTO flags (flag_id, device, study_uid, label, received_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(device, flag_id) DO UPDATE SET times = times + 1",
+                       [f["flag_id"], device, f["study_uid"], f["label"], now])
+            self._touch_study(db, device, f["study_uid"], f["label"], now)
+            db.execute("UPDATE studies SET reasons = ?, modality = COALESCE(?, modality), n_expected = MAX(n_expected, ?), "
+                       "flagged_at = COALESCE(flagged_at, ?), preview_path = COALESCE(?, preview_path) "
+                       "WHERE study_uid = ?", [json.dumps(f.get("reasons") or []), f.get("modality"),
+                                               f.get("n_instances") or 0, f.get("at") or now,
+                                               str(preview_path) if preview_path else None, f["study_uid"]])
+
+    @staticmethod
+    def _touch_study(db, device: str, study_uid: str, label: str | None, now: float) -> None:
+        row = db.execute("SELECT label FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+        if row is None:
+            db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?)",
+                       [study_uid, device, label, now, now])
+        elif label and SEVERITY.get(label, -1) > SEVERITY.get(row[0] or "", -1):
+            # An escalation (a later image made it urgent) wins; a stale lower label never downgrades.
+            db.execute("UPDATE studies SET label = ?, updated_at = ? WHERE study_uid = ?", [label, now, study_uid])
+
+    # --- transfers ----------------------------------------------------------------------------------------------
+    def upsert_transfer(self, device: str, m: dict) -> dict:
+        """Create the transfer from a manifest or its first chunk (whichever comes first); return its row."""
+        now = time.time()
+        tid = m["transfer"]
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM transfers WHERE transfer_id = ?", [tid]).fetchone()
+            if row is not None and row["device"] != device:
+                raise StoreError(f"transfer {tid} belongs to another device")
+            if row is not None and (row["size"], row["sha256"], row["chunk_size"]) != (m["size"], m["sha256"], m["chunk_size"]):
+                raise StoreError(f"transfer {tid}: size, sha256 or chunk size differ from the first message")
+            if row is None:
+                db.execute("INSERT INTO transfers (transfer_id, device, study_uid, label, size, sha256, chunk_size, count, "
+                           "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [tid, device, m["study_uid"], m.get("label"), m["size"], m["sha256"], m["chunk_size"],
+                            m["count"], now, now])
+                self._touch_study(db, device, m["study_uid"], m.get("label"), now)
+            if "sop_instance_uid" in m:  # a manifest: the descriptive fields
+                db.execute("UPDATE transfers SET sop_instance_uid = ?, codec = ?, transfer_syntax = ?, "
+                           "original_size = ?, ratio = ?, label = COALESCE(?, label) WHERE transfer_id = ?",
+                           [m["sop_instance_uid"], m.get("codec"), m.get("transfer_syntax"), m.get("original_size"),
+                            m.get("ratio"), m.get("label"), tid])
+            return dict(db.execute("SELECT * FROM transfers WHERE transfer_id = ?", [tid]).fetchone())
+
+    def stored_copy(self, sop_instance_uid: str | None) -> dict | None:
+        if not sop_instance_uid:
+            return None
+        rows = self.query("SELECT * FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid])
+        return rows[0] if rows else None
+
+    def part_path(self, tid: str) -> Path:
+        return self.partial_dir / f"{tid}.part"
+
+    def put_chunk(self, tid: str, index: int, offset: int, data: bytes) -> bool:
+        """Write a verified chunk durably, then record it; False when it was already here (a duplicate)."""
+        if self.query("SELECT 1 FROM chunks WHERE transfer_id = ? AND idx = ?", [tid, index]):
+            with self.tx() as db:
+                db.execute("UPDATE transfers SET dup_chunks = dup_chunks + 1 WHERE transfer_id = ?", [tid])
+            return False
+        fd = os.open(self.part_path(tid), os.O_WRONLY | os.O_CREAT, 0o640)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.tx() as db:
+            cur = db.execute("INSERT OR IGNORE INTO chunks (transfer_id, idx, at) VALUES (?, ?, ?)",
+                             [tid, index, time.time()])
+            db.execute("UPDATE transfers SET updated_at = ? WHERE transfer_id = ?", [time.time(), tid])
+            return cur.rowcount > 0
+
+    def have(self, tid: str) -> set[int]:
+        return {r["idx"] for r in self.query("SELECT idx FROM chunks WHERE transfer_id = ?", [tid])}
+
+    def transfer(self, tid: str) -> dict | None:
+        rows = self.query("SELECT * FROM transfers WHERE transfer_id = ?", [tid])
+        return rows[0] if rows else None
+
+    def claim_for_verify(self, tid: str) -> bool:
+        """One receiver verifies a complete transfer; a claim left by a crashed receiver goes stale and is retaken."""
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute("UPDATE transfers SET state = 'verifying', claimed_at = ? WHERE transfer_id = ? AND "
+                             "(state = 'receiving' OR (state = 'verifying' AND claimed_at < ?))",
+                             [now, tid, now - CLAIM_STALE_S])
+            return cur.rowcount > 0
+
+    def discard_chunks(self, tid: str, reason: str) -> None:
+        """The assembled file failed its sha256: start the transfer over."""
+        with self.tx() as db:
+            db.execute("DELETE FROM chunks WHERE transfer_id = ?", [tid])
+            db.execute("UPDATE transfers SET state = 'receiving', claimed_at = NULL, retries = retries + 1, reason = ?, "
+                       "updated_at = ? WHERE transfer_id = ?", [reason, time.time(), tid])
+        self.part_path(tid).unlink(missing_ok=True)
+
+    def fail_transfer(self, tid: str, reason: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE transfers SET state = 'failed', reason = ?, updated_at = ? WHERE transfer_id = ?",
+                       [reason, time.time(), tid])
+        self.part_path(tid).unlink(missing_ok=True)
+
+    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes) -> bool:
+        """File first (temp, fsync, rename), then its row; exactly one copy per SOP Instance UID. True if new."""
+        now = time.time()
+        folder = self.studies_dir / safe_name(study_uid)
+        dest = folder / f"{safe_name(sop_uid)}.dcm"
+        existing = self.stored_copy(sop_uid)
+        if existing is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f".{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+            _fsync_dir(folder)
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, device, transfer_id, sha256, size, "
+                "original_size, codec, transfer_syntax, path, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [sop_uid, study_uid, t["device"], t["transfer_id"], t["sha256"], t["size"],
+                 t.get("original_size") or t["size"], t.get("codec"), t.get("transfer_syntax"),
+                 str(dest.relative_to(self.studies_dir)), now])
+            new = cur.rowcount > 0
+            if new:
+                self._touch_study(db, t["device"], study_uid, t.get("label"), now)
+                db.execute("UPDATE studies SET n_instances = n_instances + 1, wire_bytes = wire_bytes + ?, "
+                           "original_bytes = original_bytes + ?, updated_at = ? WHERE study_uid = ?",
+                           [t["size"], t.get("original_size") or t["size"], now, study_uid])
+            db.execute("UPDATE transfers SET state = 'complete', completed_at = ?, sop_instance_uid = ?, "
+                       "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
+                                                                               t["transfer_id"]])
+            db.execute("DELETE FROM chunks WHERE transfer_id = ?", [t["transfer_id"]])
+        self.part_path(t["transfer_id"]).unlink(missing_ok=True)
+        return new
+
+    def instance_file(self, row: dict) -> Path:
+        return self.studies_dir / row["path"]
+
+    # --- reads, worklist, boxes ---------------------------------------------------------------------------------
+    def study(self, study_uid: str) -> dict:
+        rows = self.query("SELECT * FROM studies WHERE study_uid = ?", [study_uid])
+        if not rows:
+            rows = self.query("SELECT * FROM studies WHERE study_uid LIKE ? LIMIT 2", [study_uid + "%"])
+            if len(rows) != 1:
+                raise NotFoundError(f"study {study_uid} not found" if not rows else f"study prefix {study_uid} is ambiguous")
+        s = rows[0]
+        s["instances"] = self.query("SELECT * FROM instances WHERE study_uid = ? ORDER BY stored_at", [s["study_uid"]])
+        return s
+
+    def add_read(self, study_uid: str, disposition: str, note: str | None, by: str | None) -> dict:
+        s = self.study(study_uid)
+        read = {"read_id": uuid.uuid4().hex, "study_uid": s["study_uid"], "device": s["device"],
+                "disposition": disposition, "note": note, "by": by, "at": time.time()}
+        with self.tx() as db:
+            db.execute("INSERT INTO reads (read_id, study_uid, device, disposition, note, by, at) "
+                       "VALUES (:read_id, :study_uid, :device, :disposition, :note, :by, :at)", read)
+            db.execute("UPDATE studies SET read_disposition = ?, read_note = ?, read_by = ?, read_at = ? "
+                       "WHERE study_uid = ?", [disposition, note, by, read["at"], s["study_uid"]])
+        return read
+
+    def reads_to_publish(self, device: str, older_than: float) -> list[dict]:
+        return self.query("SELECT * FROM reads WHERE device = ? AND delivered_at IS NULL AND "
+                          "(published_at IS NULL OR published_at < ?) ORDER BY at", [device, older_than])
+
+    def read_published(self, read_id: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE reads SET published_at = ? WHERE read_id = ?", [time.time(), read_id])
+
+    def worklist(self, limit: int = 200, unread_only: bool = False) -> list[dict]:
+        where = "WHERE read_disposition IS NULL" if unread_only else ""
+        return self.query(f"SELECT study_uid, device, label, modality, n_instances, n_expected, wire_bytes, "
+                          f"original_bytes, COALESCE(flagged_at, first_seen) AS since, read_disposition "
+                          f"FROM studies {where} ORDER BY {LABEL_ORDER}, since ASC LIMIT ?", [limit])
+
+    def boxes(self) -> list[dict]:
+        rows = self.query("SELECT * FROM boxes ORDER BY device")
+        for r in rows:
+            hb = json.loads(r.pop("heartbeat") or "{}")
+            r["link"] = hb.get("link") or {}
+            r["models"] = hb.get("models") or []
+            r["disk_free_mb"] = hb.get("disk_free_mb")
+            r["dup_ratio"] = round(r["dup_chunks"] / r["chunks"], 3) if r["chunks"] else 0.0
+            r["receiving"] = self.query("SELECT COUNT(*) AS n FROM transfers WHERE device = ? AND state IN "
+                                        "('receiving', 'verifying')", [r["device"]])[0]["n"]
+        return rows
+
+    def dead_letters(self, limit: int = 100) -> list[dict]:
+        return self.query("SELECT id, at, topic, device, reason, size FROM dead_letters ORDER BY id DESC LIMIT ?", [limit])

@@ -1,0 +1,297 @@
+"""The wire protocol, version 1: topics, message schemas, chunk framing, validation and the MQTT client both ends use."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge.errors import ProtocolError
+
+VERSION = 1
+ROOT = "wasla"
+UP_KINDS = ("flag", "manifest", "chunk", "heartbeat", "status")
+DOWN_KINDS = ("ack", "read", "command")
+DEVICE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Control messages are small JSON; only chunks are big. A bound before json.loads keeps a hostile or broken
+# publisher from making the receiver parse megabytes.
+MAX_CONTROL_BYTES = 256 * 1024
+# Chunk frame: magic, header length, JSON header, raw bytes. Raw bytes, not base64: a third more on a 256 kbit/s
+# uplink is a third longer wait for the radiologist.
+CHUNK_MAGIC = b"WSC1"
+_HEAD = struct.Struct(">4sI")
+MAX_CHUNK_HEADER = 4096
+
+LABELS = ("urgent", "review", "normal")
+# Lower drains first (ARCHITECTURE.md): urgent flag, other flags and acks, urgent/review/normal study, telemetry.
+PRIO_URGENT_FLAG, PRIO_FLAG, PRIO_URGENT_STUDY, PRIO_REVIEW_STUDY, PRIO_NORMAL_STUDY, PRIO_TELEMETRY = range(6)
+STUDY_PRIORITY = {"urgent": PRIO_URGENT_STUDY, "review": PRIO_REVIEW_STUDY, "normal": PRIO_NORMAL_STUDY}
+ACK_STATUSES = ("partial", "complete", "retry", "failed")
+COMMANDS = ("heartbeat", "resume")
+
+
+def flag_priority(label: str | None) -> int:
+    return PRIO_URGENT_FLAG if label == "urgent" else PRIO_FLAG
+
+
+def study_priority(label: str | None) -> int:
+    # An unlabelled study has not been triaged yet; a human should see it before the normals.
+    return STUDY_PRIORITY.get(label or "review", PRIO_REVIEW_STUDY)
+
+
+# --- topics ------------------------------------------------------------------------------------------------------
+
+def check_device(device: str) -> str:
+    if not isinstance(device, str) or not DEVICE_RE.fullmatch(device):
+        raise ProtocolError(f"bad device id {device!r}")
+    return device
+
+
+def up_topic(device: str, kind: str) -> str:
+    assert kind in UP_KINDS, kind
+    return f"{ROOT}/v{VERSION}/{check_device(device)}/up/{kind}"
+
+
+def down_topic(device: str, kind: str) -> str:
+    assert kind in DOWN_KINDS, kind
+    return f"{ROOT}/v{VERSION}/{check_device(device)}/down/{kind}"
+
+
+def down_filter(device: str) -> str:
+    return f"{ROOT}/v{VERSION}/{check_device(device)}/down/+"
+
+
+def hub_filter(group: str = "hub") -> str:
+    # A shared subscription: the broker hands each message to one receiver of the group, so receivers scale out.
+    return f"$share/{group}/{ROOT}/v{VERSION}/+/up/#"
+
+
+def parse_topic(topic: str, direction: str) -> tuple[str, str]:
+    """(device, kind) of a topic in this protocol version; ProtocolError for anything else."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[0] != ROOT or parts[2] == "" or parts[3] != direction:
+        raise ProtocolError(f"topic {topic!r} is not {ROOT}/v{VERSION}/<device>/{direction}/<kind>")
+    if parts[1] != f"v{VERSION}":
+        raise ProtocolError(f"unknown protocol version in topic {topic!r}")
+    kinds = UP_KINDS if direction == "up" else DOWN_KINDS
+    if parts[4] not in kinds:
+        raise ProtocolError(f"unknown message kind {parts[4]!r}")
+    return check_device(parts[2]), parts[4]
+
+
+# --- schemas -----------------------------------------------------------------------------------------------------
+# field -> (type(s), required). Unknown fields are allowed (a v1 minor addition must not break an older hub).
+_NUM = (int, float)
+_OPT_STR = (str, type(None))
+SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
+    "flag": {"flag_id": (str, True), "study_uid": (str, True), "label": (str, True), "reasons": (list, False),
+             "modality": (_OPT_STR, False), "n_instances": (int, False), "at": (_NUM, True),
+             "models": (list, False), "preview_jpeg_b64": (_OPT_STR, False)},
+    "manifest": {"transfer": (str, True), "study_uid": (str, True), "sop_instance_uid": (str, True),
+                 "label": (_OPT_STR, False), "size": (int, True), "sha256": (str, True), "chunk_size": (int, True),
+                 "count": (int, True), "codec": (str, False), "transfer_syntax": (str, False),
+                 "original_size": (int, False), "ratio": (_NUM, False), "resume": (bool, False)},
+    "chunk": {"transfer": (str, True), "index": (int, True), "count": (int, True), "size": (int, True),
+              "chunk_size": (int, True), "sha256": (str, True), "chunk_sha256": (str, True),
+              "study_uid": (str, True), "label": (_OPT_STR, False)},
+    "heartbeat": {"at": (_NUM, True), "queue_depth": (int, False), "oldest_unsent_at": ((int, float, type(None)), False),
+                  "disk_free_mb": (_NUM, False), "models": (list, False), "link": (dict, False),
+                  "reads_applied": (list, False)},
+    "status": {"online": (bool, True), "at": (_NUM, True)},
+    "ack": {"transfer": (_OPT_STR, False), "flag_id": (_OPT_STR, False), "status": (str, True),
+            "have": (list, False), "count": (int, False), "reason": (_OPT_STR, False)},
+    "read": {"read_id": (str, True), "study_uid": (str, True), "disposition": (str, True), "note": (_OPT_STR, False),
+             "by": (_OPT_STR, False), "at": (_NUM, True)},
+    "command": {"command": (str, True), "args": (dict, False)},
+}
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+@dataclass
+class Message:
+    """A validated message: its kind, the device from the topic, its JSON fields and (chunks only) its bytes."""
+
+    kind: str
+    device: str
+    fields: dict = field(default_factory=dict)
+    data: bytes = b""
+
+    def __getitem__(self, key: str):
+        return self.fields[key]
+
+    def get(self, key: str, default=None):
+        return self.fields.get(key, default)
+
+
+def _check_fields(kind: str, obj: dict) -> None:
+    for name, (types, required) in SCHEMAS[kind].items():
+        if name not in obj:
+            if required:
+                raise ProtocolError(f"{kind}: missing field {name!r}")
+            continue
+        val = obj[name]
+        if isinstance(val, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+            raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
+        if not isinstance(val, types):
+            raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
+    for name in ("sha256", "chunk_sha256"):
+        if name in obj and not _SHA_RE.fullmatch(obj[name]):
+            raise ProtocolError(f"{kind}: {name} is not a sha256 hex digest")
+    for name in ("transfer", "flag_id", "read_id"):
+        if obj.get(name) is not None and not _ID_RE.fullmatch(obj[name]):
+            raise ProtocolError(f"{kind}: bad {name}")
+    if "label" in obj and obj["label"] is not None and obj["label"] not in LABELS:
+        raise ProtocolError(f"{kind}: unknown label {obj['label']!r}")
+    if kind in ("manifest", "chunk"):
+        size, cs, count = obj["size"], obj["chunk_size"], obj["count"]
+        if size < 1 or cs < 1 or count != -(-size // cs):
+            raise ProtocolError(f"{kind}: size {size}, chunk_size {cs} and count {count} disagree")
+    if kind == "chunk" and not 0 <= obj["index"] < obj["count"]:
+        raise ProtocolError(f"chunk: index {obj['index']} outside 0..{obj['count'] - 1}")
+    if kind == "ack":
+        if obj["status"] not in ACK_STATUSES:
+            raise ProtocolError(f"ack: unknown status {obj['status']!r}")
+        if (obj.get("transfer") is None) == (obj.get("flag_id") is None):
+            raise ProtocolError("ack: exactly one of transfer and flag_id")
+        ranges_from_wire(obj.get("have", []))
+    if kind == "command" and obj["command"] not in COMMANDS:
+        raise ProtocolError(f"command: unknown command {obj['command']!r}")
+
+
+def encode(kind: str, device: str, **fields_: Any) -> bytes:
+    """A control message as bytes; validated on the way out too, so a bug shows up on the sender."""
+    obj = {"v": VERSION, "type": kind, "device": check_device(device), **fields_}
+    _check_fields(kind, obj)
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_chunk(device: str, *, transfer: str, index: int, count: int, size: int, chunk_size: int, sha256: str,
+                 study_uid: str, label: str | None, data: bytes) -> bytes:
+    head = {"v": VERSION, "type": "chunk", "device": check_device(device), "transfer": transfer, "index": index,
+            "count": count, "size": size, "chunk_size": chunk_size, "sha256": sha256,
+            "chunk_sha256": hashlib.sha256(data).hexdigest(), "study_uid": study_uid, "label": label}
+    _check_fields("chunk", head)
+    raw = json.dumps(head, separators=(",", ":")).encode()
+    return _HEAD.pack(CHUNK_MAGIC, len(raw)) + raw + data
+
+
+def decode(topic: str, payload: bytes, *, direction: str, max_bytes: int, expect_device: str | None = None) -> Message:
+    """Validate one received message; ProtocolError (with a reason fit for the dead-letter table) if it is not ours."""
+    device, kind = parse_topic(topic, direction)
+    if expect_device is not None and device != expect_device:
+        raise ProtocolError(f"message for device {device!r} on a connection of {expect_device!r}")
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{kind}: {len(payload)} bytes exceeds the limit of {max_bytes}")
+    data = b""
+    if kind == "chunk":
+        if len(payload) < _HEAD.size:
+            raise ProtocolError("chunk: shorter than its frame header")
+        magic, hlen = _HEAD.unpack_from(payload)
+        if magic != CHUNK_MAGIC:
+            raise ProtocolError("chunk: bad frame magic")
+        if hlen > MAX_CHUNK_HEADER or _HEAD.size + hlen > len(payload):
+            raise ProtocolError("chunk: bad header length")
+        head_raw, data = payload[_HEAD.size:_HEAD.size + hlen], payload[_HEAD.size + hlen:]
+    else:
+        if len(payload) > MAX_CONTROL_BYTES:
+            raise ProtocolError(f"{kind}: control message of {len(payload)} bytes")
+        head_raw = payload
+    try:
+        obj = json.loads(head_raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"{kind}: not JSON: {err}") from err
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{kind}: not a JSON object")
+    if obj.get("v") != VERSION:
+        raise ProtocolError(f"{kind}: unknown protocol version {obj.get('v')!r}")
+    if obj.get("type") != kind:
+        raise ProtocolError(f"{kind}: payload type {obj.get('type')!r} does not match the topic")
+    if obj.get("device") != device:
+        # A box may only speak for itself: the topic (which the broker ACL ties to its certificate) must agree.
+        raise ProtocolError(f"{kind}: payload device {obj.get('device')!r} differs from topic device {device!r}")
+    _check_fields(kind, obj)
+    if kind == "chunk":
+        expected = min(obj["chunk_size"], obj["size"] - obj["index"] * obj["chunk_size"])
+        if len(data) != expected:
+            raise ProtocolError(f"chunk {obj['index']}: {len(data)} bytes, expected {expected}")
+        if hashlib.sha256(data).hexdigest() != obj["chunk_sha256"]:
+            raise ProtocolError(f"chunk {obj['index']} of {obj['transfer']}: sha256 mismatch (corrupted)")
+    return Message(kind, device, obj, bytes(data))
+
+
+# --- chunk sets as ranges: an ack carries every chunk the hub holds in a few numbers ------------------------------
+
+def to_ranges(indices) -> list[list[int]]:
+    """[0,1,2,5,6,9] -> [[0,2],[5,6],[9,9]] (inclusive)."""
+    out: list[list[int]] = []
+    for i in sorted(set(indices)):
+        if out and i == out[-1][1] + 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return out
+
+
+def from_ranges(ranges) -> set[int]:
+    return {i for a, b in ranges for i in range(a, b + 1)}
+
+
+def ranges_from_wire(ranges) -> list[list[int]]:
+    if not isinstance(ranges, list) or len(ranges) > 100_000:
+        raise ProtocolError("ranges: not a list")
+    for r in ranges:
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or r[0] < 0 or r[1] < r[0]):
+            raise ProtocolError(f"ranges: bad range {r!r}")
+    return ranges
+
+
+def now() -> float:
+    return time.time()
+
+
+# --- the MQTT client both ends use: v5, persistent session, TLS and password from files, small socket buffers ----
+
+def mqtt_client(client_id: str, *, tls_ca_file=None, tls_cert_file=None, tls_key_file=None, username: str = "",
+                password_file=None, sndbuf: int = 0):
+    """A paho v5 client configured but not connected. The caller sets callbacks and calls `connect_async`."""
+    import socket
+
+    import paho.mqtt.client as mqtt
+
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    if tls_ca_file:
+        client.tls_set(ca_certs=str(tls_ca_file), certfile=str(tls_cert_file) if tls_cert_file else None,
+                       keyfile=str(tls_key_file) if tls_key_file else None)
+    if username:
+        from pathlib import Path
+
+        password = Path(password_file).read_text().strip() if password_file else None
+        client.username_pw_set(username, password)
+
+    def _on_socket_open(_client, _userdata, sock) -> None:
+        # paho leaves Nagle on: a small QoS 1 message then waits a round trip for the previous ACK (1.2 s instead
+        # of 0.6 s on GEO). A small send buffer keeps bulk queued in our outbox, where an urgent flag can pass it.
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if sndbuf:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        except (OSError, AttributeError):
+            pass  # a TLS or proxy socket wrapper without setsockopt: the link still works, only slower
+
+    client.on_socket_open = _on_socket_open
+    client.reconnect_delay_set(1, 60)
+    return client
+
+
+def connect_properties(session_expiry_s: int):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = int(session_expiry_s)
+    return props

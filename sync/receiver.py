@@ -1,0 +1,239 @@
+"""The hub receiver (`wasla-hub run`): validates box messages, stores chunks, verifies and files studies, acks back."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from edge.errors import BadInputError, ProtocolError, StoreError
+from sync import protocol
+from sync.hub_store import HubStore
+
+log = logging.getLogger(__name__)
+
+
+class Receiver:
+    """`handle(topic, payload)` is the whole receiving logic; MQTT only feeds it. It never raises: what it cannot
+    use goes to the dead-letter table with its reason."""
+
+    def __init__(self, cfg, store: HubStore | None = None):
+        self.cfg = cfg
+        self.store = store or HubStore.from_config(cfg)
+        self.connected = threading.Event()
+        self.client = None
+        self.handled = 0
+
+    # --- MQTT -------------------------------------------------------------------------------------------------
+    def _make_client(self):
+        b = self.cfg.broker
+        client = protocol.mqtt_client(f"wasla-hub-{self.cfg.hub.id}", tls_ca_file=b.tls_ca_file,
+                                      tls_cert_file=b.tls_cert_file, tls_key_file=b.tls_key_file,
+                                      username=b.username, password_file=b.password_file)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *_a: self.connected.clear()
+        # paho sends the PUBACK after on_message returns: a message is confirmed only once it is stored, so a
+        # receiver killed mid-message gets it again from the broker.
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(protocol.hub_filter(self.cfg.broker.share_group), qos=1)
+        log.info("hub receiver %s connected (session present: %s)", self.cfg.hub.id, flags.session_present)
+        self.connected.set()
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        self.handle(message.topic, bytes(message.payload))
+
+    def start(self) -> "Receiver":
+        b = self.cfg.broker
+        self.client = self._make_client()
+        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_seconds, clean_start=False,
+                                  properties=protocol.connect_properties(int(b.session_expiry_hours * 3600)))
+        self.client.loop_start()
+        return self
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        self.store.close()
+
+    def _reply(self, device: str, kind: str, **fields) -> None:
+        if self.client is None:
+            return
+        self.client.publish(protocol.down_topic(device, kind), protocol.encode(kind, device, **fields), qos=1)
+
+    # --- the logic --------------------------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        device = None
+        try:
+            try:
+                device = protocol.parse_topic(topic, "up")[0]
+            except ProtocolError:
+                pass
+            msg = protocol.decode(topic, payload, direction="up", max_bytes=self.cfg.receiver.max_message_bytes)
+        except ProtocolError as err:
+            self._dead(topic, device, str(err), payload)
+            return
+        try:
+            getattr(self, f"_on_{msg.kind}")(msg)
+            self.handled += 1
+        except (ProtocolError, StoreError, BadInputError) as err:
+            self._dead(topic, device, str(err), payload)
+        except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
+            log.exception("handling %s failed", topic)
+            self._dead(topic, device, f"handler error: {type(err).__name__}: {err}", payload)
+
+    def _dead(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
+        try:
+            self.store.dead_letter(topic, device, reason, payload)
+            if device:
+                self.store.seen(device, bad=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record a dead letter for %s", topic)
+
+    def _on_status(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        self.store.record_status(msg.device, msg["online"], msg["at"])
+        log.info("box %s is %s", msg.device, "online" if msg["online"] else "offline")
+        if msg["online"]:
+            self.publish_pending_reads(msg.device, force=True)
+
+    def _on_heartbeat(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        self.store.record_heartbeat(msg.device, msg.fields)
+        self.publish_pending_reads(msg.device)
+
+    def _on_flag(self, msg: protocol.Message) -> None:
+        preview = None
+        if msg.get("preview_jpeg_b64"):
+            try:
+                preview = base64.b64decode(msg["preview_jpeg_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                log.warning("flag %s from %s: preview is not base64; ignored", msg["flag_id"], msg.device)
+        self.store.seen(msg.device)
+        self.store.record_flag(msg.device, msg.fields, preview)
+        log.info("flag %s from %s: study %s %s", msg["flag_id"], msg.device, msg["study_uid"], msg["label"])
+        self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="complete")
+
+    def _on_manifest(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        t = self.store.upsert_transfer(msg.device, msg.fields)
+        copy = self.store.stored_copy(msg["sop_instance_uid"])
+        if t["state"] != "complete" and copy is not None:
+            # Same instance already filed (another transfer id, e.g. a re-encode after a box crash): keep one copy.
+            log.info("transfer %s: %s is already stored; acknowledged without storing again", t["transfer_id"],
+                     msg["sop_instance_uid"])
+            self._ack_complete(msg.device, t["transfer_id"], t["count"])
+            return
+        self._ack_state(msg.device, t)
+
+    def _on_chunk(self, msg: protocol.Message) -> None:
+        t = self.store.upsert_transfer(msg.device, msg.fields)
+        if t["state"] in ("complete", "failed"):
+            self.store.seen(msg.device, chunk=True, dup=True)
+            self._ack_state(msg.device, t)  # a replay after the end: say again how it ended
+            return
+        new = self.store.put_chunk(t["transfer_id"], msg["index"], msg["index"] * msg["chunk_size"], msg.data)
+        self.store.seen(msg.device, chunk=True, dup=not new)
+        have = self.store.have(t["transfer_id"])
+        if len(have) == t["count"] and self.store.claim_for_verify(t["transfer_id"]):
+            self._finish(msg.device, t["transfer_id"])
+            return
+        self._reply(msg.device, "ack", transfer=t["transfer_id"], status="partial", have=protocol.to_ranges(have),
+                    count=t["count"])
+
+    def _finish(self, device: str, tid: str) -> None:
+        """Whole-file sha256, then a full DICOM parse and pixel decode, then file it: only then the final ack."""
+        from sync.codecs import decode_wire
+
+        t = self.store.transfer(tid)
+        data = self.store.part_path(tid).read_bytes()
+        digest = hashlib.sha256(data[: t["size"]]).hexdigest()
+        if len(data) < t["size"] or digest != t["sha256"]:
+            reason = f"assembled file sha256 {digest[:12]} != manifest {t['sha256'][:12]}"
+            log.warning("transfer %s from %s: %s; asking for it again", tid, device, reason)
+            self.store.discard_chunks(tid, reason)
+            self._reply(device, "ack", transfer=tid, status="retry", have=[], count=t["count"], reason=reason)
+            return
+        data = data[: t["size"]]
+        try:
+            ds = decode_wire(data)
+            sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+        except (BadInputError, AttributeError) as err:
+            reason = f"not a usable DICOM instance: {err}"
+            self.store.fail_transfer(tid, reason)
+            self.store.dead_letter(protocol.up_topic(device, "chunk"), device, f"transfer {tid}: {reason}", b"")
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason[:300])
+            return
+        if t["study_uid"] and study != t["study_uid"]:
+            reason = f"instance says study {study}, the transfer said {t['study_uid']}"
+            self.store.fail_transfer(tid, reason)
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason)
+            return
+        new = self.store.commit_instance(t, sop, study, data)
+        log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
+                 "stored" if new else "already stored", t["size"], t["codec"] or "?")
+        self._ack_complete(device, tid, t["count"])
+
+    def _ack_complete(self, device: str, tid: str, count: int) -> None:
+        self._reply(device, "ack", transfer=tid, status="complete", have=[[0, count - 1]], count=count)
+
+    def _ack_state(self, device: str, t: dict) -> None:
+        tid = t["transfer_id"]
+        if t["state"] == "complete":
+            self._ack_complete(device, tid, t["count"])
+        elif t["state"] == "failed":
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=(t["reason"] or "")[:300])
+        else:
+            have = self.store.have(tid)
+            if len(have) == t["count"] and self.store.claim_for_verify(tid):
+                self._finish(device, tid)  # a receiver died between the last chunk and its verdict
+                return
+            self._reply(device, "ack", transfer=tid, status="partial", have=protocol.to_ranges(have), count=t["count"])
+
+    def publish_pending_reads(self, device: str, force: bool = False) -> int:
+        """Reads the box has not confirmed: (re)publish them. The box ignores a read id it has applied already."""
+        if self.client is None:
+            return 0
+        cutoff = time.time() if force else time.time() - self.cfg.receiver.read_resend_seconds
+        n = 0
+        for r in self.store.reads_to_publish(device, cutoff):
+            info = self.client.publish(protocol.down_topic(device, "read"), read_payload(r), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.store.read_published(r["read_id"])
+                n += 1
+        return n
+
+
+def read_payload(r: dict) -> bytes:
+    return protocol.encode("read", r["device"], read_id=r["read_id"], study_uid=r["study_uid"],
+                           disposition=r["disposition"], note=r.get("note"), by=r.get("by"), at=r["at"])
+
+
+def run(cfg) -> int:
+    """`wasla-hub run`: receive until SIGTERM/SIGINT."""
+    import signal
+
+    from edge.daemon import sd_notify, setup_logging
+
+    setup_logging(cfg.log.level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_a: stop.set())
+    receiver = Receiver(cfg).start()
+    sd_notify("READY=1\nSTATUS=receiving")
+    log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
+    while not stop.wait(5.0):
+        sd_notify("WATCHDOG=1")
+    receiver.stop()
+    log.info("stopped")
+    return 0

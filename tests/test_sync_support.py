@@ -1,0 +1,132 @@
+"""Helpers for the sync tests (no tests here): synthetic studies, a box uploader and hub receivers on a private broker."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
+
+from conftest import make_config
+from edge import ingest
+from edge.harness import wait_until
+from edge.store import Store
+from sync import codecs, hub_config
+from sync.hub_store import HubStore
+from sync.receiver import Receiver
+from sync.uploader import Uploader
+
+# Small chunks and a rate cap make a ~60 KB instance take a couple of seconds: long enough to cut mid-transfer,
+# short enough for a test measured in seconds.
+FAST_SYNC = {"enabled": True, "chunk_bytes": 4096, "max_inflight_bytes": 8192, "heartbeat_seconds": 30.0,
+             "ack_timeout_seconds": 5.0, "codecs": ["jpegls"], "keepalive_seconds": 10}
+
+
+def make_cr(dest: Path, *, study_uid: str | None = None, seed: int = 0, side: int = 160) -> Path:
+    """A 12-bit CR of noise (nearly incompressible, so wire size ~ 1.5 bytes/pixel), with fresh UIDs."""
+    rng = np.random.default_rng(seed)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(dest), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CRImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.PatientName = "TEST^SYNC"
+    ds.PatientID = "SYNC-1"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, (side, side), dtype=np.uint16).tobytes()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def triage(store: Store, path: Path, label: str) -> int:
+    """Ingest and triage one file as the worker would (no model needed)."""
+    out = ingest.ingest_file(store, path, source="test", max_pixels=10**8, max_file_bytes=10**9)
+    assert out.status == "stored", out
+    row = store.claim_next()
+    store.record_triage(row["id"], label, [{"code": "test"}], [])
+    return row["id"]
+
+
+def box_config(root: Path, port: int, box_id: str = "box-a", **sync):
+    cfg = make_config(root)
+    return replace(cfg, box=replace(cfg.box, id=box_id),
+                   sync=replace(cfg.sync, broker_port=port, **{**FAST_SYNC, **sync}))
+
+
+def hub_cfg(root: Path, port: int, hub_id: str = "hub-1"):
+    return hub_config.parse(f'[hub]\nid = "{hub_id}"\ndata_dir = "{root / "hub"}"\n[broker]\nport = {port}\n'
+                            'keepalive_seconds = 10\n')
+
+
+class Box:
+    """An in-process box: its store and uploader."""
+
+    def __init__(self, root: Path, port: int, box_id: str = "box-a", **sync):
+        self.cfg = box_config(root, port, box_id, **sync)
+        self.store = Store.from_config(self.cfg)
+        self.uploader: Uploader | None = None
+
+    def start(self) -> "Box":
+        self.uploader = Uploader(self.cfg, self.store)
+        self.uploader.start()
+        return self
+
+    def stop(self) -> None:
+        if self.uploader:
+            self.uploader.stop()
+            self.uploader = None
+
+    def states(self) -> dict[str, int]:
+        return self.store.counts()
+
+
+def start_hub(root: Path, port: int, hub_id: str = "hub-1") -> Receiver:
+    r = Receiver(hub_cfg(root, port, hub_id)).start()
+    wait_until(r.connected.is_set, timeout=10, what="hub connected")
+    return r
+
+
+def hub_view(root: Path) -> HubStore:
+    """A second connection on the hub's index, as `wasla-hub` commands open it."""
+    return HubStore.from_config(hub_cfg(root, 1))
+
+
+def stored_sops(root: Path) -> list[str]:
+    s = hub_view(root)
+    try:
+        return [r["sop_instance_uid"] for r in s.query("SELECT sop_instance_uid FROM instances")]
+    finally:
+        s.close()
+
+
+def assert_hub_holds_exactly(root: Path, originals: list[Path]) -> None:
+    """The hub has one copy of each original, pixel data bit-exact, and nothing else."""
+    s = hub_view(root)
+    try:
+        rows = s.query("SELECT * FROM instances")
+        by_sop = {r["sop_instance_uid"]: r for r in rows}
+        assert len(rows) == len(originals) == len(by_sop)
+        for path in originals:
+            src = pydicom.dcmread(path)
+            row = by_sop[str(src.SOPInstanceUID)]
+            got = pydicom.dcmread(s.instance_file(row))
+            assert str(got.StudyInstanceUID) == str(src.StudyInstanceUID)
+            assert codecs.pixels_equal(got, src)
+        n_files = sum(1 for p in s.studies_dir.rglob("*.dcm"))
+        assert n_files == len(originals)
+    finally:
+        s.close()

@@ -1,0 +1,288 @@
+"""Box uploader -> private Mosquitto -> hub receiver, in process: priorities, faults, exactly-once, reads back."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import paho.mqtt.client as mqtt
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from edge.harness import Mosquitto, wait_until
+from sync import codecs, protocol
+from test_sync_support import (Box, assert_hub_holds_exactly, hub_view, make_cr, start_hub, stored_sops, triage)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    m = Mosquitto(tmp_path / "mqtt").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def parts():
+    started = []
+    yield started
+    for p in reversed(started):
+        try:
+            p.stop()
+        except Exception:  # noqa: BLE001 - teardown of a part a test already stopped
+            pass
+
+
+def _acked(box, n):
+    return box.states()["acknowledged"] == n
+
+
+def _box_progress(box):
+    rows = box.store.query("SELECT have FROM outbox WHERE kind = 'transfer'")
+    return sum(b - a + 1 for r in rows for a, b in json.loads(r["have"]))
+
+
+def test_urgent_flag_and_study_overtake_a_normal_study_already_on_the_wire(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port, max_rate_kbps=200).start()
+    parts.append(box)
+    normal = generate_uid()
+    normals = [make_cr(tmp_path / "in" / f"n{i}.dcm", study_uid=normal, seed=i) for i in range(3)]
+    for f in normals:
+        triage(box.store, f, "normal")
+    wait_until(lambda: _box_progress(box) >= 2, timeout=20, what="normal study under way")
+    t0 = time.time()
+    urgent = make_cr(tmp_path / "in" / "u.dcm", seed=99)
+    triage(box.store, urgent, "urgent")
+    uid = str(pydicom.dcmread(urgent, stop_before_pixels=True).StudyInstanceUID)
+    view = hub_view(tmp_path)
+    flag = wait_until(lambda: view.query("SELECT received_at FROM flags WHERE study_uid = ?", [uid]), timeout=10,
+                      what="urgent flag at the hub")
+    flag_latency = flag[0]["received_at"] - t0
+    wait_until(lambda: _acked(box, 4), timeout=60, what="all acknowledged")
+    done = {r["study_uid"]: r["t"] for r in view.query(
+        "SELECT study_uid, MAX(completed_at) AS t FROM transfers GROUP BY study_uid")}
+    assert done[uid] < done[normal], "the urgent study finished after the normal one that was already sending"
+    assert flag_latency < 2.0
+    assert_hub_holds_exactly(tmp_path, normals + [urgent])
+    print(f"urgent flag latency behind bulk at 200 kbit/s: {flag_latency * 1000:.0f} ms")
+
+
+def test_study_resumes_after_broker_restart(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port, max_rate_kbps=200).start()
+    parts.append(box)
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i) for i in range(3)]
+    for f in files:
+        triage(box.store, f, "review")
+    wait_until(lambda: _box_progress(box) >= 3, timeout=20, what="transfer under way")
+    assert box.states()["acknowledged"] < 3
+    broker.kill()
+    wait_until(lambda: not box.uploader.connected, timeout=10, what="box notices the cut")
+    restarted = Mosquitto(broker.workdir, broker.port).start()
+    parts.append(restarted)
+    wait_until(lambda: _acked(box, 3), timeout=60, what="all acknowledged after the restart")
+    assert_hub_holds_exactly(tmp_path, files)
+    assert box.uploader.stats["connects"] >= 2
+
+
+def test_hub_restart_mid_transfer_keeps_its_chunks_and_resumes(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    box = Box(tmp_path, broker.port, max_rate_kbps=200).start()
+    parts.append(box)
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i, side=200) for i in range(2)]
+    for f in files:
+        triage(box.store, f, "normal")
+    view = hub_view(tmp_path)
+    wait_until(lambda: view.query("SELECT COUNT(*) AS n FROM chunks")[0]["n"] >= 3, timeout=20,
+               what="hub holding chunks")
+    hub.client.loop_stop()  # as if the process died: no DISCONNECT, the broker keeps its session
+    hub.client._sock_close()
+    hub.store.close()
+    kept = view.query("SELECT COUNT(*) AS n FROM chunks")[0]["n"]
+    assert kept >= 3
+    hub2 = start_hub(tmp_path, broker.port)
+    parts.append(hub2)
+    wait_until(lambda: _acked(box, 2), timeout=60, what="all acknowledged after the hub restart")
+    assert_hub_holds_exactly(tmp_path, files)
+
+
+def test_corrupted_partial_file_at_the_hub_fails_sha_and_the_box_resends(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port, max_rate_kbps=200).start()
+    parts.append(box)
+    f = make_cr(tmp_path / "in" / "a.dcm", seed=5, side=200)
+    triage(box.store, f, "urgent")
+    part = wait_until(lambda: next(iter((tmp_path / "hub" / "partial").glob("*.part")), None), timeout=20,
+                      what="partial file")
+    with open(part, "r+b") as fh:  # a bit flip on the hub's disk, after chunk 0 was verified and written
+        wait_until(lambda: part.stat().st_size > 100, timeout=10, what="chunk 0 written")
+        b = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    wait_until(lambda: _acked(box, 1), timeout=60, what="acknowledged after the resend")
+    view = hub_view(tmp_path)
+    assert view.query("SELECT retries FROM transfers")[0]["retries"] == 1
+    assert_hub_holds_exactly(tmp_path, [f])
+
+
+class RawBox:
+    """A hand-driven box: publishes exactly the bytes a test wants and collects what the hub answers."""
+
+    def __init__(self, port, device="box-raw"):
+        self.device = device
+        self.acks: list[dict] = []
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{device}", protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda _c, _u, m: self.acks.append(json.loads(m.payload))
+        self.c.connect("127.0.0.1", port)
+        self.c.subscribe(protocol.down_filter(device), qos=1)
+        self.c.loop_start()
+
+    def pub(self, kind, payload):
+        self.c.publish(f"wasla/v1/{self.device}/up/{kind}", payload, qos=1).wait_for_publish(5)
+
+    def last(self, tid):
+        got = [a for a in self.acks if a.get("transfer") == tid]
+        return got[-1] if got else None
+
+
+def _chunks(data, size):
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def test_duplicated_replayed_out_of_order_and_corrupted_chunks_end_in_one_exact_copy(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    raw = RawBox(broker.port)
+    src = make_cr(tmp_path / "in" / "x.dcm", seed=7)
+    data = codecs.encode_for_wire(src, codecs=["jpegls"]).data
+    sha, cs = hashlib.sha256(data).hexdigest(), 4096
+    parts_ = _chunks(data, cs)
+    study = str(pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID)
+
+    def chunk(tid, i, body=None, whole=sha):
+        return protocol.encode_chunk(raw.device, transfer=tid, index=i, count=len(parts_), size=len(data),
+                                     chunk_size=cs, sha256=whole, study_uid=study, label="review",
+                                     data=parts_[i] if body is None else body)
+
+    order = list(reversed(range(len(parts_))))
+    corrupt = bytearray(chunk("t1", order[0]))
+    corrupt[-5] ^= 0x55
+    raw.pub("chunk", bytes(corrupt))                  # corrupted: refused, not recorded
+    for i in order[1:]:
+        raw.pub("chunk", chunk("t1", i))              # out of order
+        raw.pub("chunk", chunk("t1", i))              # duplicated
+    wait_until(lambda: raw.last("t1") and raw.last("t1")["status"] == "partial"
+               and protocol.from_ranges(raw.last("t1")["have"]) == set(order[1:]), timeout=10, what="partial ack")
+    raw.pub("chunk", chunk("t1", order[0]))           # the box resends what the ack shows missing
+    wait_until(lambda: raw.last("t1")["status"] == "complete", timeout=10, what="complete")
+    raw.pub("chunk", chunk("t1", 0))                  # replay after completion
+    wait_until(lambda: sum(a.get("transfer") == "t1" and a["status"] == "complete" for a in raw.acks) >= 2,
+               timeout=10, what="replay answered")
+    # The same instance again under another transfer id (a re-encode after a crash): still one copy.
+    manifest = protocol.encode("manifest", raw.device, transfer="t2", study_uid=study,
+                               sop_instance_uid=str(pydicom.dcmread(src).SOPInstanceUID), size=len(data),
+                               sha256=sha, chunk_size=cs, count=len(parts_), resume=True)
+    raw.pub("manifest", manifest)
+    wait_until(lambda: raw.last("t2") and raw.last("t2")["status"] == "complete", timeout=10, what="dup complete")
+    # A transfer whose chunks are each fine but whose whole differs from its manifest: discarded, asked again.
+    wrong = hashlib.sha256(b"other").hexdigest()
+    for i in range(len(parts_)):
+        raw.pub("chunk", chunk("t3", i, whole=wrong))
+    wait_until(lambda: raw.last("t3") and raw.last("t3")["status"] == "retry", timeout=10, what="retry")
+    assert stored_sops(tmp_path) == [str(pydicom.dcmread(src).SOPInstanceUID)]
+    assert_hub_holds_exactly(tmp_path, [src])
+    view = hub_view(tmp_path)
+    assert any("sha256 mismatch" in r["reason"] for r in view.dead_letters())
+    assert view.query("SELECT dup_chunks FROM boxes")[0]["dup_chunks"] >= len(parts_) - 1
+    raw.c.loop_stop()
+
+
+def test_malformed_messages_go_to_dead_letters_and_the_receiver_keeps_going(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    raw = RawBox(broker.port, device="box-x")
+    bad = [
+        ("flag", b"{broken"),
+        ("flag", json.dumps({"v": 2, "type": "flag", "device": "box-x"}).encode()),
+        ("flag", json.dumps({"v": 1, "type": "flag", "device": "box-y", "flag_id": "f", "study_uid": "1",
+                             "label": "urgent", "at": 1}).encode()),
+        ("status", json.dumps({"v": 1, "type": "status", "device": "box-x"}).encode()),
+        ("chunk", b"\0" * 20),
+        ("chunk", b"WSC1" + (3_000_000).to_bytes(4, "big") + b"{}"),
+        ("heartbeat", b"x" * (3 * 1024 * 1024)),
+    ]
+    for kind, payload in bad:
+        raw.pub(kind, payload)
+    raw.c.publish("wasla/v1/box-x/up/bogus", b"{}", qos=1).wait_for_publish(5)
+    raw.pub("flag", protocol.encode("flag", "box-x", flag_id="urgent-1.2.3", study_uid="1.2.3", label="urgent",
+                                    at=time.time()))
+    view = hub_view(tmp_path)
+    wait_until(lambda: any(a.get("flag_id") == "urgent-1.2.3" for a in raw.acks), timeout=10, what="flag ack")
+    wait_until(lambda: len(view.dead_letters()) == len(bad) + 1, timeout=10, what="dead letters")
+    reasons = " | ".join(r["reason"] for r in view.dead_letters())
+    for part in ("not JSON", "unknown protocol version", "differs from topic device", "missing field",
+                 "frame magic", "bad header length", "exceeds", "unknown message kind"):
+        assert part in reasons
+    assert view.worklist()[0]["study_uid"] == "1.2.3"
+    raw.c.loop_stop()
+
+
+def test_two_receivers_share_the_subscription_and_file_each_study_once(tmp_path, broker, parts):
+    h1 = start_hub(tmp_path, broker.port, "hub-1")
+    h2 = start_hub(tmp_path, broker.port, "hub-2")
+    parts += [h1, h2]
+    box = Box(tmp_path, broker.port).start()
+    parts.append(box)
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i) for i in range(4)]
+    for i, f in enumerate(files):
+        triage(box.store, f, ("urgent", "review", "normal", "normal")[i])
+    wait_until(lambda: _acked(box, 4), timeout=60, what="all acknowledged")
+    assert h1.handled > 0 and h2.handled > 0
+    assert_hub_holds_exactly(tmp_path, files)
+
+
+def test_worklist_boxes_and_a_read_sent_back_to_the_box(tmp_path, broker, parts, capsys):
+    from edge import cli as box_cli
+    from sync import hub_cli
+
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port, heartbeat_seconds=1.0).start()
+    parts.append(box)
+    labels = ["normal", "urgent", "review", "urgent"]
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i, side=64) for i in range(4)]
+    for f, label in zip(files, labels):
+        triage(box.store, f, label)
+    wait_until(lambda: _acked(box, 4), timeout=30, what="all acknowledged")
+    hub_toml = tmp_path / "hub.toml"
+    hub_toml.write_text(f'[hub]\ndata_dir = "{tmp_path / "hub"}"\n[broker]\nport = {broker.port}\n')
+    capsys.readouterr()
+    assert hub_cli.main(["--config", str(hub_toml), "worklist", "--json"]) == 0
+    wl = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in wl] == ["urgent", "urgent", "review", "normal"]
+    assert wl[0]["since"] <= wl[1]["since"]
+    assert hub_cli.main(["--config", str(hub_toml), "boxes", "--json"]) == 0
+    boxes = json.loads(capsys.readouterr().out)
+    wait_until(lambda: hub_view(tmp_path).boxes()[0]["queue_depth"] == 0, timeout=10, what="heartbeat")
+    assert boxes[0]["device"] == "box-a" and boxes[0]["online"] == 1
+    study = wl[0]["study_uid"]
+    assert hub_cli.main(["--config", str(hub_toml), "read", study, "--disposition", "abnormal",
+                         "--note", "consolidation right lower lobe", "--by", "dr-a"]) == 0
+    assert "sent" in capsys.readouterr().out
+    wait_until(lambda: box.store.study(study)["read_disposition"] == "abnormal", timeout=10, what="read at the box")
+    assert box.store.study(study)["read_by"] == "dr-a"
+    wait_until(lambda: hub_view(tmp_path).query("SELECT delivered_at FROM reads")[0]["delivered_at"], timeout=10,
+               what="receipt in the heartbeat")
+    box_toml = tmp_path / "box.toml"
+    box_toml.write_text(f'[box]\nid = "box-a"\ndata_dir = "{box.cfg.box.data_dir}"\n[models]\ndir = "{tmp_path}"\n'
+                        f'trusted_keys = []\n[storage]\nmin_free_mb = 0\n[sync]\nbroker_port = {broker.port}\n')
+    assert box_cli.main(["--config", str(box_toml), "show", study]) == 0
+    out = capsys.readouterr().out
+    assert "abnormal" in out and "consolidation right lower lobe" in out and "dr-a" in out
+    assert box_cli.main(["--config", str(box_toml), "sync", "--json", "--now"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["queue_depth"] == 0 and info["counts"]["transfer_done"] == 4 and info["wire_ratio"] > 1.0
