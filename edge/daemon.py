@@ -87,6 +87,7 @@ class Daemon:
 
             self.uploader = Uploader(cfg, self.store, self.engine)
             self.uploader.start()
+            self.worker.on_triaged = self.uploader.pack_wake.set
             self.parts.append(self.uploader)
 
     def stop(self) -> None:

@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, store: Store, engine: Engine, idle_wait: float = 0.2):
         self.store = store
+        # Called after each committed triage: the uploader packs the flag at once (seconds matter for urgent).
+        self.on_triaged = None
         self.engine = engine
         self.idle_wait = idle_wait
         self.wake = threading.Event()
@@ -48,6 +50,8 @@ class Worker:
         for r in outcome.results:
             r["timings"] = dict(outcome.timings)
         self.store.record_triage(iid, outcome.label, outcome.reasons, outcome.results)
+        if self.on_triaged:
+            self.on_triaged()
         commit_ms = round((time.perf_counter() - t1) * 1000, 2)
         self.processed += 1
         log.info("instance #%s %s triaged %s in %.0f ms (+%.1f ms commit)", iid, row["sop_instance_uid"],
