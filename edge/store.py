@@ -381,7 +381,9 @@ class Store:
                 where, params = "study_uid = ?", [study_uid]
             else:
                 raise StoreError("requeue needs an instance id or a study uid")
-            rows = db.execute(f"SELECT id, state, path FROM instances WHERE {where}", params).fetchall()
+            # Results the box wrote itself (SR/SC, source "wasla") are never triaged: they are rewritten instead.
+            rows = db.execute(f"SELECT id, state, path FROM instances WHERE {where} AND COALESCE(source, '') != 'wasla'",
+                              params).fetchall()
             if not rows:
                 raise NotFoundError(f"nothing to requeue for {study_uid or '#' + str(instance_id)}")
             n = 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
+from edge import results_dicom
 from edge.engine import Engine
 from edge.errors import BadInputError, StoreError, WaslaError
 from edge.store import Store
@@ -17,6 +19,8 @@ class Worker:
         self.store = store
         # Called after each committed triage: the uploader packs the flag at once (seconds matter for urgent).
         self.on_triaged = None
+        # Also after each commit, with (row, label, pipeline_ms): results documents and metrics; must be quick.
+        self.after_triage: Callable[[dict, str, float], None] | None = None
         self.engine = engine
         self.idle_wait = idle_wait
         self.wake = threading.Event()
@@ -31,6 +35,10 @@ class Worker:
         if row is None:
             return False
         iid = row["id"]
+        if results_dicom.is_derived(row):
+            # Our own SR/SC, put back in the queue by a requeue: triaging it would label the study "review".
+            results_dicom.skip_triage(self.store, iid)
+            return True
         t0 = time.perf_counter()
         try:
             outcome = self.engine.triage_file(self.store.instance_path(row))
@@ -54,6 +62,11 @@ class Worker:
             self.on_triaged()
         commit_ms = round((time.perf_counter() - t1) * 1000, 2)
         self.processed += 1
+        if self.after_triage is not None:
+            try:
+                self.after_triage(row, outcome.label, outcome.timings["pipeline_ms"])
+            except Exception:  # noqa: BLE001 - the triage is committed; a hook failure must not stop the worker
+                log.exception("after_triage hook failed for instance #%s", iid)
         log.info("instance #%s %s triaged %s in %.0f ms (+%.1f ms commit)", iid, row["sop_instance_uid"],
                  outcome.label, outcome.timings["pipeline_ms"], commit_ms)
         return True

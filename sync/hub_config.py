@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge.config import LogConfig, _build
+from edge.config import LogConfig, MetricsConfig, _build, validate_metrics
 from edge.errors import ConfigError
 
 DEFAULT_PATHS = (Path("/etc/wasla/hub.toml"),)
@@ -60,6 +60,8 @@ class HubConfig:
     broker: HubBrokerConfig = field(default_factory=HubBrokerConfig)
     receiver: HubReceiverConfig = field(default_factory=HubReceiverConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """[metrics] enabled / bind / port: the hub's Prometheus endpoint, same keys as the box's."""
     source: Path | None = None
 
     @property
@@ -94,6 +96,7 @@ def _validate(cfg: HubConfig) -> None:
         raise ConfigError(f"receiver.read_resend_seconds: must be > 0, got {cfg.receiver.read_resend_seconds}")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
+    validate_metrics(cfg.metrics)
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> HubConfig:

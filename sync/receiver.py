@@ -230,10 +230,15 @@ def run(cfg) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_a: stop.set())
     receiver = Receiver(cfg).start()
+    from edge import metrics
+
+    exporter = metrics.start(cfg.metrics, metrics.hub_collector(receiver.store, hub_id=cfg.hub.id, receiver=receiver))
     sd_notify("READY=1\nSTATUS=receiving")
     log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
     while not stop.wait(5.0):
         sd_notify("WATCHDOG=1")
+    if exporter is not None:
+        exporter.stop()
     receiver.stop()
     log.info("stopped")
     return 0

@@ -15,7 +15,9 @@ def _db(box_cfg):
 
 def _states(db) -> dict[str, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
-        return dict(c.execute("SELECT state, COUNT(*) FROM instances GROUP BY state").fetchall())
+        # The box's own SR/SC (source "wasla") travel too; the scenario counts the modality's images.
+        return dict(c.execute("SELECT state, COUNT(*) FROM instances WHERE COALESCE(source, '') != 'wasla' "
+                              "GROUP BY state").fetchall())
 
 
 def _confirmed_chunks(db) -> int:

@@ -113,13 +113,23 @@ def stored_sops(root: Path) -> list[str]:
         s.close()
 
 
+DERIVED_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7")  # the box's own SR / SC
+
+
 def assert_hub_holds_exactly(root: Path, originals: list[Path]) -> None:
-    """The hub has one copy of each original, pixel data bit-exact, and nothing else."""
+    """The hub has one copy of each original, pixel data bit-exact, and nothing else but the box's result objects."""
     s = hub_view(root)
     try:
         rows = s.query("SELECT * FROM instances")
         by_sop = {r["sop_instance_uid"]: r for r in rows}
-        assert len(rows) == len(originals) == len(by_sop)
+        wanted = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in originals}
+        studies = {str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in originals}
+        derived = [r for r in rows if r["sop_instance_uid"] not in wanted]
+        for r in derived:
+            ds = pydicom.dcmread(s.instance_file(r), stop_before_pixels=True)
+            assert str(ds.SOPClassUID).startswith(DERIVED_CLASSES) and str(ds.StudyInstanceUID) in studies
+        rows = [r for r in rows if r["sop_instance_uid"] in wanted]
+        assert len(rows) == len(originals) == len(wanted) == len(by_sop) - len(derived)
         for path in originals:
             src = pydicom.dcmread(path)
             row = by_sop[str(src.SOPInstanceUID)]
@@ -127,6 +137,6 @@ def assert_hub_holds_exactly(root: Path, originals: list[Path]) -> None:
             assert str(got.StudyInstanceUID) == str(src.StudyInstanceUID)
             assert codecs.pixels_equal(got, src)
         n_files = sum(1 for p in s.studies_dir.rglob("*.dcm"))
-        assert n_files == len(originals)
+        assert n_files == len(originals) + len(derived)
     finally:
         s.close()
