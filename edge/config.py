@@ -148,12 +148,29 @@ class SyncConfig:
     """Lossless wire codecs to try (see sync/codecs.py); empty = the built-in policy."""
     frames_limit: int = 64
     """Instances with more frames than this travel as received (re-encoding a long cine would hog the CPU)."""
+    send_secondary_capture: bool = False
+    """Also send the burned-in Secondary Capture to the hub (the SR always goes); off to save the satellite link."""
+    pseudonymise: bool = False
+    """Replace identifying DICOM attributes (PS3.15 basic profile) with keyed pseudonyms before upload. Off: the hub is
+    in-country (Law 18-07) and the radiologist needs the patient; on: the hub sees stable per-fleet pseudonyms."""
+    pseudonym_key_file: Path | None = None
+    """Fleet HMAC-SHA256 key (hex, at least 32 bytes) behind the pseudonyms; required when pseudonymise is on."""
 
 
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     """DEBUG, INFO, WARNING or ERROR."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = False
+    """Serve Prometheus metrics at http://<bind>:<port>/metrics (queue depth, triage latency, goodput, bytes, quarantines)."""
+    bind: str = "127.0.0.1"
+    """Address the metrics endpoint listens on; loopback by default (the numbers are not secret, but not public)."""
+    port: int = 9464
+    """TCP port of the metrics endpoint (1-65535; 0 = any free port, for tests)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +183,7 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     source: Path | None = None
 
     @property
@@ -214,10 +232,27 @@ def _convert(value, tp, key: str, base: Path | None):
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        if value.startswith(CREDENTIAL_PREFIX):
+            return _credential_path(value[len(CREDENTIAL_PREFIX):], key, base)
         p = Path(value).expanduser()
         # Relative paths are relative to the config file, so a bundle folder can be moved as a whole.
         return p if p.is_absolute() or base is None else (base / p)
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+CREDENTIAL_PREFIX = "credential:"
+
+
+def _credential_path(name: str, key: str, base: Path | None) -> Path:
+    # "credential:box.key" is a secret systemd hands over (LoadCredential=): under the unit it is read from
+    # $CREDENTIALS_DIRECTORY, which only the service can read; outside it (doctor, a bundle on a USB stick) from
+    # credentials/ beside the config file. Read when the config is loaded, never at import.
+    if not name or "/" in name or name in (".", ".."):
+        raise ConfigError(f"{key}: credential:{name} must name one file (no '/')")
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds:
+        return Path(creds) / name
+    return (base or Path.cwd()) / "credentials" / name
 
 
 def _build(cls, data: dict, prefix: str, base: Path | None):
@@ -271,6 +306,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("storage: min_free_mb must be >= 0, max_pixels and max_file_mb >= 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
+    validate_metrics(cfg.metrics)
+
+
+def validate_metrics(m: MetricsConfig, prefix: str = "metrics") -> None:
+    """Shared by the box and hub configs."""
+    if not 0 <= m.port <= 65535:
+        raise ConfigError(f"{prefix}.port: {m.port} is not a TCP port")
+    if not m.bind.strip():
+        raise ConfigError(f"{prefix}.bind: must be an address, e.g. 127.0.0.1 or 0.0.0.0")
 
 
 def _validate_sync(s: SyncConfig) -> None:
@@ -303,6 +347,8 @@ def _validate_sync(s: SyncConfig) -> None:
             raise ConfigError(f"sync.bulk_windows: {w!r} is not HH:MM-HH:MM")
     if (s.tls_cert_file is None) != (s.tls_key_file is None):
         raise ConfigError("sync.tls_cert_file and sync.tls_key_file go together")
+    if s.pseudonymise and s.pseudonym_key_file is None:
+        raise ConfigError("sync.pseudonymise is on but sync.pseudonym_key_file is not set")
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> Config:

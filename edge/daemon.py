@@ -8,8 +8,10 @@ import socket
 import threading
 import time
 
+from edge import metrics
 from edge.config import Config
 from edge.engine import Engine
+from edge.results_dicom import ResultsWriter
 from edge.store import Store
 from edge.worker import Worker
 
@@ -69,7 +71,16 @@ class Daemon:
         if adopted:
             log.info("%d orphan spool file(s) re-registered", adopted)
         self.engine = Engine.load(cfg)
+        # Results (SR always; SC only when configured to travel to the hub, else on demand by `wasla send`) are
+        # written off the worker's thread; stopped last.
+        self.results = ResultsWriter(self.store, box_id=cfg.box.id,
+                                     with_sc=cfg.sync.enabled and cfg.sync.send_secondary_capture,
+                                     max_pixels=cfg.storage.max_pixels)
+        self.results.start()
+        self.parts.append(self.results)
+        self.latency = metrics.Histogram("wasla_triage_latency_seconds", "Seconds from claim to triage decision.")
         self.worker = Worker(self.store, self.engine)
+        self.worker.after_triage = self._after_triage
         self.worker.start()
         self.parts.append(self.worker)
         if cfg.dicom.enabled:
@@ -89,6 +100,15 @@ class Daemon:
             self.uploader.start()
             self.worker.on_triaged = self.uploader.pack_wake.set
             self.parts.append(self.uploader)
+        exporter = metrics.start(cfg.metrics, metrics.box_collector(
+            self.store, box_id=cfg.box.id, data_dir=cfg.box.data_dir, latency=self.latency, worker=self.worker,
+            uploader_ref=lambda: getattr(self, "uploader", None)))
+        if exporter is not None:
+            self.parts.append(exporter)
+
+    def _after_triage(self, row: dict, _label: str, pipeline_ms: float) -> None:
+        self.results.notify(row["study_uid"])
+        self.latency.observe(pipeline_ms / 1000)
 
     def stop(self) -> None:
         sd_notify("STOPPING=1")

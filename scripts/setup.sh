@@ -12,6 +12,8 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [[ "$EXTRAS" == *test* ]]; then  # the link-emulator tests ping across network namespaces
   command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
   command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+  # tests/test_orthanc.py: a real PACS (binary "Orthanc") receives the box's SR/SC by C-STORE
+  command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

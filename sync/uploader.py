@@ -404,7 +404,12 @@ class Uploader:
             if inst["id"] in self._skip:
                 continue
             try:
-                enc = codecs.encode_for_wire(self.outbox.store.instance_path(inst), codecs=self.sc.codecs or None,
+                source = self.outbox.store.instance_path(inst)
+                if self.sc.pseudonymise:  # fails closed: an instance that cannot be pseudonymised is not sent
+                    from provisioning import pseudonym
+
+                    source = pseudonym.pseudonymise_file(source, pseudonym.load_key(self.sc.pseudonym_key_file))
+                enc = codecs.encode_for_wire(source, codecs=self.sc.codecs or None,
                                              frames_limit=self.sc.frames_limit)
             except Exception as err:  # noqa: BLE001 - e.g. the spool file vanished: report, keep going
                 log.error("instance #%s cannot be packed for the wire: %s", inst["id"], err)
