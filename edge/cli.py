@@ -19,7 +19,8 @@ except ImportError:  # pragma: no cover - older typer with click installed
 
 from edge import config as config_mod
 from edge.errors import WaslaError
-from edge.i18n import _, pick_language, set_language
+from edge.i18n import (_, click_error_lines, describe_reason, error_line, is_rtl, label_name, lang_from_argv,
+                       localized_command, ltr, normalize, pick_language, rtl_line, set_language, state_name)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla clinic box: offline DICOM triage.")
 models_app = typer.Typer(no_args_is_help=True, help="List, install, activate or roll back model packages.")
@@ -30,12 +31,19 @@ _state: dict = {}
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="WASLA_CONFIG", help="Config file (TOML)."),
     lang: Optional[str] = typer.Option(None, "--lang", help="Language: en, fr or ar."),
 ) -> None:
     """Wasla clinic box. Example: wasla --config /etc/wasla/box.toml status"""
+    if lang and not normalize(lang):
+        raise typer.BadParameter(_("{value} is not one of: en, fr, ar").format(value=repr(lang)), param_hint="--lang")
     set_language(pick_language(lang))
+    _state.clear()  # main() may run several times in one process (tests, embedding): never reuse a config
     _state["config_path"] = config
+    from edge import audit
+
+    audit.attach(ctx, _cfg)
 
 
 def _cfg() -> config_mod.Config:
@@ -50,23 +58,40 @@ def _store():
     return Store.from_config(_cfg())
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """Human output: in Arabic each line is a right-to-left isolate (edge/i18n.py); JSON never goes through here."""
+    typer.echo("\n".join(rtl_line(line) for line in str(text).split("\n")), err=err)
+
+
 def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
 
 
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
     if not rows:
-        typer.echo(_("(none)"))
+        _echo(_("(none)"))
         return
+    from rich.cells import cell_len  # screen width: Arabic letters, isolates and wide glyphs are not len()
+
+    def pad(text: str, width: int) -> str:
+        return text + " " * (width - cell_len(text))
+
     cells = [[str(r.get(k, "") if r.get(k) is not None else "") for k, _h in cols] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
-    typer.echo("  ".join(h.ljust(w) for (_k, h), w in zip(cols, widths)))
+    widths = [max(cell_len(h), *(cell_len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
+    # Arabic lines are mirrored as a whole by the terminal: keep them all the same width so columns line up.
+    end = (lambda line: line) if is_rtl() else str.rstrip
+    _echo(end("  ".join(pad(h, w) for (_k, h), w in zip(cols, widths))))
     for c in cells:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+        _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
 
 
 def _ts(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def _when(t: float | None) -> str:
+    """_ts for display: kept left-to-right inside Arabic text (never used for --json)."""
+    return ltr(_ts(t))
 
 
 def _parse_when(value: str | None) -> float | None:
@@ -75,7 +100,8 @@ def _parse_when(value: str | None) -> float | None:
     try:
         return dt.datetime.fromisoformat(value).timestamp()
     except ValueError as err:
-        raise typer.BadParameter(f"{value!r}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM") from err
+        raise typer.BadParameter(
+            _("{value}: expected YYYY-MM-DD or YYYY-MM-DDTHH:MM").format(value=repr(value))) from err
 
 
 def _broker_reachable(cfg) -> bool:
@@ -95,12 +121,26 @@ def run() -> None:
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """Queue counts, last ingest, models, disk and broker. Example: wasla status --json"""
+def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           watch: bool = typer.Option(False, "--watch", "-w", help="Live screen: ingest rate, queue, upload with "
+                                      "ETA, link, disk, urgent flags."),
+           interval: float = typer.Option(2.0, "--interval", min=0.2, help="Seconds between refreshes with --watch."),
+           count: int = typer.Option(0, "--count", min=0,
+                                     help="With --watch: stop after this many refreshes (0: until Ctrl-C).")) -> None:
+    """Queue counts, last ingest, models, disk and broker. Example: wasla status --watch"""
     from edge.engine import check_models
 
     cfg = _cfg()
     store = _store()
+    if watch:
+        from rich.console import Console
+
+        from edge import statusview
+
+        # --json --watch: one snapshot per line (JSON Lines), for scripts that follow the box.
+        console = Console(highlight=False)
+        raise typer.Exit(statusview.watch(statusview.StatusSampler(cfg, store), console, interval=interval,
+                                          count=count, as_json=as_json))
     models, bad = check_models(cfg)
     disk = shutil.disk_usage(cfg.box.data_dir)
     info = {
@@ -112,18 +152,22 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     if as_json:
         _print_json(info)
         return
-    typer.echo(f"{_('Box')}: {info['box']}")
-    typer.echo(f"{_('Queue')}: " + ", ".join(f"{_(k)} {v}" for k, v in info["states"].items() if v))
-    typer.echo(f"{_('Studies')}: " + ", ".join(f"{_(k)} {v}" for k, v in info["labels"].items()))
-    typer.echo(f"{_('Last ingest')}: {info['last_ingest']}")
+    _echo(f"{_('Box')}: {ltr(info['box'])}")
+    _echo(f"{_('Queue')}: " + (", ".join(f"{state_name(k)} {ltr(v)}" for k, v in info["states"].items() if v)
+                                    or _("(none)")))
+    _echo(f"{_('Studies')}: " + (", ".join(f"{label_name(k)} {ltr(v)}" for k, v in info["labels"].items())
+                                      or _("(none)")))
+    _echo(f"{_('Last ingest')}: {_when(store.last_ingest())}")
     for m in models:
-        typer.echo(f"{_('Model')}: {m['name']} {m['version']}")
+        _echo(f"{_('Model')}: {ltr(m['name'] + ' ' + m['version'])}")
     for b in bad:
-        typer.echo(f"{_('Model refused')}: {b}")
+        _echo(f"{_('Model refused')}: {ltr(b)}")
     if not models:
-        typer.echo(_("Model: none (every study is flagged review)"))
-    typer.echo(f"{_('Disk free')}: {info['disk_free_mb']} MB / {info['disk_total_mb']} MB")
-    typer.echo(f"{_('Broker')}: {info['broker']} " + (_("reachable") if info["broker_reachable"] else _("unreachable")))
+        _echo(_("Model: none (every study is flagged review)"))
+    _echo(f"{_('Disk free')}: " + _("{free} MB of {total} MB").format(free=ltr(info["disk_free_mb"]),
+                                                                       total=ltr(info["disk_total_mb"])))
+    _echo(f"{_('Broker')}: {ltr(info['broker'])} "
+               + (_("reachable") if info["broker_reachable"] else _("unreachable")))
 
 
 @app.command()
@@ -137,7 +181,8 @@ def results(
 ) -> None:
     """Triage results, most urgent first. Example: wasla results --label urgent --since 2026-11-01"""
     if label and label not in ("normal", "review", "urgent"):
-        raise typer.BadParameter(f"{label!r} is not normal, review or urgent", param_hint="--label")
+        raise typer.BadParameter(_("{value} is not normal, review or urgent").format(value=repr(label)),
+                                 param_hint="--label")
     store = _store()
     if quarantined:
         rows = store.quarantined(limit)
@@ -145,18 +190,19 @@ def results(
             _print_json(rows)
             return
         for r in rows:
-            r["when"] = _ts(r["received_at"])
-        _table(rows, [("id", "#"), ("when", _("received")), ("source", _("source")), ("reason", _("reason"))])
+            r["when"], r["no"], r["why"] = _when(r["received_at"]), ltr(r["id"]), ltr(r["reason"])
+        _table(rows, [("no", "#"), ("when", _("received")), ("source", _("source")), ("why", _("reason"))])
         return
     rows = store.studies(label=label, since=_parse_when(since), until=_parse_when(until), limit=limit)
     if as_json:
         _print_json(rows)
         return
     for r in rows:
-        r["when"] = _ts(r["first_received_at"])
-        r["shown_label"] = _(r["label"]) if r["label"] else _("pending")
-    _table(rows, [("shown_label", _("label")), ("study_uid", _("study")), ("modality", _("modality")),
-                  ("n_instances", _("images")), ("when", _("received"))])
+        r["when"] = _when(r["first_received_at"])
+        r["shown_label"] = label_name(r["label"])
+        r["uid"], r["images"], r["mod"] = ltr(r["study_uid"]), ltr(r["n_instances"]), ltr(r["modality"])
+    _table(rows, [("shown_label", _("label")), ("uid", _("study")), ("mod", _("modality")),
+                  ("images", _("images")), ("when", _("received"))])
 
 
 @app.command()
@@ -167,23 +213,25 @@ def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
     if as_json:
         _print_json(s)
         return
-    typer.echo(f"{_('Study')}: {s['study_uid']}")
-    typer.echo(f"{_('Label')}: {_(s['label']) if s['label'] else _('pending')}")
+    _echo(f"{_('Study')}: {ltr(s['study_uid'])}")
+    _echo(f"{_('Label')}: {label_name(s['label'])}")
     for r in s["reasons"]:
-        typer.echo(f"  {_('reason')}: {_(r['code'])}")
+        _echo(f"  {_('reason')}: {describe_reason(r)}")
     for inst in s["instances"]:
-        typer.echo(f"- {_('image')} #{inst['id']} {inst['modality'] or ''} {_(inst['state'])} "
-                   f"{_(inst['label']) if inst['label'] else ''} {inst['reason'] or ''}".rstrip())
+        _echo(f"- {_('image')} {ltr('#' + str(inst['id']))} {ltr(inst['modality'] or '')} "
+                   f"{state_name(inst['state'])} {label_name(inst['label']) if inst['label'] else ''} "
+                   f"{ltr(inst['reason'] or '')}".rstrip())
         for res in inst["results"]:
             if res["model"]:
                 scores = ", ".join(f"{k} {v:.3f}" for k, v in (res["scores"] or {}).items())
-                typer.echo(f"    {res['model']} {res['model_version']} ({res['backend']}): {scores}; "
-                           f"{_('thresholds')} {res['thresholds']}")
+                _echo(f"    {ltr(res['model'] + ' ' + res['model_version'])} ({ltr(res['backend'])}): "
+                           f"{ltr(scores)}; {_('thresholds')} {ltr(res['thresholds'])}")
             for reason in res["reasons"] or []:
-                typer.echo(f"    {_('reason')}: {_(reason['code'])}")
+                _echo(f"    {_('reason')}: {describe_reason(reason)}")
     if s.get("read_disposition"):
         by = f"{s['read_by']}, " if s.get("read_by") else ""
-        typer.echo(f"{_('Radiologist read')}: {s['read_disposition']} — {s.get('read_note') or ''} ({by}{_ts(s.get('read_at'))})")
+        _echo(f"{_('Radiologist read')}: {s['read_disposition']} — {s.get('read_note') or ''} "
+                   f"({by}{_when(s.get('read_at'))})")
 
 
 @app.command("sync")
@@ -204,23 +252,30 @@ def sync_status(now: bool = typer.Option(False, "--now", help="Ask the running d
     if as_json:
         _print_json(info)
         return
-    typer.echo(f"{_('Sync')}: {_('on') if cfg.sync.enabled else _('off')} -> {info['broker']}")
-    typer.echo(f"{_('Queue')}: {info['queue_depth']} ({info['queued_bytes']} bytes), "
-               f"{_('oldest')} {_ts(info['oldest_unsent_at'])}")
-    typer.echo(f"{_('Done')}: " + ", ".join(f"{k} {v}" for k, v in sorted(info["counts"].items())))
+    _echo(f"{_('Sync')}: {_('on') if cfg.sync.enabled else _('off')} -> {ltr(info['broker'])}")
+    _echo(f"{_('Queue')}: {ltr(info['queue_depth'])} (" + _("{n} bytes").format(n=ltr(info["queued_bytes"])) + "), "
+               f"{_('oldest')} {_when(info['oldest_unsent_at'])}")
+    done = []
+    for k, v in sorted(info["counts"].items()):  # keys are "<kind>_<state>" from the outbox
+        kind, _sep, state = k.partition("_")
+        done.append(f"{state_name(kind)} {state_name(state)} {ltr(v)}")
+    _echo(f"{_('Done')}: " + ", ".join(done))
     if info["wire_ratio"]:
-        typer.echo(f"{_('Compression ratio')}: {info['wire_ratio']}")
+        _echo(f"{_('Compression ratio')}: {ltr(info['wire_ratio'])}")
     usage = info["usage_today"] or {}
-    typer.echo(f"{_('Sent today')}: flags {usage.get('flag', 0)} B, studies {usage.get('bulk', 0)} B, "
-               f"telemetry {usage.get('telemetry', 0)} B")
+    _echo(_("Sent today: flags {flag} B, studies {bulk} B, telemetry {telemetry} B").format(
+        flag=ltr(usage.get("flag", 0)), bulk=ltr(usage.get("bulk", 0)), telemetry=ltr(usage.get("telemetry", 0))))
     for r in info["active"]:
-        r["progress"] = f"{sum(b - a + 1 for a, b in json.loads(r['have'] or '[]'))}/{r['count']}" if r["count"] else ""
-    _table(info["active"], [("kind", _("kind")), ("state", _("state")), ("label", _("label")),
-                            ("study_uid", _("study")), ("progress", _("chunks")), ("reason", _("reason"))])
+        have = sum(b - a + 1 for a, b in json.loads(r["have"] or "[]"))
+        r["progress"] = ltr(f"{have}/{r['count']}") if r["count"] else ""
+        r["shown_kind"], r["shown_state"] = state_name(r["kind"]), state_name(r["state"])
+        r["shown_label"], r["uid"], r["why"] = label_name(r["label"]), ltr(r["study_uid"]), ltr(r["reason"])
+    _table(info["active"], [("shown_kind", _("kind")), ("shown_state", _("state")), ("shown_label", _("label")),
+                            ("uid", _("study")), ("progress", _("chunks")), ("why", _("reason"))])
     if info["dead_letters"]:
-        typer.echo(f"{_('Dead letters')}: {info['dead_letters']}")
+        _echo(f"{_('Dead letters')}: {ltr(info['dead_letters'])}")
     if now:
-        typer.echo(_("Nudged the daemon."))
+        _echo(_("Nudged the daemon."))
 
 
 @app.command()
@@ -228,25 +283,25 @@ def ingest(paths: list[Path] = typer.Argument(..., help="DICOM files or folders.
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Add DICOM files or folders to the queue (the daemon triages them). Example: wasla ingest /media/usb/DICOM"""
     from edge import ingest as ingest_mod
+    from edge.statusview import progress_bar
 
     cfg = _cfg()
     store = _store()
     files = ingest_mod.expand_paths(paths)
     outcomes = []
-    with typer.progressbar(length=len(files), label=_("Ingesting"), file=sys.stderr, hidden=as_json) as bar:
+    with progress_bar(_("Ingesting"), len(files), enabled=not as_json) as advance:
         for f in files:
             outcomes.append(ingest_mod.ingest_file(store, f, source="cli", max_pixels=cfg.storage.max_pixels,
                                                    max_file_bytes=cfg.storage.max_file_mb * 1_000_000))
-            bar.update(1)
+            advance(1)
     summary = {k: sum(1 for o in outcomes if o.status == k) for k in ("stored", "duplicate", "quarantined")}
     if as_json:
         _print_json({"summary": summary, "files": [{"path": str(f), **o.__dict__} for f, o in zip(files, outcomes)]})
         return
-    typer.echo(f"{_('stored')} {summary['stored']}, {_('duplicate')} {summary['duplicate']}, "
-               f"{_('quarantined')} {summary['quarantined']}")
+    _echo(", ".join(f"{state_name(k)} {ltr(v)}" for k, v in summary.items()))
     for f, o in zip(files, outcomes):
         if o.status == "quarantined":
-            typer.echo(f"  {f}: {o.reason}")
+            _echo(f"  {ltr(f)}: {ltr(o.reason)}")
 
 
 @app.command()
@@ -256,12 +311,12 @@ def requeue(study: Optional[str] = typer.Argument(None, help="Study Instance UID
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Run a study or an image through triage again. Example: wasla requeue --instance 42"""
     if not study and instance is None:
-        raise typer.BadParameter("give a study UID or --instance N")
+        raise typer.BadParameter(_("give a study UID or --instance N"))
     n = _store().requeue(study_uid=study, instance_id=instance, quarantined_only=quarantined_only)
     if as_json:
         _print_json({"requeued": n})
     else:
-        typer.echo(f"{_('requeued')}: {n}")
+        _echo(f"{_('requeued')}: {ltr(n)}")
 
 
 @app.command()
@@ -271,10 +326,12 @@ def doctor(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
 
     checks = run_checks(_cfg())
     if as_json:
-        _print_json(checks)
+        _print_json([{k: c[k] for k in ("check", "ok", "detail")} for c in checks])
     else:
         for c in checks:
-            typer.echo(f"[{_('ok') if c['ok'] else _('FAIL')}] {_(c['check'])}: {c['detail']}")
+            detail = _(c["message"]).format(**{k: ltr(v) for k, v in c["params"].items()}) if c.get("message") \
+                else ltr(c["detail"])
+            _echo(f"[{_('ok') if c['ok'] else _('FAIL')}] {_(c['check'])}: {detail}")
     if not all(c["ok"] for c in checks):
         raise typer.Exit(1)
 
@@ -285,7 +342,8 @@ def show_config(defaults: bool = typer.Option(False, "--defaults", help="Print e
     """Show the effective configuration. Example: wasla config --defaults"""
     if defaults:
         rows = [{"key": k, "default": d, "doc": doc} for k, d, doc in config_mod.describe()]
-        _print_json(rows) if as_json else _table(rows, [("key", "key"), ("default", "default"), ("doc", "")])
+        cols = [("key", _("key")), ("default", _("default")), ("doc", "")]
+        _print_json(rows) if as_json else _table(rows, cols)
         return
     from dataclasses import asdict
 
@@ -311,11 +369,15 @@ def models_install(source: Path = typer.Argument(..., help="Package folder or .t
     """Verify and install a signed model package. Example: wasla models install /media/usb/cxr-triage-1.1.0.tar.gz"""
     from edge import modelpkg
 
+    from edge.statusview import progress_bar
+
     cfg = _cfg()
-    pkg = modelpkg.install(source, cfg.models.dir, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+    with progress_bar(_("Verifying and installing {source}").format(source=ltr(source)), None):
+        pkg = modelpkg.install(source, cfg.models.dir, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
     if activate:
         modelpkg.activate(cfg.models.dir, pkg.name, pkg.version)
-    typer.echo(f"{_('installed')} {pkg.name} {pkg.version}" + (f" ({_('active')})" if activate else ""))
+    _echo(f"{_('installed')} {ltr(pkg.name + ' ' + pkg.version)}"
+               + (f" ({_('active')})" if activate else ""))
 
 
 @models_app.command("activate")
@@ -326,7 +388,7 @@ def models_activate(name: str, version: str) -> None:
     cfg = _cfg()
     modelpkg.load_package(cfg.models.dir / name / version, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
     modelpkg.activate(cfg.models.dir, name, version)
-    typer.echo(f"{name} {version} {_('active')}")
+    _echo(f"{ltr(name + ' ' + version)} {_('active')}")
 
 
 @models_app.command("rollback")
@@ -335,20 +397,65 @@ def models_rollback(name: str) -> None:
     from edge import modelpkg
 
     version = modelpkg.rollback(_cfg().models.dir, name)
-    typer.echo(f"{name} {version} {_('active')}")
+    _echo(f"{ltr(name + ' ' + version)} {_('active')}")
+
+
+@app.command()
+def send(study: str = typer.Argument(..., help="Study Instance UID (or a unique prefix)."),
+         to: str = typer.Option(..., "--to", help="Destination as AE@host:port, e.g. PACS@10.0.0.5:104."),
+         images: bool = typer.Option(False, "--images", help="Also send the study's own images."),
+         sc: bool = typer.Option(True, "--sc/--no-sc", help="Include the secondary capture (image with the result)."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Send a study's triage result (DICOM SR and secondary capture) to a modality or PACS by C-STORE. Example: wasla send 1.2.840 --to PACS@10.0.0.5:104"""
+    from edge import send as send_mod
+
+    sent = send_mod.send_study(_store(), _cfg(), study, send_mod.parse_destination(to), with_sc=sc,
+                               with_images=images)
+    if as_json:
+        _print_json([{"sop_class_uid": s.sop_class_uid, "sop_instance_uid": s.sop_instance_uid, "status": s.status,
+                      "status_name": s.status_name} for s in sent])
+        return
+    for s in sent:
+        _echo(f"{ltr(s.sop_instance_uid)}: {s.status_name}")
+    _echo(_("{n} sent to {destination}").format(n=len(sent), destination=ltr(to)))
+
+
+@app.command()
+def report(study: str = typer.Argument(..., help="Study Instance UID (or a unique prefix)."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write (default: "
+                                              "wasla-report-<study>.html here)."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Write the one-page printable triage report (HTML; print it or save it as PDF from any browser), in the --lang language. Example: wasla --lang fr report 1.2.840 --out /media/usb/report.html"""
+    from edge import report as report_mod
+    from edge.i18n import current_language
+
+    cfg = _cfg()
+    store = _store()
+    uid = store.study(study)["study_uid"]
+    path = report_mod.write_report(store, uid, out or Path(f"wasla-report-{uid}.html"), lang=current_language(),
+                                   box_id=cfg.box.id, max_pixels=cfg.storage.max_pixels)
+    if as_json:
+        _print_json({"study_uid": uid, "path": str(path), "lang": current_language()})
+        return
+    _echo(_("Report written: {path}").format(path=ltr(path)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_language(pick_language(lang_from_argv(argv)))
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = localized_command(app).main(args=argv, prog_name="wasla", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except WaslaError as err:
-        typer.echo(f"{_('error')}: {err}", err=True)
+        _echo(error_line(err), err=True)
         return err.exit_code
     except typer.Exit as ex:
         return ex.exit_code
-    except _ClickException as err:  # usage errors: click prints them the usual way
-        err.show()
+    except _ClickException as err:  # usage errors, printed the way click would but in the chosen language
+        if type(err).__name__ == "NoArgsIsHelpError":
+            err.show()
+        else:
+            _echo("\n".join(click_error_lines(err)), err=True)
         return err.exit_code
     except (KeyboardInterrupt, typer.Abort):
         return 130

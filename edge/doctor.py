@@ -1,4 +1,7 @@
-"""`wasla doctor`: the checks a field technician runs after install or when something looks wrong."""
+"""`wasla doctor`: the checks a field technician runs after install or when something looks wrong.
+
+Each check answers (ok, message, params): `message` is an English template marked for translation and `detail`
+is it filled in, so `--json` stays the same in every language while the CLI shows `_(message)`."""
 from __future__ import annotations
 
 import os
@@ -8,24 +11,29 @@ import time
 
 from edge.config import Config
 from edge.errors import WaslaError
+from edge.i18n import N_
 
 # A box that boots without an RTC battery often comes up in 1970 or 2000; triage times would then be nonsense.
 MIN_PLAUSIBLE_YEAR = 2025
+# A detail that is only a value (a path, a list of names, an error text): nothing in it to translate.
+RAW = "{value}"
 
 
 def _check(name: str, fn) -> dict:
     try:
-        ok, detail = fn()
+        ok, message, params = fn()
     except WaslaError as err:
-        ok, detail = False, str(err)
+        ok, message, params = False, RAW, {"value": str(err)}
     except Exception as err:  # noqa: BLE001 - doctor reports, never crashes
-        ok, detail = False, f"{type(err).__name__}: {err}"
-    return {"check": name, "ok": bool(ok), "detail": detail}
+        ok, message, params = False, RAW, {"value": f"{type(err).__name__}: {err}"}
+    return {"check": name, "ok": bool(ok), "detail": message.format(**params), "message": message, "params": params}
 
 
 def run_checks(cfg: Config) -> list[dict]:
     def config_ok():
-        return True, str(cfg.source or "built-in defaults")
+        if cfg.source:
+            return True, RAW, {"value": str(cfg.source)}
+        return True, N_("built-in defaults"), {}
 
     def data_dir():
         d = cfg.box.data_dir
@@ -33,7 +41,7 @@ def run_checks(cfg: Config) -> list[dict]:
         probe = d / f".doctor-{os.getpid()}"
         probe.write_bytes(b"x")
         probe.unlink()
-        return True, f"{d} writable"
+        return True, N_("{path} writable"), {"path": str(d)}
 
     def store():
         from edge.store import Store
@@ -42,54 +50,62 @@ def run_checks(cfg: Config) -> list[dict]:
         try:
             row = s.query("PRAGMA integrity_check")[0]
             val = list(row.values())[0]
-            return val == "ok", f"{cfg.db_path}: integrity {val}"
+            return val == "ok", N_("{path}: integrity {result}"), {"path": str(cfg.db_path), "result": val}
         finally:
             s.close()
 
     def disk():
         free = shutil.disk_usage(cfg.box.data_dir).free / 1e6
-        return free >= cfg.storage.min_free_mb, f"{free:.0f} MB free (reserve {cfg.storage.min_free_mb} MB)"
+        return free >= cfg.storage.min_free_mb, N_("{free} MB free (reserve {reserve} MB)"), \
+            {"free": f"{free:.0f}", "reserve": cfg.storage.min_free_mb}
 
     def models():
         from edge.engine import check_models
 
         ok, bad = check_models(cfg)
         if bad:
-            return False, "; ".join(bad)
+            return False, N_("refused: {errors}"), {"errors": "; ".join(bad)}
         if not ok:
-            return False, f"no model package in {cfg.models.dir}"
-        return True, ", ".join(f"{m['name']} {m['version']}" for m in ok)
+            return False, N_("no model package in {path}"), {"path": str(cfg.models.dir)}
+        return True, RAW, {"value": ", ".join(f"{m['name']} {m['version']}" for m in ok)}
 
     def runtimes():
         from edge.inference import BACKENDS
 
         avail = [k for k, cls in BACKENDS.items() if cls.available()]
-        return bool(avail), ", ".join(avail) or "no inference runtime installed"
+        if not avail:
+            return False, N_("no inference runtime installed"), {}
+        return True, RAW, {"value": ", ".join(avail)}
 
     def dicom_port():
         if not cfg.dicom.enabled:
-            return True, "DICOM SCP disabled"
+            return True, N_("DICOM SCP disabled"), {}
         with socket.socket() as s:
             s.settimeout(1)
             in_use = s.connect_ex(("127.0.0.1" if cfg.dicom.bind in ("0.0.0.0", "") else cfg.dicom.bind, cfg.dicom.port)) == 0
-        return True, f"port {cfg.dicom.port} " + ("in use (the daemon is probably running)" if in_use else "free")
+        if in_use:
+            return True, N_("port {port} in use (the daemon is probably running)"), {"port": cfg.dicom.port}
+        return True, N_("port {port} free"), {"port": cfg.dicom.port}
 
     def broker():
         if not cfg.sync.enabled:
-            return True, "sync disabled"
+            return True, N_("sync disabled"), {}
         try:
             with socket.create_connection((cfg.sync.broker_host, cfg.sync.broker_port), timeout=2):
-                return True, f"{cfg.sync.broker_host}:{cfg.sync.broker_port} reachable"
+                return True, N_("{broker} reachable"), {"broker": f"{cfg.sync.broker_host}:{cfg.sync.broker_port}"}
         except OSError as err:
-            return False, f"{cfg.sync.broker_host}:{cfg.sync.broker_port} unreachable ({err.strerror or err})"
+            return False, N_("{broker} unreachable ({error})"), \
+                {"broker": f"{cfg.sync.broker_host}:{cfg.sync.broker_port}", "error": str(err.strerror or err)}
 
     def clock():
         year = time.gmtime().tm_year
-        return year >= MIN_PLAUSIBLE_YEAR, time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        return year >= MIN_PLAUSIBLE_YEAR, RAW, \
+            {"value": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
     return [_check(n, f) for n, f in (
-        ("config", config_ok), ("data folder", data_dir), ("store", store), ("disk", disk), ("models", models),
-        ("runtimes", runtimes), ("DICOM port", dicom_port), ("broker", broker), ("clock", clock))]
+        (N_("config"), config_ok), (N_("data folder"), data_dir), (N_("store"), store), (N_("disk"), disk),
+        (N_("models"), models), (N_("runtimes"), runtimes), (N_("DICOM port"), dicom_port), (N_("broker"), broker),
+        (N_("clock"), clock))]
 
 
 __all__ = ["run_checks"]

@@ -49,17 +49,26 @@ class Engine:
         """Load every active package that verifies; a refused package is reported, never half-loaded."""
         trusted = modelpkg.load_trusted_keys(cfg.models.trusted_keys) if cfg.models.trusted_keys else {}
         loaded, errors = [], []
-        for folder in modelpkg.active_folders(cfg.models.dir):
-            try:
-                pkg = modelpkg.load_package(folder, trusted)
-                # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
-                backend = create_backend(pkg, cfg.inference.backend, cfg.inference.threads, cfg.inference.providers,
-                                         cfg.inference.warmup)
+        for active in modelpkg.active_folders(cfg.models.dir):
+            # A refused active version (tampered, half-copied) must not leave the clinic without triage: fall back
+            # to the newest installed version that verifies, and say so loudly.
+            others = [active.parent / v for v in reversed(modelpkg.versions(cfg.models.dir, active.parent.name))
+                      if v != active.name]
+            for folder in [active, *others]:
+                try:
+                    pkg = modelpkg.load_package(folder, trusted)
+                    # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
+                    backend = create_backend(pkg, cfg.inference.backend, cfg.inference.threads,
+                                             cfg.inference.providers, cfg.inference.warmup)
+                except WaslaError as err:
+                    errors.append(f"{folder}: {err}")
+                    log.error("model package %s refused: %s", folder, err)
+                    continue
                 loaded.append(LoadedModel(pkg, backend, imaging.InputSpec.from_manifest(pkg.input_spec)))
+                if folder != active:
+                    log.error("active model %s refused; running fallback version %s", active, pkg.version)
                 log.info("model %s %s loaded on %s", pkg.name, pkg.version, backend.name)
-            except WaslaError as err:
-                errors.append(f"{folder}: {err}")
-                log.error("model package %s refused: %s", folder, err)
+                break
         if not loaded:
             log.warning("no model loaded: every study will be flagged 'review' with reason no_model")
         return cls(cfg, loaded, errors)

@@ -341,6 +341,21 @@ def active_version(models_dir: Path, name: str) -> str | None:
     return installed[-1] if installed else None
 
 
+def inventory(models_dir: Path, trusted_keys: dict[str, Ed25519PublicKey]) -> list[dict]:
+    """Every installed version: whether it is active and whether it verifies (the reason when it does not)."""
+    rows = []
+    for folder in discover(models_dir):
+        name, version = folder.parent.name, folder.name
+        try:
+            load_package(folder, trusted_keys)
+            status = "ok"
+        except ModelError as err:
+            status = f"refused: {err}"
+        rows.append({"name": name, "version": version, "active": active_version(models_dir, name) == version,
+                     "status": status})
+    return rows
+
+
 def active_folders(models_dir: Path) -> list[Path]:
     """The folder of the active version of every installed model."""
     names = sorted({f.parent.name for f in discover(models_dir)})

@@ -11,6 +11,8 @@ from typing import Optional
 import typer
 
 from edge.errors import WaslaError
+from edge.i18n import (_, click_error_lines, error_line, is_rtl, label_name, lang_from_argv, localized_command,
+                       ltr, normalize, pick_language, rtl_line, set_language)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla regional hub: receive, list and read studies.")
 _state: dict = {}
@@ -18,8 +20,12 @@ _state: dict = {}
 
 @app.callback()
 def _root(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="WASLA_HUB_CONFIG",
-                                                help="Hub config file (TOML).")) -> None:
+                                                help="Hub config file (TOML)."),
+          lang: Optional[str] = typer.Option(None, "--lang", help="Language: en, fr or ar.")) -> None:
     """Wasla hub. Example: wasla-hub --config /etc/wasla/hub.toml worklist"""
+    if lang and not normalize(lang):
+        raise typer.BadParameter(_("{value} is not one of: en, fr, ar").format(value=repr(lang)), param_hint="--lang")
+    set_language(pick_language(lang))
     _state["config_path"] = config
 
 
@@ -38,18 +44,34 @@ def _store():
 
 
 def _ts(t: float | None) -> str:
-    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+    """For display only (kept left-to-right inside Arabic text); JSON carries the raw timestamps."""
+    return ltr(dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")) if t else "-"
 
 
-def _table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
+def _table(rows: list[dict], cols: list[tuple[str, str]], ltr_cols: tuple[str, ...] = ()) -> None:
+    """Plain columns; values in `ltr_cols` (UIDs, box ids, numbers) are kept left-to-right in Arabic."""
+    from rich.cells import cell_len  # screen width: Arabic letters, isolates and wide glyphs are not len()
+
     if not rows:
-        typer.echo("(none)")
+        _echo(_("(none)"))
         return
-    cells = [[str(r.get(k)) if r.get(k) is not None else "" for k, _h in cols] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
-    typer.echo("  ".join(h.ljust(w) for (_k, h), w in zip(cols, widths)))
+
+    def pad(text: str, width: int) -> str:
+        return text + " " * (width - cell_len(text))
+
+    cells = [[(ltr(r.get(k)) if k in ltr_cols else str(r.get(k))) if r.get(k) is not None else "" for k, _h in cols]
+             for r in rows]
+    widths = [max(cell_len(h), *(cell_len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
+    # Arabic lines are mirrored as a whole by the terminal: keep them all the same width so columns line up.
+    end = (lambda line: line) if is_rtl() else str.rstrip
+    _echo(end("  ".join(pad(h, w) for (_k, h), w in zip(cols, widths))))
     for c in cells:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+        _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """Human output: in Arabic each line is a right-to-left isolate (edge/i18n.py); JSON never goes through here."""
+    typer.echo("\n".join(rtl_line(line) for line in str(text).split("\n")), err=err)
 
 
 def _json(obj) -> None:
@@ -77,8 +99,11 @@ def worklist(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
         r["images"] = f"{r['n_instances']}/{r['n_expected'] or '?'}"
         r["waiting"] = _ts(r["since"])
         r["ratio"] = f"{r['original_bytes'] / r['wire_bytes']:.2f}" if r["wire_bytes"] else ""
-    _table(rows, [("label", "label"), ("study_uid", "study"), ("device", "box"), ("modality", "modality"),
-                  ("images", "images"), ("ratio", "ratio"), ("waiting", "since"), ("read_disposition", "read")])
+        r["shown_label"] = label_name(r["label"]) if r["label"] else _("not flagged")
+    _table(rows, [("shown_label", _("label")), ("study_uid", _("study")), ("device", _("box")),
+                  ("modality", _("modality")), ("images", _("images")), ("ratio", _("ratio")),
+                  ("waiting", _("since")), ("read_disposition", _("read"))],
+           ltr_cols=("study_uid", "device", "modality", "images", "ratio", "read_disposition"))
 
 
 @app.command()
@@ -90,16 +115,17 @@ def boxes(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         return
     for r in rows:
         r["seen"] = _ts(r["last_seen"])
-        r["state"] = "online" if r["online"] else "offline"
+        r["state"] = _("online") if r["online"] else _("offline")
         r["backlog"] = r["queue_depth"]
         r["oldest"] = _ts(r["oldest_unsent_at"])
         link = r["link"]
         r["rtt"] = link.get("puback_rtt_ms")
         r["cuts"] = link.get("disconnects")
         r["resent"] = link.get("chunks_resent")
-    _table(rows, [("device", "box"), ("state", "state"), ("seen", "last seen"), ("backlog", "backlog"),
-                  ("oldest", "oldest unsent"), ("rtt", "ack ms"), ("cuts", "cuts"), ("resent", "resent"),
-                  ("dup_ratio", "dup"), ("bad_messages", "bad msgs")])
+    _table(rows, [("device", _("box")), ("state", _("state")), ("seen", _("last seen")), ("backlog", _("backlog")),
+                  ("oldest", _("oldest unsent")), ("rtt", _("ack ms")), ("cuts", _("cuts")), ("resent", _("resent")),
+                  ("dup_ratio", _("dup")), ("bad_messages", _("bad msgs"))],
+           ltr_cols=("device", "backlog", "rtt", "cuts", "resent", "dup_ratio", "bad_messages"))
 
 
 @app.command()
@@ -110,11 +136,15 @@ def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
     if as_json:
         _json(s)
         return
-    typer.echo(f"Study: {s['study_uid']} from {s['device']}, {s['label'] or 'not flagged'}")
+    _echo(_("Study: {study} from {box}, {label}").format(
+        study=ltr(s["study_uid"]), box=ltr(s["device"]),
+        label=label_name(s["label"]) if s["label"] else _("not flagged")))
     for i in s["instances"]:
-        typer.echo(f"- {i['sop_instance_uid']} {i['codec']} {i['size']} bytes ({i['path']})")
+        _echo("- " + _("{uid} {codec} {size} bytes ({path})").format(
+            uid=ltr(i["sop_instance_uid"]), codec=ltr(i["codec"]), size=ltr(i["size"]), path=ltr(i["path"])))
     if s["read_disposition"]:
-        typer.echo(f"Read: {s['read_disposition']} — {s['read_note'] or ''} ({s['read_by'] or ''}, {_ts(s['read_at'])})")
+        _echo(f"{_('Read')}: {s['read_disposition']} — {s['read_note'] or ''} "
+                   f"({s['read_by'] or ''}, {_ts(s['read_at'])})")
 
 
 @app.command()
@@ -128,7 +158,7 @@ def read(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
     from sync.receiver import read_payload
 
     if not disposition.strip() or len(disposition) > 64:
-        raise typer.BadParameter("1-64 characters", param_hint="--disposition")
+        raise typer.BadParameter(_("1-64 characters"), param_hint="--disposition")
     store = _store()
     r = store.add_read(study, disposition.strip(), note or None, by or None)
     cfg = _cfg()
@@ -144,13 +174,16 @@ def read(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
         info.wait_for_publish(timeout)
         sent = info.is_published()
     except (OSError, RuntimeError, ValueError) as err:
-        typer.echo(f"broker unreachable ({err}); the receiver sends the read when the box is next online", err=True)
+        _echo(_("broker unreachable ({error}); the receiver sends the read when the box is next online").format(
+            error=ltr(err)), err=True)
     finally:
         client.disconnect()
         client.loop_stop()
     if sent:
         store.read_published(r["read_id"])
-    typer.echo(f"read {r['read_id']} for study {r['study_uid']} on {r['device']}: " + ("sent" if sent else "stored"))
+    _echo(_("read {read} for study {study} on {box}: {outcome}").format(
+        read=ltr(r["read_id"]), study=ltr(r["study_uid"]), box=ltr(r["device"]),
+        outcome=_("sent") if sent else _("stored")))
 
 
 @app.command("dead-letters")
@@ -163,26 +196,30 @@ def dead_letters(as_json: bool = typer.Option(False, "--json", help="Machine-rea
         return
     for r in rows:
         r["when"] = _ts(r["at"])
-    _table(rows, [("when", "when"), ("device", "box"), ("topic", "topic"), ("reason", "reason")])
+    _table(rows, [("when", _("when")), ("device", _("box")), ("topic", _("topic")), ("reason", _("reason"))],
+           ltr_cols=("device", "topic", "reason"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_language(pick_language(lang_from_argv(argv)))
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = localized_command(app).main(args=argv, prog_name="wasla-hub", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
     except WaslaError as err:
-        typer.echo(f"error: {err}", err=True)
+        _echo(error_line(err), err=True)
         return err.exit_code
     except typer.Exit as ex:
         return ex.exit_code
-    except Exception as err:  # click's usage errors and aborts
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
+    except (KeyboardInterrupt, typer.Abort):
+        return 130
+    except Exception as err:  # click's usage errors (typer vendors click, so check by the base class's name)
+        if any(c.__name__ == "ClickException" for c in type(err).__mro__):
+            if type(err).__name__ == "NoArgsIsHelpError":
+                err.show()
+            else:
+                _echo("\n".join(click_error_lines(err)), err=True)
             return err.exit_code
-        if isinstance(err, click.exceptions.Abort):
-            return 130
         raise
 
 

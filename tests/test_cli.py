@@ -79,3 +79,17 @@ def test_ingest_reports_stored_and_quarantined_files(cfg, tmp_path):
     assert json.loads(out.stdout)["summary"] == {"stored": 1, "duplicate": 0, "quarantined": 1}
     again = json.loads(run(cfg, "ingest", str(good), "--json").stdout)
     assert again["summary"]["duplicate"] == 1
+
+
+def test_models_list_shows_active_version_and_refuses_a_tampered_one(tmp_path):
+    from modelfactory import make_tiny_package
+
+    models = tmp_path / "models"
+    folder, pub = make_tiny_package(models, key_dir=tmp_path / "keys")
+    bad, _ = make_tiny_package(models, version="1.1.0", key_dir=tmp_path / "keys")
+    (bad / "model.onnx").write_bytes(b"tampered")
+    f = tmp_path / "box.toml"
+    f.write_text(f'[box]\ndata_dir = "{tmp_path / "data"}"\n[models]\ndir = "{models}"\ntrusted_keys = ["{pub}"]\n')
+    rows = {r["version"]: r for r in json.loads(run(f, "models", "list", "--json").stdout)}
+    assert rows["1.0.0"]["status"] == "ok"
+    assert rows["1.1.0"]["status"].startswith("refused") and rows["1.1.0"]["active"] is True

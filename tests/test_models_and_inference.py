@@ -330,3 +330,17 @@ def test_install_same_version_with_other_content_is_refused(tmp_path, keys_dir, 
     other, _ = make_tiny_package(tmp_path / "other", key_dir=keys_dir, thresholds={"review": 0.2, "urgent": 0.7})
     with pytest.raises(ModelError, match="already installed"):
         install(other, models, trusted)
+
+
+def test_engine_falls_back_to_the_newest_version_that_verifies_when_the_active_one_is_tampered(tmp_path):
+    from edge import config as config_mod
+    from edge.engine import Engine
+
+    models = tmp_path / "models"
+    _good, pub = make_tiny_package(models, version="1.0.0", key_dir=tmp_path / "keys")
+    bad, _ = make_tiny_package(models, version="1.1.0", key_dir=tmp_path / "keys")
+    (bad / "model.onnx").write_bytes(b"tampered")
+    cfg = config_mod.parse(f'[models]\ndir = "{models}"\ntrusted_keys = ["{pub}"]\n[inference]\nbackend = "onnxruntime"\n')
+    engine = Engine.load(cfg)
+    assert [m.package.version for m in engine.models] == ["1.0.0"]
+    assert any("1.1.0" in e for e in engine.load_errors)
