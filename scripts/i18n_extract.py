@@ -37,7 +37,9 @@ def source_files() -> list[Path]:
 
 
 def ast_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
-    """msgid -> ["edge/cli.py:123", ...] for every literal argument of _() and N_()."""
+    """msgid -> ["edge/cli.py", ...] for every literal argument of _() and N_().
+
+    File names only, no line numbers: an unrelated edit that shifts lines must not make the catalogues stale."""
     found: dict[str, list[str]] = {}
     for path in paths or source_files():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -45,7 +47,9 @@ def ast_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in MARKERS
                     and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)
                     and node.args[0].value):
-                found.setdefault(node.args[0].value, []).append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                where = found.setdefault(node.args[0].value, [])
+                if str(path.relative_to(ROOT)) not in where:
+                    where.append(str(path.relative_to(ROOT)))
     return found
 
 
