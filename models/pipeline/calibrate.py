@@ -1,0 +1,35 @@
+"""Triage thresholds chosen on the validation split only."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from models.pipeline import metrics
+
+log = logging.getLogger(__name__)
+
+
+def choose_thresholds(y_abnormal: np.ndarray, score: np.ndarray, review_sensitivity: float,
+                      urgent_specificity: float) -> dict:
+    """review: highest threshold keeping abnormal sensitivity >= target; urgent: lowest keeping specificity >= target.
+
+    When the two cross (a weak model), urgent is raised to review so that the bands stay ordered.
+    """
+    review = metrics.review_threshold(y_abnormal, score, review_sensitivity)
+    urgent = metrics.urgent_threshold(y_abnormal, score, urgent_specificity)
+    crossed = urgent < review
+    if crossed:
+        log.warning("urgent threshold %.4f fell below review %.4f; urgent set to review", urgent, review)
+        urgent = review
+    sens_r, spec_r = metrics.sens_spec(y_abnormal, score, review)
+    sens_u, spec_u = metrics.sens_spec(y_abnormal, score, urgent)
+    return {
+        "review": review, "urgent": urgent,
+        "rule": {"review": f"highest threshold with validation sensitivity >= {review_sensitivity}",
+                 "urgent": f"lowest threshold with validation specificity >= {urgent_specificity}",
+                 "urgent_raised_to_review": crossed},
+        "validation": {"n": int(len(score)), "n_abnormal": int(np.sum(y_abnormal)), "auc": metrics.auc(y_abnormal, score),
+                       "sensitivity_at_review": sens_r, "specificity_at_review": spec_r,
+                       "sensitivity_at_urgent": sens_u, "specificity_at_urgent": spec_u},
+    }

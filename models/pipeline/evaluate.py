@@ -1,0 +1,90 @@
+"""Scoring the exported models: validation parity between backends and the one held-out test evaluation."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from models.pipeline import metrics
+from models.pipeline.data import load_images, list_samples, sha256_file
+from models.pipeline.infer import OpenVinoRunner, OrtRunner, logits_for
+from models.pipeline.job import Job
+
+log = logging.getLogger(__name__)
+
+
+def scores(runner, images: np.ndarray, job: Job, mean: list[float], std: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(softmax probabilities, abnormal score) of every image."""
+    probs = metrics.softmax(logits_for(runner, images, mean, std))
+    abnormal_idx = [job.labels.index(name) for name in job.abnormal_labels]
+    return probs, metrics.abnormal_score(probs, abnormal_idx)
+
+
+def is_abnormal(y: np.ndarray, job: Job) -> np.ndarray:
+    return np.isin(y, [job.labels.index(name) for name in job.abnormal_labels])
+
+
+def runners(paths: dict[str, Path], threads: int = 2) -> dict:
+    out = {}
+    for name, path in paths.items():
+        out[name] = OpenVinoRunner(path, threads) if path.suffix == ".xml" else OrtRunner(path, threads)
+    return out
+
+
+def parity(job: Job, val: list[list], paths: dict[str, Path], thresholds: dict, mean, std) -> dict:
+    """INT8 vs FP32 AUC and ORT-vs-OpenVINO INT8 triage-band agreement on the validation split."""
+    images = load_images([p for p, _ in val], job.image_size)
+    y = np.array([label for _, label in val])
+    abnormal = is_abnormal(y, job)
+    result = {"split": "validation", "n": len(val), "auc": {}, "accuracy": {}}
+    band = {}
+    for name, runner in runners(paths).items():
+        probs, score = scores(runner, images, job, mean, std)
+        result["auc"][name] = metrics.auc(abnormal, score)
+        result["accuracy"][name] = float((probs.argmax(1) == y).mean())
+        band[name] = metrics.bands(score, thresholds["review"], thresholds["urgent"])
+        if isinstance(runner, OpenVinoRunner):
+            result[f"{name}_inference_precision"] = runner.precision
+    result["auc_drop_ort_int8_vs_fp32"] = result["auc"]["fp32"] - result["auc"]["ort_int8"]
+    result["auc_drop_openvino_int8_vs_fp32"] = result["auc"]["fp32"] - result["auc"]["openvino_int8"]
+    agree = band["ort_int8"] == band["openvino_int8"]
+    result["band_agreement_ort_vs_openvino_int8"] = float(agree.mean())
+    result["band_disagreements"] = int((~agree).sum())
+    result["band_agreement_ort_int8_vs_fp32"] = float((band["ort_int8"] == band["fp32"]).mean())
+    return result
+
+
+def test_samples(job: Job, split: dict) -> tuple[list[list], str]:
+    """The held-out cases and their name: a local split's own test part, else the dataset's test folder."""
+    if "test" in split:
+        return split["test"], "local_test"
+    return [[s.path, s.label] for s in list_samples(Path(job.test_dir), job.labels)], "test"
+
+
+def evaluate(job: Job, test: list[list], paths: dict[str, Path], thresholds: dict, mean, std,
+             resamples: int = 2000, split_name: str = "test") -> dict:
+    """The held-out report: primary model ORT INT8 (what the box runs by default), with 95 % bootstrap CIs."""
+    images = load_images([p for p, _ in test], job.image_size)
+    y = np.array([label for _, label in test])
+    abnormal = is_abnormal(y, job)
+    report = {"split": split_name, "n": len(test), "primary_backend": "onnxruntime",
+              "thresholds": {"review": thresholds["review"], "urgent": thresholds["urgent"]},
+              "bootstrap": {"resamples": resamples, "seed": job.seed, "method": "percentile, stratified by class"},
+              "models": {name: {"file": path.name, "sha256": sha256_file(path)} for name, path in paths.items()},
+              "auc_by_backend": {}}
+    primary = None
+    for name, runner in runners(paths).items():
+        probs, score = scores(runner, images, job, mean, std)
+        report["auc_by_backend"][name] = metrics.auc(abnormal, score)
+        if name == "ort_int8":
+            primary = (probs, score)
+    probs, score = primary
+    binary = metrics.binary_report(abnormal, score, thresholds)
+    binary.update(metrics.bootstrap_ci(abnormal, score, thresholds, resamples, job.seed))
+    report["abnormal_vs_rest"] = binary
+    if job.task == "multiclass":
+        report["multiclass"] = metrics.multiclass_report(y, probs, job.labels)
+    log.info("test: AUC %.4f %s, sensitivity@review %.4f, specificity@review %.4f", binary["auc"],
+             binary["auc_ci95"], binary["sensitivity_at_review"], binary["specificity_at_review"])
+    return report

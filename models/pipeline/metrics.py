@@ -1,0 +1,119 @@
+"""Scores, AUC, operating points, triage bands and bootstrap confidence intervals (numpy only)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def abnormal_score(probs: np.ndarray, abnormal_idx: list[int]) -> np.ndarray:
+    """Score = sum of the softmax probabilities of the abnormal labels (the manifest's definition)."""
+    return probs[:, abnormal_idx].sum(axis=1)
+
+
+def auc(y: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC via the Mann-Whitney U statistic with midranks for ties; NaN when one class is absent."""
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(score, kind="mergesort")
+    sorted_scores = np.asarray(score)[order]
+    ranks = np.empty(len(score), dtype=np.float64)
+    i = 0
+    while i < len(sorted_scores):
+        j = i
+        while j + 1 < len(sorted_scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def sens_spec(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
+    y = np.asarray(y).astype(bool)
+    flagged = np.asarray(score) >= threshold
+    sens = float(flagged[y].mean()) if y.any() else float("nan")
+    spec = float((~flagged[~y]).mean()) if (~y).any() else float("nan")
+    return sens, spec
+
+
+def review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -> float:
+    """Highest threshold t with sensitivity (score >= t among abnormal) >= min_sensitivity."""
+    pos = np.sort(np.asarray(score)[np.asarray(y).astype(bool)])[::-1]
+    if len(pos) == 0:
+        raise ValueError("no abnormal cases to choose the review threshold on")
+    needed = math.ceil(min_sensitivity * len(pos) - 1e-9)
+    return float(pos[max(needed, 1) - 1])
+
+
+def urgent_threshold(y: np.ndarray, score: np.ndarray, min_specificity: float) -> float:
+    """Lowest threshold t with specificity (score < t among normal) >= min_specificity."""
+    neg = np.sort(np.asarray(score)[~np.asarray(y).astype(bool)])
+    if len(neg) == 0:
+        raise ValueError("no normal cases to choose the urgent threshold on")
+    needed = math.ceil(min_specificity * len(neg) - 1e-9)
+    return float(np.nextafter(neg[max(needed, 1) - 1], np.inf))
+
+
+def bands(score: np.ndarray, review: float, urgent: float) -> np.ndarray:
+    """0 normal, 1 review, 2 urgent — the box's rule: >= urgent -> urgent; >= review -> review."""
+    score = np.asarray(score)
+    return np.where(score >= urgent, 2, np.where(score >= review, 1, 0))
+
+
+def binary_report(y: np.ndarray, score: np.ndarray, thresholds: dict) -> dict:
+    sens_r, spec_r = sens_spec(y, score, thresholds["review"])
+    sens_u, spec_u = sens_spec(y, score, thresholds["urgent"])
+    band = bands(score, thresholds["review"], thresholds["urgent"])
+    y = np.asarray(y).astype(bool)
+    return {
+        "n": int(len(y)), "n_abnormal": int(y.sum()), "n_normal": int((~y).sum()),
+        "auc": auc(y, score),
+        "sensitivity_at_review": sens_r, "specificity_at_review": spec_r,
+        "sensitivity_at_urgent": sens_u, "specificity_at_urgent": spec_u,
+        "bands": {name: {"abnormal": int(((band == k) & y).sum()), "normal": int(((band == k) & ~y).sum())}
+                  for k, name in enumerate(("normal", "review", "urgent"))},
+    }
+
+
+def bootstrap_ci(y: np.ndarray, score: np.ndarray, thresholds: dict, resamples: int = 2000,
+                 seed: int = 0) -> dict:
+    """Percentile 95 % CIs, resampling cases with replacement, stratified by class so each draw has both."""
+    y = np.asarray(y).astype(bool)
+    score = np.asarray(score)
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    keys = ("auc", "sensitivity_at_review", "specificity_at_review", "sensitivity_at_urgent", "specificity_at_urgent")
+    draws = {k: [] for k in keys}
+    for _ in range(resamples):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        ys, ss = y[idx], score[idx]
+        draws["auc"].append(auc(ys, ss))
+        for name in ("review", "urgent"):
+            sens, spec = sens_spec(ys, ss, thresholds[name])
+            draws[f"sensitivity_at_{name}"].append(sens)
+            draws[f"specificity_at_{name}"].append(spec)
+    return {k + "_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+
+
+def multiclass_report(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:
+    pred = probs.argmax(axis=1)
+    y = np.asarray(y)
+    per_class = {}
+    for k, name in enumerate(labels):
+        per_class[name] = {
+            "n": int((y == k).sum()),
+            "recall": float((pred[y == k] == k).mean()) if (y == k).any() else float("nan"),
+            "auc_one_vs_rest": auc(y == k, probs[:, k]),
+        }
+    confusion = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in zip(y, pred):
+        confusion[t, p] += 1
+    return {"accuracy": float((pred == y).mean()), "per_class": per_class, "confusion": confusion.tolist()}

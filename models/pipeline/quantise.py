@@ -1,0 +1,72 @@
+"""INT8 models: ONNX Runtime static QDQ (u8 activations / s8 per-channel weights) and OpenVINO IR via NNCF."""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import NotFoundError
+from models.pipeline.data import load_images, normalise
+
+log = logging.getLogger(__name__)
+
+
+def calibration_images(train: list[list], count: int, size: int, seed: int) -> np.ndarray:
+    """`count` training images, drawn stratified by class with a fixed seed (never validation or test)."""
+    rng = np.random.default_rng(seed)
+    labels = np.array([y for _, y in train])
+    picks = []
+    classes = np.unique(labels)
+    for k in classes:
+        members = np.flatnonzero(labels == k)
+        share = max(1, round(count * len(members) / len(labels)))
+        picks.extend(rng.choice(members, min(share, len(members)), replace=False).tolist())
+    picks = sorted(picks)[:max(count, len(classes))]
+    return load_images([train[i][0] for i in picks], size)
+
+
+def quantise_ort(fp32: Path, out: Path, images: np.ndarray, mean: list[float], std: list[float]) -> Path:
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not fp32.is_file():
+        raise NotFoundError(f"{fp32} does not exist: run the export step first")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input": normalise(image, mean, std)[None]} for image in images])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        # reduce_range: 7-bit weights. Without VNNI (AVX2 boxes, this build machine) ORT's u8s8 kernels sum
+        # u8*s8 pairs in int16 and saturate with full-range weights; measured on the validation split it cost
+        # 0.002 AUC and moved many scores, with reduce_range the INT8 AUC equals FP32.
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+    log.info("ONNX Runtime INT8 (QDQ u8s8, per-channel, 7-bit weights) written to %s from %d images", out, len(images))
+    return out
+
+
+def quantise_openvino(fp32: Path, out_xml: Path, images: np.ndarray, mean: list[float], std: list[float]) -> Path:
+    """NNCF post-training quantisation of the OpenVINO model converted from the FP32 ONNX (not the QDQ one)."""
+    import nncf
+    import openvino as ov
+
+    if not fp32.is_file():
+        raise NotFoundError(f"{fp32} does not exist: run the export step first")
+    model = ov.convert_model(str(fp32))
+    dataset = nncf.Dataset([normalise(image, mean, std)[None] for image in images])
+    quantised = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE)
+    out_xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(quantised, str(out_xml), compress_to_fp16=False)
+    log.info("OpenVINO INT8 (NNCF) written to %s from %d images", out_xml, len(images))
+    return out_xml

@@ -1,0 +1,165 @@
+"""The pipeline steps, each reading and writing one work folder; `run_all` chains them."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from edge.errors import ConfigError
+from models.pipeline.data import load_images, load_split, make_split, sha256_file
+from models.pipeline.job import Job, Work, write_json
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("fp32", "ort_int8", "openvino_int8")
+
+
+def model_paths(work: Work) -> dict[str, Path]:
+    return {"fp32": work.fp32, "ort_int8": work.ort_int8, "openvino_int8": work.ov_int8}
+
+
+def meta_path(work: Work) -> Path:
+    return work.root / "model_meta.json"
+
+
+def split(work: Work, job: Job) -> dict:
+    work.save_job(job)
+    return make_split(Path(job.train_dir), work.split, job.labels, job.val_fraction, job.seed)
+
+
+def train(work: Work, **options) -> dict:
+    from models.pipeline import train as training
+
+    job = work.job()
+    meta = training.train(work.split, work.checkpoint, abnormal_labels=job.abnormal_labels,
+                          image_size=job.image_size, seed=job.seed, **options)
+    return meta
+
+
+def export(work: Work) -> dict:
+    """FP32 ONNX from the checkpoint, plus model_meta.json so later steps need no torch."""
+    import torch
+
+    from models.pipeline.model import export_onnx, load_checkpoint
+
+    model, meta = load_checkpoint(work.checkpoint)
+    export_onnx(model, meta["image_size"], work.fp32)
+    # the exported graph must reproduce torch on a real validation image
+    val = load_split(work.split)["val"][:4]
+    from models.pipeline.infer import OrtRunner, logits_for
+    from models.pipeline.train import to_tensor
+
+    images = load_images([p for p, _ in val], meta["image_size"])
+    with torch.inference_mode():
+        expected = model(to_tensor(images, meta["mean"], meta["std"])).numpy()
+    got = logits_for(OrtRunner(work.fp32), images, meta["mean"], meta["std"])
+    if not np.allclose(expected, got, atol=1e-3):
+        raise ConfigError(f"ONNX export differs from torch by {np.abs(expected - got).max():.2e}")
+    meta = dict(meta, checkpoint_sha256=sha256_file(work.checkpoint), fp32_sha256=sha256_file(work.fp32))
+    write_json(meta_path(work), meta)
+    log.info("exported %s (max |torch - onnx| %.1e)", work.fp32, np.abs(expected - got).max())
+    return meta
+
+
+def quantise(work: Work, calibration_images: int = 200) -> None:
+    from models.pipeline import quantise as q
+
+    job, meta = work.job(), work.read(meta_path(work), "export")
+    images = q.calibration_images(load_split(work.split)["train"], calibration_images, meta["image_size"], job.seed)
+    q.quantise_ort(work.fp32, work.ort_int8, images, meta["mean"], meta["std"])
+    q.quantise_openvino(work.fp32, work.ov_int8, images, meta["mean"], meta["std"])
+
+
+def calibrate(work: Work, backend: str = "ort_int8") -> dict:
+    """Thresholds from validation scores of `backend` (default: the ORT INT8 model the box runs)."""
+    from models.pipeline.calibrate import choose_thresholds
+    from models.pipeline.evaluate import is_abnormal, runners, scores
+
+    job, meta = work.job(), work.read(meta_path(work), "export")
+    val = load_split(work.split)["val"]
+    images = load_images([p for p, _ in val], meta["image_size"])
+    y = np.array([label for _, label in val])
+    runner = runners({backend: model_paths(work)[backend]})[backend]
+    _, score = scores(runner, images, job, meta["mean"], meta["std"])
+    result = choose_thresholds(is_abnormal(y, job), score, job.review_sensitivity, job.urgent_specificity)
+    result["urgent"] = min(result["urgent"], 1.0)
+    result["scored_with"] = backend
+    write_json(work.thresholds, result)
+    log.info("thresholds: review %.6f urgent %.6f (validation AUC %.4f)", result["review"], result["urgent"],
+             result["validation"]["auc"])
+    return result
+
+
+def parity(work: Work) -> dict:
+    from models.pipeline.evaluate import parity as check
+
+    job, meta = work.job(), work.read(meta_path(work), "export")
+    thresholds = work.read(work.thresholds, "calibrate")
+    result = check(job, load_split(work.split)["val"], model_paths(work), thresholds, meta["mean"], meta["std"])
+    write_json(work.parity, result)
+    log.info("parity: AUC %s, ORT/OpenVINO band agreement %.4f", result["auc"],
+             result["band_agreement_ort_vs_openvino_int8"])
+    return result
+
+
+def evaluate(work: Work, resamples: int = 2000) -> dict:
+    from models.pipeline.evaluate import evaluate as run, test_samples
+
+    job, meta = work.job(), work.read(meta_path(work), "export")
+    thresholds = work.read(work.thresholds, "calibrate")
+    if work.evaluation.exists():
+        log.warning("%s exists: the test set is being scored again (thresholds must not be re-tuned on it)",
+                    work.evaluation)
+    test, name = test_samples(job, load_split(work.split))
+    report = run(job, test, model_paths(work), thresholds, meta["mean"], meta["std"], resamples, name)
+    write_json(work.evaluation, report)
+    return report
+
+
+def package(work: Work, out_root: Path, signing_key: Path, public_key: Path, create_key: bool = False,
+            created: str | None = None, before: dict | None = None) -> Path:
+    from models.pipeline.card import model_card
+    from models.pipeline.package import ensure_signing_key, headline_metrics, write_package
+
+    job, meta = work.job(), work.read(meta_path(work), "export")
+    thresholds = work.read(work.thresholds, "calibrate")
+    parity_report = work.read(work.parity, "parity")
+    evaluation = work.read(work.evaluation, "evaluate")
+    headline = headline_metrics(evaluation)
+    metrics = {evaluation["split"]: headline,
+               "validation": thresholds["validation"],
+               "int8_vs_fp32_validation_auc": parity_report["auc"],
+               "band_agreement_ort_vs_openvino_int8": parity_report["band_agreement_ort_vs_openvino_int8"]}
+    if before is not None:
+        metrics[evaluation["split"] + "_before"] = before
+    report = {
+        "evaluation": evaluation,
+        "thresholds": thresholds,
+        "parity": parity_report,
+        "training": {k: meta.get(k) for k in ("arch", "epoch", "val_auc", "val_accuracy", "history", "seed",
+                                              "train_seconds", "pretrained", "image_size", "mean", "std")},
+        "split": {k: v for k, v in load_split(work.split).items() if k in ("counts", "dedupe", "seed", "val_fraction")},
+        "provenance": {"checkpoint_sha256": meta["checkpoint_sha256"], "fp32_onnx_sha256": meta["fp32_sha256"],
+                       "parent": job.parent},
+    }
+    if before is not None:
+        report["before_adaptation"] = before
+    ensure_signing_key(signing_key, public_key, create_key)
+    card = model_card(job, meta, thresholds, evaluation, parity_report, headline, before)
+    return write_package(job, out_root, ort_int8=work.ort_int8, ov_xml=work.ov_int8, thresholds=thresholds,
+                         meta=meta, evaluation=report, metrics=metrics, model_card=card,
+                         signing_key=signing_key, created=created)
+
+
+def run_all(work: Work, job: Job, *, out_root: Path, signing_key: Path, public_key: Path, create_key: bool,
+            train_options: dict, calibration_images: int = 200, resamples: int = 2000,
+            created: str | None = None) -> Path:
+    split(work, job)
+    train(work, **train_options)
+    export(work)
+    quantise(work, calibration_images)
+    calibrate(work)
+    parity(work)
+    evaluate(work, resamples)
+    return package(work, out_root, signing_key, public_key, create_key, created)

@@ -1,0 +1,162 @@
+"""Fine-tuning EfficientNet-Lite0 on a split with box-identical preprocessing and mild augmentation."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from models.pipeline import metrics
+from models.pipeline.data import load_images, load_split, normalise
+from models.pipeline.model import ARCH, DEFAULT_MEAN, DEFAULT_STD, build_model, load_checkpoint, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Small random affine (rotate, scale, shift), then brightness/contrast; uint8 in, uint8 out."""
+    out = np.empty_like(images)
+    size = images.shape[1]
+    for i, image in enumerate(images):
+        angle = rng.uniform(-7, 7)
+        scale = rng.uniform(0.92, 1.08)
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), angle, scale)
+        matrix[:, 2] += rng.uniform(-0.05, 0.05, 2) * size
+        warped = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REPLICATE).astype(np.float32)
+        contrast, brightness = rng.uniform(0.85, 1.15), rng.uniform(-20, 20)
+        warped = (warped - 128.0) * contrast + 128.0 + brightness
+        out[i] = np.clip(warped, 0, 255).astype(np.uint8)
+    return out
+
+
+def to_tensor(images: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    batch = np.stack([normalise(image, mean, std) for image in images])
+    return torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+
+
+def predict_probs(model: nn.Module, images: np.ndarray, mean: list[float], std: list[float],
+                  batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    chunks = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            logits = model(to_tensor(images[start:start + batch_size], mean, std))
+            chunks.append(torch.softmax(logits.float(), dim=1).numpy())
+    return np.concatenate(chunks)
+
+
+def selection_metric(y: np.ndarray, probs: np.ndarray, abnormal_idx: list[int]) -> float:
+    """Validation AUC: of the abnormal score (binary), or macro one-vs-rest (multiclass)."""
+    if probs.shape[1] == 2:
+        return metrics.auc(np.isin(y, abnormal_idx), metrics.abnormal_score(probs, abnormal_idx))
+    aucs = [metrics.auc(y == k, probs[:, k]) for k in range(probs.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def balanced_indices(labels: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:
+    """`total` indices with equal counts per class; a class is drawn without replacement while it lasts."""
+    classes = np.unique(labels)
+    per_class = max(1, total // len(classes))
+    picks = []
+    for k in classes:
+        members = np.flatnonzero(labels == k)
+        reps = [rng.permutation(members) for _ in range(math.ceil(per_class / len(members)))]
+        picks.append(np.concatenate(reps)[:per_class])
+    return rng.permutation(np.concatenate(picks))
+
+
+def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: int = 8,
+          samples_per_epoch: int | None = None, batch_size: int = 32, lr: float = 6e-4,
+          weight_decay: float = 1e-4, image_size: int = 224, seed: int = 0, threads: int = 2,
+          pretrained: bool = True, max_minutes: float | None = None, init_checkpoint: Path | None = None,
+          mean: list[float] | None = None, std: list[float] | None = None) -> dict:
+    """Train, keep the epoch with the best validation AUC in `out` (a checkpoint), and return its metadata."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    split = load_split(split_path)
+    labels = split["labels"]
+    abnormal_idx = [labels.index(name) for name in abnormal_labels]
+    mean, std = mean or DEFAULT_MEAN, std or DEFAULT_STD
+
+    if init_checkpoint is not None:
+        model, init_meta = load_checkpoint(init_checkpoint)
+        mean, std, image_size = init_meta["mean"], init_meta["std"], init_meta["image_size"]
+        if init_meta["labels"] != labels:
+            model._fc = nn.Linear(model._fc.in_features, len(labels))
+            log.info("new %d-class head on %s (was %s)", len(labels), init_checkpoint, init_meta["labels"])
+    else:
+        model = build_model(len(labels), image_size, pretrained=pretrained)
+    model = model.to(memory_format=torch.channels_last)
+
+    t0 = time.monotonic()
+    train_x = load_images([p for p, _ in split["train"]], image_size)
+    train_y = np.array([y for _, y in split["train"]])
+    val_x = load_images([p for p, _ in split["val"]], image_size)
+    val_y = np.array([y for _, y in split["val"]])
+    log.info("loaded %d train / %d val images in %.1fs", len(train_x), len(val_x), time.monotonic() - t0)
+
+    samples_per_epoch = samples_per_epoch or len(train_x)
+    steps_per_epoch = max(1, samples_per_epoch // batch_size)
+    total_steps = steps_per_epoch * epochs
+    warmup = min(100, max(1, total_steps // 10))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+
+    history, best = [], None
+    t_start = time.monotonic()
+    for epoch in range(1, epochs + 1):
+        t_epoch = time.monotonic()
+        model.train()
+        order = balanced_indices(train_y, steps_per_epoch * batch_size, rng)
+        running = 0.0
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            x = to_tensor(augment(train_x[idx], rng), mean, std)
+            y = torch.from_numpy(train_y[idx]).long()
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            running += loss.item()
+            if (step + 1) % 20 == 0:
+                log.info("epoch %d step %d/%d loss %.4f (%.1fs)", epoch, step + 1, steps_per_epoch,
+                         running / (step + 1), time.monotonic() - t_epoch)
+        probs = predict_probs(model, val_x, mean, std)
+        val_auc = selection_metric(val_y, probs, abnormal_idx)
+        val_acc = float((probs.argmax(1) == val_y).mean())
+        elapsed = time.monotonic() - t_epoch
+        history.append({"epoch": epoch, "train_loss": running / steps_per_epoch, "val_auc": val_auc,
+                        "val_accuracy": val_acc, "seconds": round(elapsed, 1)})
+        log.info("epoch %d: loss %.4f val AUC %.4f acc %.4f (%.0fs)", epoch, running / steps_per_epoch,
+                 val_auc, val_acc, elapsed)
+        score = val_auc if not math.isnan(val_auc) else val_acc
+        if best is None or score > best[0]:
+            best = (score, epoch)
+            meta = {"arch": ARCH, "labels": labels, "abnormal_labels": abnormal_labels, "image_size": image_size,
+                    "mean": mean, "std": std, "epoch": epoch, "val_auc": val_auc, "val_accuracy": val_acc,
+                    "seed": seed, "pretrained": "imagenet" if pretrained or init_checkpoint else None,
+                    "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
+            save_checkpoint(out, model, meta)
+        total = time.monotonic() - t_start
+        if max_minutes is not None and epoch < epochs and total + elapsed > max_minutes * 60:
+            log.warning("stopping after epoch %d: another epoch would pass the %.0f-minute budget", epoch,
+                        max_minutes)
+            break
+    blob = torch.load(out, map_location="cpu", weights_only=True)
+    blob["meta"]["history"] = history
+    blob["meta"]["train_seconds"] = round(time.monotonic() - t_start, 1)
+    torch.save(blob, out)
+    log.info("best epoch %d (val AUC %.4f); checkpoint %s", best[1], best[0], out)
+    return blob["meta"]
