@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,7 +199,8 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
 
 
 def ingest_tmp(store: Store, tmp_path: Path, *, source: str, max_pixels: int, max_file_bytes: int,
-               calling_ae: str | None = None, original_name: str | None = None) -> IngestOutcome:
+               calling_ae: str | None = None, original_name: str | None = None,
+               started: float | None = None) -> IngestOutcome:
     """Judge a file already written (and fsynced) to a store temp path, then store or quarantine it.
 
     The row is committed when this returns. Bad input never raises; store failures (disk, SQLite) do.
@@ -210,7 +212,7 @@ def ingest_tmp(store: Store, tmp_path: Path, *, source: str, max_pixels: int, ma
                                     calling_ae=calling_ae)
         return IngestOutcome(QUARANTINED, iid, reason, meta.sop_instance_uid if meta else None, type(bad).__name__)
     try:
-        added = store.add_instance(tmp_path, meta, source=source, calling_ae=calling_ae)
+        added = store.add_instance(tmp_path, meta, source=source, calling_ae=calling_ae, started=started)
     finally:
         tmp_path.unlink(missing_ok=True)  # only left behind when add_instance failed before its rename
     if added.duplicate:
@@ -242,6 +244,7 @@ def ingest_file(store: Store, path: Path | str, *, source: str, max_pixels: int,
     The original is only read, never moved: the caller (watch folder) deletes it once this has returned.
     Raises NotFoundError when `path` vanished, OutOfResourcesError when the disk is too full; never for bad input.
     """
+    started = time.perf_counter()
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -265,7 +268,7 @@ def ingest_file(store: Store, path: Path | str, *, source: str, max_pixels: int,
             return IngestOutcome(QUARANTINED, iid, reason, None, "BadInputError")
         raise
     return ingest_tmp(store, tmp, source=source, max_pixels=max_pixels, max_file_bytes=max_file_bytes,
-                      calling_ae=calling_ae, original_name=path.name)
+                      calling_ae=calling_ae, original_name=path.name, started=started)
 
 
 def _hidden(name: str) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
@@ -52,6 +53,7 @@ def handle_store(event, store: Store, cfg: Config, on_stored: Callable[[], None]
     """EVT_C_STORE: answer Success only once the file is fsynced in the spool and its row committed."""
     sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "?")
     calling_ae = event.assoc.requestor.ae_title
+    started = time.perf_counter()  # the data set is in memory: receive_ms = write + fsync + judge + commit
     try:
         # Preamble + file meta + the data set exactly as sent: no decode/re-encode that could alter it.
         data = event.encoded_dataset()
@@ -64,7 +66,7 @@ def handle_store(event, store: Store, cfg: Config, on_stored: Callable[[], None]
             raise
         del data
         outcome = ingest_tmp(store, tmp, source="dicom", calling_ae=calling_ae,
-                             **limits_from_config(cfg), original_name=f"{sop_uid}.dcm")
+                             **limits_from_config(cfg), original_name=f"{sop_uid}.dcm", started=started)
     except OutOfResourcesError as err:
         log.warning("C-STORE %s from %s refused: %s", sop_uid, calling_ae, err)
         return _status(OUT_OF_RESOURCES, "disk full on the triage box")
