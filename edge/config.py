@@ -123,11 +123,13 @@ class SyncConfig:
     """How long the broker keeps this box's session (subscriptions, queued acks and reads) while it is offline."""
     chunk_bytes: int = 16384
     """Study chunk size (1 KiB-1 MiB). 16 KiB is half a second at 256 kbit/s: a cut loses little, overhead ~1.5 %."""
-    max_inflight_bytes: int = 32768
-    """Bulk bytes published but not yet confirmed by the broker; bounds how much queued bulk an urgent flag waits
-    behind (~1 s at 256 kbit/s) while two chunks still cover a 600 ms GEO round trip."""
-    socket_sndbuf_bytes: int = 8192
-    """SO_SNDBUF of the MQTT socket (0 = kernel default). Small, so bulk queues in our outbox, not the kernel."""
+    max_inflight_bytes: int = 49152
+    """Bulk bytes published but not yet confirmed by the broker. A PUBACK comes one round trip after a chunk's last
+    byte, so full goodput needs rate x (RTT + one chunk) ~ 35 KB on GEO (32 KiB measured 0.41 of the link, 64 KiB 0.87);
+    it is also what an urgent flag may wait behind (48 KiB ~ 1.5 s at 256 kbit/s). scripts/bench_link.py measures it."""
+    socket_sndbuf_bytes: int = 0
+    """SO_SNDBUF of the MQTT socket (0 = kernel default). The in-flight window above already bounds what the kernel
+    holds; a small buffer on top only starved the link (bench_link: 0.41 vs 0.48 of the link at 8 KiB)."""
     max_rate_kbps: float = 0.0
     """Upload rate cap in kbit/s for all traffic (0 = none). Flags are never delayed by it but are counted."""
     bulk_windows: list[str] = field(default_factory=list)
