@@ -186,20 +186,33 @@ class Store:
             self.db.conn.close()
 
     # --- transactions ------------------------------------------------------------------------------------
-    def _tx(self):
+    def _tx(self, durable: bool = True):
+        """One write transaction under the store lock. durable=False skips the commit's fsync: only for marks a
+        crash may lose harmlessly (a lost `processing` claim is what recover() undoes anyway); the next durable
+        commit's fsync covers the earlier WAL frames too."""
         store = self
 
         class _Tx:
             def __enter__(self_inner):
                 store._lock.acquire()
-                store.db.execute("BEGIN IMMEDIATE")
+                try:
+                    if not durable:
+                        store.db.execute("PRAGMA synchronous=NORMAL")
+                    store.db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store._lock.release()
+                    raise
                 return store.db
 
             def __exit__(self_inner, exc_type, exc, tb):
                 try:
                     store.db.execute("ROLLBACK" if exc_type else "COMMIT")
                 finally:
-                    store._lock.release()
+                    try:
+                        if not durable:
+                            store.db.execute("PRAGMA synchronous=FULL")
+                    finally:
+                        store._lock.release()
                 return False
 
         return _Tx()
@@ -230,7 +243,6 @@ class Store:
         size = tmp_path.stat().st_size
         sha = file_sha256(tmp_path)
         dest = self.spool_dir / sha[:2] / f"{sha}.dcm"
-        now = time.time()
         with self._tx() as db:
             existing = db.execute("SELECT id, path, state FROM instances WHERE sop_instance_uid = ?",
                                   [meta.sop_instance_uid]).fetchone()
@@ -241,6 +253,7 @@ class Store:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_path, dest)
             _fsync_dir(dest.parent)
+            now = time.time()  # as late as possible: received_at is when the instance is safely ours
             row = {
                 **meta.__dict__, "path": str(dest.relative_to(self.spool_dir)), "sha256": sha, "size": size,
                 "source": source, "calling_ae": calling_ae, "state": RECEIVED, "reason": None, "label": None,
@@ -304,7 +317,7 @@ class Store:
 
     def claim_next(self) -> dict | None:
         """Atomically take the oldest received instance into processing."""
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             row = db.execute(
                 "UPDATE instances SET state = ?, attempts = attempts + 1, updated_at = ? "
                 "WHERE id = (SELECT id FROM instances WHERE state = ? ORDER BY id LIMIT 1) RETURNING *",

@@ -151,6 +151,8 @@ def main() -> int:
         for k, b in bare_t.items()))
     print(f"* commit = median record_triage transaction on a scratch store (synchronous=FULL), same run")
     print(f"daemon peak RSS (VmHWM): {rss_mb:.0f} MB")
+    print("note: no shipped model routes ultrasound, so US1 is stored, routed and flagged 'review' (no_model) without a "
+          "decode; its bare row times the chest model on it for scale only")
     unc, j2k = report["RG1 CR uncompressed"], report["RG1 CR JPEG 2000"]
     b = bare_t["RG1 CR uncompressed"]
     goals = [

