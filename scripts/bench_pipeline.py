@@ -77,6 +77,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=50, help="studies per sample type (default 50)")
     ap.add_argument("--repeat", type=int, default=20, help="bare-call repetitions (default 20)")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--gap", type=float, default=1.2,
+                    help="seconds between studies after each is triaged (default 1.2: the daemon writes a study's SR "
+                         "after 1 s of quiet, as in a clinic where studies come minutes apart)")
     args = ap.parse_args()
 
     base = config_mod.load(None, env={})
@@ -121,7 +124,8 @@ def main() -> int:
                 # One study at a time: latency without queueing behind the previous one.
                 harness.wait_until(lambda: db.execute("SELECT state FROM instances WHERE sop_instance_uid = ?",
                                                       [uids[-1]]).fetchone() in (("triaged",), ("quarantined",)),
-                                   timeout=60, interval=0.005, what="triage")
+                                   timeout=60, interval=0.02, what="triage")
+                time.sleep(args.gap)
             assoc.release()
             rows = db.execute(
                 "SELECT i.receive_ms, (i.triaged_at - i.received_at) * 1000, r.timings, i.state FROM instances i "
