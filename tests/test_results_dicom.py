@@ -140,7 +140,9 @@ def test_a_normal_study_stays_normal_after_its_sr_is_stored_and_the_study_requeu
     add_image(store, tmp_path, uid)
     triage_next(store, "normal", 0.05)
     results_dicom.ensure_results(store, uid, box_id="box-a")
-    assert store.requeue(study_uid=uid) == 2  # the image and our SR both went back to `received`
+    assert store.requeue(study_uid=uid) == 1  # the image only: the box's own SR is rewritten, never re-triaged
+    # Belt and braces: an SR row back in `received` anyway (e.g. left by an older version) is skipped by the worker.
+    store.db.execute("UPDATE instances SET state = 'received' WHERE source = 'wasla'")
 
     class Engine:
         seen: list[Path] = []
