@@ -225,7 +225,8 @@ def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
             if res["model"]:
                 scores = ", ".join(f"{k} {v:.3f}" for k, v in (res["scores"] or {}).items())
                 _echo(f"    {ltr(res['model'] + ' ' + res['model_version'])} ({ltr(res['backend'])}): "
-                           f"{ltr(scores)}; {_('thresholds')} {ltr(res['thresholds'])}")
+                           f"{ltr(scores)}; {_('thresholds')} "
+                           f"{ltr(', '.join(f'{k} {v:.3f}' for k, v in (res['thresholds'] or {}).items()))}")
             for reason in res["reasons"] or []:
                 _echo(f"    {_('reason')}: {describe_reason(reason)}")
     if s.get("read_disposition"):

@@ -151,7 +151,9 @@ def describe_reason(reason: dict) -> str:
     """A triage reason ({"code": ..., **params}) as a sentence; numbers and labels stay readable in Arabic."""
     code = reason.get("code", "")
     text = REASON_TEXTS.get(code)
-    params = {k: ltr(v) for k, v in reason.items() if k != "code"}
+    # Thresholds come from calibration with full float precision; four decimals, like scores, is what a person reads.
+    params = {k: ltr(round(v, 4) if k == "threshold" and isinstance(v, float) else v)
+              for k, v in reason.items() if k != "code"}
     if text is None:
         return " ".join([code, *(f"{k}={v}" for k, v in params.items())])
 

@@ -57,6 +57,11 @@ _BAND = {"urgent": (200, 30, 30), "review": (215, 140, 0), "normal": (30, 130, 6
 
 # --- what the results are -------------------------------------------------------------------------------------------
 
+def is_wasla_result(ds: Dataset) -> bool:
+    """A dataset this software wrote (SR or SC), recognised at the hub by its manufacturer and series."""
+    return ds.get("Manufacturer") == _MANUFACTURER and str(ds.get("SeriesDescription", "")).startswith("Wasla AI triage")
+
+
 def is_derived(row: dict) -> bool:
     return row.get("source") == SOURCE
 

@@ -252,7 +252,7 @@ class HubStore:
                        [reason, time.time(), tid])
         self.part_path(tid).unlink(missing_ok=True)
 
-    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes) -> bool:
+    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes, counts_as_image: bool = True) -> bool:
         """File first (temp, fsync, rename), then its row; exactly one copy per SOP Instance UID. True if new."""
         now = time.time()
         folder = self.studies_dir / safe_name(study_uid)
@@ -277,9 +277,9 @@ class HubStore:
             new = cur.rowcount > 0
             if new:
                 self._touch_study(db, t["device"], study_uid, t.get("label"), now)
-                db.execute("UPDATE studies SET n_instances = n_instances + 1, wire_bytes = wire_bytes + ?, "
+                db.execute("UPDATE studies SET n_instances = n_instances + ?, wire_bytes = wire_bytes + ?, "
                            "original_bytes = original_bytes + ?, updated_at = ? WHERE study_uid = ?",
-                           [t["size"], t.get("original_size") or t["size"], now, study_uid])
+                           [int(counts_as_image), t["size"], t.get("original_size") or t["size"], now, study_uid])
             db.execute("UPDATE transfers SET state = 'complete', completed_at = ?, sop_instance_uid = ?, "
                        "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
                                                                                t["transfer_id"]])

@@ -179,7 +179,10 @@ class Receiver:
             self.store.fail_transfer(tid, reason)
             self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason)
             return
-        new = self.store.commit_instance(t, sop, study, data)
+        # The box's own result objects (SR/SC) travel with the study but are not images the radiologist waits for.
+        from edge.results_dicom import is_wasla_result
+
+        new = self.store.commit_instance(t, sop, study, data, counts_as_image=not is_wasla_result(ds))
         log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
                  "stored" if new else "already stored", t["size"], t["codec"] or "?")
         self._ack_complete(device, tid, t["count"])
