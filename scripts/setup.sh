@@ -12,6 +12,7 @@ python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [[ "$EXTRAS" == *test* ]]; then  # the link-emulator tests ping across network namespaces
   command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
   command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
+  command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # the unit checks (verify, security)
   # tests/test_orthanc.py: a real PACS (binary "Orthanc") receives the box's SR/SC by C-STORE
   command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 fi
