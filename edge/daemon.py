@@ -67,7 +67,7 @@ class Daemon:
         back = self.store.recover()
         if back:
             log.info("%d interrupted instance(s) returned to the queue", back)
-        adopted = ingest.adopt_orphans(self.store)
+        adopted = ingest.adopt_orphans(self.store, **ingest.limits_from_config(cfg))
         if adopted:
             log.info("%d orphan spool file(s) re-registered", adopted)
         self.engine = Engine.load(cfg)

@@ -12,7 +12,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from edge.config import Config
-from edge.errors import NoPixelDataError, OutOfResourcesError
+from edge.errors import NoPixelDataError, OutOfResourcesError, WaslaError
 from edge.ingest import DUPLICATE, QUARANTINED, STORED, ingest_tmp, limits_from_config, write_fsynced
 from edge.store import Store
 
@@ -134,8 +134,12 @@ class StoreSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REJECTED, _handle_rejected),
         ]
-        self._server = self._ae.start_server((self.cfg.dicom.bind, self.cfg.dicom.port), block=False,
-                                             evt_handlers=handlers)
+        try:
+            self._server = self._ae.start_server((self.cfg.dicom.bind, self.cfg.dicom.port), block=False,
+                                                 evt_handlers=handlers)
+        except OSError as err:  # typically: the daemon is already running on this port
+            raise WaslaError(f"cannot listen for DICOM on {self.cfg.dicom.bind}:{self.cfg.dicom.port}: "
+                             f"{err.strerror or err} (is another wasla run active?)") from err
 
     @property
     def port(self) -> int:

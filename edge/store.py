@@ -127,9 +127,16 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     for number, name, fn in MIGRATIONS:
         if number in done:
             continue
-        with db.conn:
+        # Explicit BEGIN: the connection is in autocommit mode, where `with conn:` would not make the DDL atomic,
+        # and a power cut mid-migration must leave the old schema, not half of the new one.
+        db.execute("BEGIN IMMEDIATE")
+        try:
             fn(db)
             db.execute("INSERT INTO _migrations VALUES (?, ?, ?)", [number, name, time.time()])
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
         applied.append(number)
     return applied
 
@@ -171,7 +178,10 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         with self._lock:
-            migrate(self.db)
+            try:
+                migrate(self.db)
+            except sqlite3.Error as err:
+                raise StoreError(f"cannot migrate store {self.db_path}: {err}") from err
 
     @classmethod
     def from_config(cls, cfg) -> "Store":
@@ -303,10 +313,19 @@ class Store:
     @staticmethod
     def _touch_study(db, study_uid: str, modality: str, now: float) -> None:
         db.execute(
-            "INSERT INTO studies (study_uid, modality, n_instances, first_received_at, updated_at) VALUES (?, ?, 1, ?, ?) "
-            "ON CONFLICT(study_uid) DO UPDATE SET n_instances = n_instances + 1, updated_at = excluded.updated_at, "
+            "INSERT INTO studies (study_uid, modality, n_instances, first_received_at, updated_at) VALUES (?, ?, 0, ?, ?) "
+            "ON CONFLICT(study_uid) DO UPDATE SET updated_at = excluded.updated_at, "
             "modality = COALESCE(studies.modality, excluded.modality)",
             [study_uid, modality, now, now])
+        Store._recount(db, study_uid)
+
+    @staticmethod
+    def _recount(db, study_uid: str) -> None:
+        # Counted, not incremented: a resend replacing a quarantined copy, or a bad duplicate, is not a new image,
+        # and the hub waits for exactly this many (quarantined images and our own SR/SC never travel as images).
+        db.execute("UPDATE studies SET n_instances = (SELECT COUNT(*) FROM instances WHERE study_uid = ? AND "
+                   "state != ? AND COALESCE(source, '') != 'wasla') WHERE study_uid = ?",
+                   [study_uid, QUARANTINED, study_uid])
 
     # --- processing ----------------------------------------------------------------------------------------
     def recover(self) -> int:
@@ -372,6 +391,7 @@ class Store:
 
     @staticmethod
     def _refresh_study_label(db, study_uid: str) -> None:
+        Store._recount(db, study_uid)
         rows = db.execute("SELECT state, label, reason FROM instances WHERE study_uid = ?", [study_uid]).fetchall()
         labels = [r[1] for r in rows if r[0] not in (RECEIVED, PROCESSING, QUARANTINED) and r[1]]
         reasons: list[dict] = []

@@ -15,7 +15,11 @@ from pathlib import Path
 
 from edge.config import Config
 from edge.errors import NotFoundError, OutOfResourcesError
-from edge.ingest import STORED, IngestOutcome, ingest_file, limits_from_config
+from edge.ingest import QUARANTINED, STORED, IngestOutcome, ingest_file, limits_from_config
+
+# Quarantine reasons after which the original stays in the folder: we hold no usable copy (unreadable file), or the
+# copy may simply have stalled longer than settle_seconds (truncated); a later change makes us take it again.
+_KEEP_ORIGINAL = ("cannot read file", "truncated DICOM")
 from edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -104,6 +108,10 @@ class FolderWatcher:
                 continue
             outcomes.append(outcome)
             self._pending.pop(path, None)
+            if outcome.status == QUARANTINED and (outcome.reason or "").startswith(_KEEP_ORIGINAL):
+                self._stuck[path] = sig
+                log.warning("watch folder: kept the original of quarantined #%s until it changes", outcome.instance_id)
+                continue
             self._remove(path, sig)
             if outcome.status == STORED and self.on_stored is not None:
                 self.on_stored()

@@ -79,6 +79,9 @@ class Worker:
             except StoreError as err:
                 log.error("store error in worker: %s", err)
                 busy = False
+            except Exception:  # noqa: BLE001 - a locked database or a failing hook must not end triage for good
+                log.exception("unexpected error in the triage worker; going on")
+                busy = False
             if not busy:
                 self.wake.wait(self.idle_wait)
                 self.wake.clear()

@@ -94,7 +94,11 @@ class HubStore:
         class _Tx:
             def __enter__(self_inner):
                 store._lock.acquire()
-                store.conn.execute("BEGIN IMMEDIATE")
+                try:  # several receivers share the file: BEGIN may time out, and must not keep our lock then
+                    store.conn.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store._lock.release()
+                    raise
                 return store.conn
 
             def __exit__(self_inner, exc_type, exc, tb):

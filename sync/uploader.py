@@ -90,6 +90,7 @@ class Uploader:
                 # Whatever was out before the cut is unknown now: the hub's resume answer tells what arrived.
                 self._inflight.clear()
                 self._inflight_bytes = 0
+                self._early_acks.clear()
                 self._pending.clear()
                 self._flag_sent.clear()
                 self._queried.clear()
@@ -132,11 +133,14 @@ class Uploader:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         with self._lock:
+            # Every QoS 1 publish is tracked (non-bulk with 0 bytes): a PUBACK for an id we never registered would
+            # otherwise stay in _early_acks and, once paho reuses the id, exempt a later chunk from the cap.
             if info.mid in self._early_acks:
                 self._early_acks.discard(info.mid)
-            elif bulk:
-                self._inflight[info.mid] = (len(payload), time.monotonic())
-                self._inflight_bytes += len(payload)
+            else:
+                size = len(payload) if bulk else 0
+                self._inflight[info.mid] = (size, time.monotonic())
+                self._inflight_bytes += size
         self.stats["bytes_sent"] += len(payload)
         return True
 
@@ -324,7 +328,13 @@ class Uploader:
 
     def _send_chunk(self, row: dict, index: int) -> bool:
         tid = row["transfer_id"]
-        data = self.outbox.read_chunk(row, index)
+        try:
+            data = self.outbox.read_chunk(row, index)
+        except OSError as err:
+            # One lost wire file (power cut before its folder was synced, a hand clean-up) must not block every
+            # transfer behind it: mark it failed, visible in `wasla sync`, and go on with the others.
+            self.outbox.failed(tid, f"wire file unreadable: {err.strerror or err}")
+            return True
         payload = protocol.encode_chunk(self.device, transfer=tid, index=index, count=row["count"], size=row["size"],
                                         chunk_size=row["chunk_size"], sha256=row["sha256"],
                                         study_uid=row["study_uid"], label=row["label"], data=data)
@@ -383,7 +393,7 @@ class Uploader:
                 log.exception("pack step failed")
                 busy = False
             if not busy:
-                # The triage worker does not signal us, so poll: a quarter second is a small share of a flag's wait.
+                # The worker wakes us after each triage (daemon wiring); the poll is the fallback for other writers.
                 self.pack_wake.wait(0.25)
                 self.pack_wake.clear()
 

@@ -120,3 +120,20 @@ def test_quarantine_of_unreadable_file_keeps_the_bytes_and_the_reason(tmp_path):
     assert open(row["path"], "rb").read() == b"not dicom"
     assert not tmp.exists()
     assert os.listdir(s.tmp_dir) == []
+
+
+def test_a_migration_that_fails_half_way_leaves_no_trace_and_the_next_start_applies_it(tmp_path, monkeypatch):
+    from edge import store as store_mod
+
+    def broken(db):
+        db["half_done"].create({"id": int}, pk="id")
+        raise sqlite3.OperationalError("power cut")
+
+    s = make_store(tmp_path)
+    s.close()
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [(99, "broken", broken)])
+    with pytest.raises(store_mod.StoreError, match="cannot migrate"):
+        make_store(tmp_path)
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:-1] + [(99, "fixed", lambda db: db["half_done"].create({"id": int}, pk="id"))])
+    s = make_store(tmp_path)
+    assert 99 in [r["number"] for r in s.query("SELECT number FROM _migrations")]

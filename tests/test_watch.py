@@ -97,8 +97,25 @@ def test_empty_truncated_and_text_files_are_quarantined_with_distinct_reasons(cf
     assert reasons[0].startswith("empty file (0 bytes)")
     assert reasons[1].startswith("not a DICOM file")
     assert reasons[2].startswith("truncated DICOM")
-    assert list(cfg.watch_dir.iterdir()) == []
+    # A truncated file may be a copy that stalled: the original stays, and is not taken again until it changes.
+    assert [p.name for p in cfg.watch_dir.iterdir()] == ["truncated.dcm"]
+    clock.advance(cfg.watch.settle_seconds)
+    assert watcher.scan_once() == []
     assert len(store.quarantined()) == 3
+
+
+def test_a_stalled_copy_quarantined_as_truncated_is_taken_again_once_complete(cfg, watcher, clock, store, sample):
+    full = sample("RG1_UNCR.dcm").read_bytes()
+    target = cfg.watch_dir / "IM0001.dcm"
+    target.write_bytes(full[:4000])
+    watcher.scan_once()
+    clock.advance(cfg.watch.settle_seconds)
+    assert [o.status for o in watcher.scan_once()] == ["quarantined"]
+    target.write_bytes(full)  # the copy resumes and completes
+    watcher.scan_once()
+    clock.advance(cfg.watch.settle_seconds)
+    assert [o.status for o in watcher.scan_once()] == ["stored"]
+    assert not target.exists() and store.counts()["received"] == 1
 
 
 def test_dotfiles_and_partial_copies_are_never_taken(cfg, watcher, clock, store, sample):
