@@ -95,6 +95,8 @@ class StorageConfig:
     """Largest rows x columns x samples of one frame; bigger claims are quarantined before decoding."""
     max_file_mb: int = 2048
     """Largest single file accepted."""
+    keep_days: float = 30.0
+    """Spool files of studies the hub has acknowledged are deleted this many days later (0 = keep forever)."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"inference.threads: must be 1-64, got {cfg.inference.threads}")
     if cfg.inference.warmup < 0:
         raise ConfigError(f"inference.warmup: must be >= 0, got {cfg.inference.warmup}")
+    if cfg.storage.keep_days < 0:
+        raise ConfigError(f"storage.keep_days: must be >= 0, got {cfg.storage.keep_days}")
     if cfg.storage.min_free_mb < 0 or cfg.storage.max_pixels < 1 or cfg.storage.max_file_mb < 1:
         raise ConfigError("storage: min_free_mb must be >= 0, max_pixels and max_file_mb >= 1")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

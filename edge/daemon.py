@@ -133,10 +133,17 @@ class Daemon:
         log.info("wasla box %s ready", self.cfg.box.id)
         interval = watchdog_interval()
         tick = min(interval, 5.0) if interval else 5.0
+        next_purge = time.monotonic() + 60
         while not self.stop_event.wait(tick):
             # Feed the watchdog only while the worker is really alive: a hung worker should get us restarted.
             if interval and self.worker.alive():
                 sd_notify("WATCHDOG=1")
+            if self.cfg.storage.keep_days and time.monotonic() >= next_purge:
+                next_purge = time.monotonic() + 3600
+                try:
+                    self.store.purge(time.time() - self.cfg.storage.keep_days * 86400)
+                except Exception:  # noqa: BLE001 - housekeeping must never stop the daemon
+                    log.exception("purge failed")
         self.stop()
         log.info("stopped")
         return 0

@@ -427,6 +427,23 @@ class Store:
                     n += 1
             return n
 
+    def purge(self, acknowledged_before: float) -> int:
+        """Delete the spool files of instances the hub acknowledged before the cutoff (acknowledged -> purged).
+
+        Rows stay, so results, reads and the audit trail remain; only the pixels are gone from the box."""
+        with self._tx() as db:
+            rows = db.execute("SELECT id, path FROM instances WHERE state = ? AND updated_at < ?",
+                              [ACKNOWLEDGED, acknowledged_before]).fetchall()
+            for iid, _path in rows:
+                self._transition(db, iid, PURGED)
+        # Files go after the commit: a crash in between leaves a file without a purpose, never a row without a file.
+        for _iid, path in rows:
+            if path and not Path(path).is_absolute():
+                (self.spool_dir / path).unlink(missing_ok=True)
+        if rows:
+            log.info("purged the files of %d acknowledged instance(s)", len(rows))
+        return len(rows)
+
     # --- reads -----------------------------------------------------------------------------------------------
     def instance_path(self, row: dict) -> Path:
         return self.spool_dir / row["path"]

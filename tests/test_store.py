@@ -137,3 +137,20 @@ def test_a_migration_that_fails_half_way_leaves_no_trace_and_the_next_start_appl
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:-1] + [(99, "fixed", lambda db: db["half_done"].create({"id": int}, pk="id"))])
     s = make_store(tmp_path)
     assert 99 in [r["number"] for r in s.query("SELECT number FROM _migrations")]
+
+
+def test_purge_deletes_only_files_of_instances_the_hub_acknowledged_long_enough_ago(tmp_path):
+    import time as _time
+
+    s = make_store(tmp_path)
+    kept, gone = put(s, "1.1"), put(s, "1.2")
+    for res in (kept, gone):
+        row = s.claim_next()
+        s.record_triage(row["id"], "normal", [], [])
+        for to in ("queued", "sent", "acknowledged"):
+            with s.transaction() as db:
+                s.transition(db, row["id"], to)
+    s.db.execute("UPDATE instances SET updated_at = 0 WHERE id = ?", [gone.id])
+    assert s.purge(_time.time() - 86400) == 1
+    assert not gone.path.exists() and kept.path.exists()
+    assert s.counts()["purged"] == 1 and s.counts()["acknowledged"] == 1
