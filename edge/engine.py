@@ -26,7 +26,7 @@ class LoadedModel:
 
 @dataclass
 class Outcome:
-    label: str
+    label: str | None
     reasons: list[dict]
     results: list[dict]
     timings: dict[str, float] = field(default_factory=dict)
@@ -85,6 +85,9 @@ class Engine:
 
     def triage_dataset(self, ds: pydicom.Dataset, t: dict | None = None) -> Outcome:
         t = {} if t is None else t
+        if imaging.is_non_image(ds.get("SOPClassUID")):
+            # No label: the study's label comes from its images; the object still travels with the study.
+            return Outcome(None, [{"code": "not_an_image"}], [], t)
         attrs = routing.instance_attrs(ds)
         chosen = [m for m in self.models if m.package in routing.select_models(attrs, [m.package for m in self.models])]
         if not chosen:

@@ -136,6 +136,7 @@ REASON_TEXTS = {
     "low_confidence": N_("low confidence: most likely {label} at {confidence}, below {threshold}"),
     "no_model": N_("no model installed: every study goes to review"),
     "instance_quarantined": N_("an image could not be read (quarantined): a person must look"),
+    "not_an_image": N_("not an image (a report or key object): kept and forwarded, not triaged"),
 }
 
 

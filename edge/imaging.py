@@ -118,6 +118,25 @@ def _number_of_frames(ds) -> int:
 
 MAX_FRAMES = 10_000
 
+# Storage classes that carry no image by design (structured reports incl. dose reports and key objects,
+# presentation states, encapsulated documents, waveforms, raw data): stored and forwarded with their study, never
+# triaged and never quarantined for lacking pixel data.
+NON_IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",   # SR family (RDSR, KOS, CAD SR, ...)
+    "1.2.840.10008.5.1.4.1.1.11.",   # presentation states
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA / STL ...
+    "1.2.840.10008.5.1.4.1.1.9.",    # waveforms (ECG, audio, ...)
+    "1.2.840.10008.5.1.4.1.1.66",    # raw data, spatial registration, fiducials, segmentation surfaces
+    "1.2.840.10008.5.1.4.1.1.481.",  # radiotherapy objects other than images
+)
+
+
+def is_non_image(sop_class_uid) -> bool:
+    uid = str(sop_class_uid or "")
+    if uid == "1.2.840.10008.5.1.4.1.1.481.1":  # RT Image is an image
+        return False
+    return uid.startswith(NON_IMAGE_SOP_PREFIXES)
+
 
 def check_header(ds, max_pixels: int = 100_000_000) -> None:
     """Refuse what cannot or should not be decoded, without touching the pixel data.

@@ -16,7 +16,7 @@ from pydicom.tag import Tag
 
 from edge.config import StorageConfig
 from edge.errors import BadInputError, NoPixelDataError, NotFoundError, OutOfResourcesError
-from edge.imaging import check_header
+from edge.imaging import check_header, is_non_image
 from edge.store import InstanceMeta, Store
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,8 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
         has_pixels = _read_structure(path, size, header)
         if missing_uid is not None:
             raise missing_uid
+        if is_non_image(header.get("SOPClassUID")):
+            return meta, None  # a dose report or key object: kept with its study, never triaged
         try:
             check_header(header, max_pixels)
         except NoPixelDataError:

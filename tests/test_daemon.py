@@ -154,3 +154,28 @@ def test_systemd_readiness_and_watchdog_are_notified(tmp_path):
     finally:
         b.terminate()
         sock.close()
+
+
+def test_a_dose_report_is_acknowledged_kept_untriaged_and_leaves_the_study_label_alone(box, tmp_path):
+    from pydicom.dataset import FileDataset, FileMetaDataset
+
+    image = samples.fresh_copy(samples.sample_path("RG1_UNCR.dcm"), tmp_path / "image.dcm")
+    study = pydicom.dcmread(image, stop_before_pixels=True).StudyInstanceUID
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    rdsr = FileDataset(str(tmp_path / "rdsr.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    rdsr.SOPClassUID, rdsr.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    rdsr.StudyInstanceUID, rdsr.SeriesInstanceUID, rdsr.Modality = study, generate_uid(), "SR"
+    rdsr.save_as(tmp_path / "rdsr.dcm", enforce_file_format=True)
+
+    sent = harness.storescu(box.port, [image, tmp_path / "rdsr.dcm"])
+    assert sent.returncode == 0, sent.stderr  # Success for the report too: nothing for the modality to retry
+    harness.wait_until(lambda: box.settled(2), timeout=60, what="triage")
+    shown = box.cli_json("show", study)
+    by_modality = {i["modality"]: i for i in shown["instances"] if i["source"] != "wasla"}  # not the box's own SR
+    assert by_modality["SR"]["state"] == "triaged" and by_modality["SR"]["label"] is None
+    assert by_modality["SR"]["results"][0]["reasons"] == [{"code": "not_an_image"}]
+    assert shown["label"] == by_modality["CR"]["label"] and shown["n_instances"] == 2
+    assert box.cli_json("results", "--quarantined") == []
