@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from edge.errors import StateError
-from edge.store import ACKNOWLEDGED, QUEUED, SENT, TRIAGED, Store
+from edge.store import ACKNOWLEDGED, QUARANTINED, QUEUED, SENT, TRIAGED, Store
 from sync import protocol
 
 log = logging.getLogger(__name__)
@@ -43,10 +43,11 @@ class Outbox:
         return self.store.query(
             "SELECT s.study_uid, s.label, s.reasons, s.modality, s.n_instances, s.first_received_at FROM studies s "
             # Driven from the (state, id) index: a box with years of acknowledged studies is not rescanned.
-            "WHERE s.study_uid IN (SELECT i.study_uid FROM instances i WHERE i.state IN (?, ?)) AND s.label IS NOT NULL "
+            # Quarantined too: a patient whose only image was unreadable must still reach the radiologist's list.
+            "WHERE s.study_uid IN (SELECT i.study_uid FROM instances i WHERE i.state IN (?, ?, ?)) AND s.label IS NOT NULL "
             "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'flag' AND o.flag_id = s.label || '-' || s.study_uid) "
             "ORDER BY CASE s.label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 ELSE 2 END, s.first_received_at",
-            [TRIAGED, QUEUED])
+            [TRIAGED, QUEUED, QUARANTINED])
 
     def instances_to_pack(self, limit: int = 50) -> list[dict]:
         """Triaged instances of labelled studies, most urgent study first."""

@@ -154,3 +154,13 @@ def test_purge_deletes_only_files_of_instances_the_hub_acknowledged_long_enough_
     assert s.purge(_time.time() - 86400) == 1
     assert not gone.path.exists() and kept.path.exists()
     assert s.counts()["purged"] == 1 and s.counts()["acknowledged"] == 1
+
+
+def test_a_study_whose_only_image_was_quarantined_is_still_flagged_to_the_hub(tmp_path):
+    from sync.outbox import Outbox
+
+    s = make_store(tmp_path)
+    put(s, "1.1", study="9.9")
+    s.quarantine(s.claim_next()["id"], "pixel data could not be decoded")
+    flags = Outbox(s, tmp_path / "outbox", "box-a").studies_needing_flags()
+    assert [(f["study_uid"], f["label"]) for f in flags] == [("9.9", "review")]
