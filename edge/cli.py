@@ -6,7 +6,6 @@ import json
 import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 

@@ -153,7 +153,7 @@ def main() -> int:
     print("bare calls (same run, in-process): " + "; ".join(
         f"{k}: read {b['read']:.1f} decode {b['decode']:.1f} prep {b['preprocess']:.1f} infer {b['infer']:.1f}"
         for k, b in bare_t.items()))
-    print(f"* commit = median record_triage transaction on a scratch store (synchronous=FULL), same run")
+    print("* commit = median record_triage transaction on a scratch store (synchronous=FULL), same run")
     print(f"daemon peak RSS (VmHWM): {rss_mb:.0f} MB")
     print("note: no shipped model routes ultrasound, so US1 is stored, routed and flagged 'review' (no_model) without a "
           "decode; its bare row times the chest model on it for scale only")

@@ -1,5 +1,4 @@
 """Config: strict TOML, documented defaults, errors that name the key."""
-from pathlib import Path
 
 import pytest
 
