@@ -6,6 +6,7 @@ dependency.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -20,6 +21,11 @@ from edge.ingest import QUARANTINED, STORED, IngestOutcome, ingest_file, limits_
 # Quarantine reasons after which the original stays in the folder: we hold no usable copy (unreadable file), or the
 # copy may simply have stalled longer than settle_seconds (truncated); a later change makes us take it again.
 _KEEP_ORIGINAL = ("cannot read file", "truncated DICOM")
+
+
+def _ref(path: Path) -> str:
+    # Modalities and USB exports often name files after the patient: logs get a stable short hash, never the name.
+    return "f-" + hashlib.sha256(path.name.encode("utf-8", "replace")).hexdigest()[:10]
 from edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -104,7 +110,7 @@ class FolderWatcher:
                 log.warning("watch folder paused: %s", err)
                 break
             except OSError as err:
-                log.warning("cannot take %s from the watch folder, will retry: %s", path.name, err)
+                log.warning("cannot take watch-folder file %s, will retry: %s", _ref(path), err.strerror or type(err).__name__)
                 continue
             outcomes.append(outcome)
             self._pending.pop(path, None)
@@ -124,8 +130,8 @@ class FolderWatcher:
             pass
         except OSError as err:
             self._stuck[path] = sig
-            log.warning("ingested %s but cannot remove it from the watch folder (%s); it will be ignored until it "
-                        "changes", path.name, err.strerror or err)
+            log.warning("ingested watch-folder file %s but cannot remove it (%s); it will be ignored until it changes",
+                        _ref(path), err.strerror or type(err).__name__)
 
     def _run(self) -> None:
         while not self._stop.is_set():
