@@ -48,6 +48,12 @@ def setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's value-validation warnings quote the offending value, which may be a patient's name or ID: the box
+    # never validates on read (it stores what the modality sent), so silence them at the source.
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 class Daemon:
