@@ -11,15 +11,9 @@ from typing import Optional
 
 import typer
 
-try:  # recent typer vendors click
-    from typer._click.exceptions import ClickException as _ClickException
-except ImportError:  # pragma: no cover - older typer with click installed
-    from click.exceptions import ClickException as _ClickException
-
 from edge import config as config_mod
-from edge.errors import WaslaError
-from edge.i18n import (_, click_error_lines, describe_reason, error_line, is_rtl, label_name, lang_from_argv,
-                       localized_command, ltr, normalize, pick_language, rtl_line, set_language, state_name)
+from edge.i18n import (_, describe_reason, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli,
+                       set_language, state_name)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla clinic box: offline DICOM triage.")
 models_app = typer.Typer(no_args_is_help=True, help="List, install, activate or roll back model packages.")
@@ -57,9 +51,7 @@ def _store():
     return Store.from_config(_cfg())
 
 
-def _echo(text: str, err: bool = False) -> None:
-    """Human output: in Arabic each line is a right-to-left isolate (edge/i18n.py); JSON never goes through here."""
-    typer.echo("\n".join(rtl_line(line) for line in str(text).split("\n")), err=err)
+_echo = echo
 
 
 def _print_json(obj) -> None:
@@ -441,24 +433,7 @@ def report(study: str = typer.Argument(..., help="Study Instance UID (or a uniqu
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    set_language(pick_language(lang_from_argv(argv)))
-    try:
-        rv = localized_command(app).main(args=argv, prog_name="wasla", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except WaslaError as err:
-        _echo(error_line(err), err=True)
-        return err.exit_code
-    except typer.Exit as ex:
-        return ex.exit_code
-    except _ClickException as err:  # usage errors, printed the way click would but in the chosen language
-        if type(err).__name__ == "NoArgsIsHelpError":
-            err.show()
-        else:
-            _echo("\n".join(click_error_lines(err)), err=True)
-        return err.exit_code
-    except (KeyboardInterrupt, typer.Abort):
-        return 130
+    return run_cli(app, argv, "wasla")
 
 
 if __name__ == "__main__":

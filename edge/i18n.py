@@ -300,3 +300,41 @@ __all__ = ["LANGUAGES", "LOCALE_DIR", "N_", "_", "click_error_lines", "current_l
            "error_line", "lang_from_argv", "rtl_line",
            "help_texts", "is_rtl", "label_name", "localized_command", "ltr", "pick_language", "set_language",
            "state_name"]
+
+
+def echo(text: str, err: bool = False) -> None:
+    """Human output: in Arabic each line is a right-to-left isolate; JSON never goes through here."""
+    import typer
+
+    typer.echo("\n".join(rtl_line(line) for line in str(text).split("\n")), err=err)
+
+
+def run_cli(app, argv: list[str] | None, prog_name: str) -> int:
+    """Run a typer app in the language of --lang / the locale; library errors and usage errors become translated
+    lines and exit codes (the one place both CLIs translate the error hierarchy)."""
+    import sys
+
+    import typer
+
+    from edge.errors import WaslaError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    set_language(pick_language(lang_from_argv(argv)))
+    try:
+        rv = localized_command(app).main(args=argv, prog_name=prog_name, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except WaslaError as err:
+        echo(error_line(err), err=True)
+        return err.exit_code
+    except typer.Exit as ex:
+        return ex.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        return 130
+    except Exception as err:  # click's usage errors (typer vendors click, so match the base class by name)
+        if any(c.__name__ == "ClickException" for c in type(err).__mro__):
+            if type(err).__name__ == "NoArgsIsHelpError":
+                err.show()
+            else:
+                echo("\n".join(click_error_lines(err)), err=True)
+            return err.exit_code
+        raise

@@ -10,9 +10,7 @@ from typing import Optional
 
 import typer
 
-from edge.errors import WaslaError
-from edge.i18n import (_, click_error_lines, error_line, is_rtl, label_name, lang_from_argv, localized_command,
-                       ltr, normalize, pick_language, rtl_line, set_language)
+from edge.i18n import _, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli, set_language
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla regional hub: receive, list and read studies.")
 _state: dict = {}
@@ -69,9 +67,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str]], ltr_cols: tuple[str, .
         _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
 
 
-def _echo(text: str, err: bool = False) -> None:
-    """Human output: in Arabic each line is a right-to-left isolate (edge/i18n.py); JSON never goes through here."""
-    typer.echo("\n".join(rtl_line(line) for line in str(text).split("\n")), err=err)
+_echo = echo
 
 
 def _json(obj) -> None:
@@ -201,26 +197,7 @@ def dead_letters(as_json: bool = typer.Option(False, "--json", help="Machine-rea
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    set_language(pick_language(lang_from_argv(argv)))
-    try:
-        rv = localized_command(app).main(args=argv, prog_name="wasla-hub", standalone_mode=False)
-        return rv if isinstance(rv, int) else 0
-    except WaslaError as err:
-        _echo(error_line(err), err=True)
-        return err.exit_code
-    except typer.Exit as ex:
-        return ex.exit_code
-    except (KeyboardInterrupt, typer.Abort):
-        return 130
-    except Exception as err:  # click's usage errors (typer vendors click, so check by the base class's name)
-        if any(c.__name__ == "ClickException" for c in type(err).__mro__):
-            if type(err).__name__ == "NoArgsIsHelpError":
-                err.show()
-            else:
-                _echo("\n".join(click_error_lines(err)), err=True)
-            return err.exit_code
-        raise
+    return run_cli(app, argv, "wasla-hub")
 
 
 if __name__ == "__main__":
