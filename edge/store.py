@@ -1,6 +1,7 @@
 """The box's durable queue: SQLite (WAL) rows for instances, studies and results, and the spool files they point to."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -141,6 +142,26 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     return applied
 
 
+@contextlib.contextmanager
+def write_transaction(lock, conn, *, durable: bool = True):
+    """BEGIN IMMEDIATE under `lock`, COMMIT on success, ROLLBACK on an exception; the lock is never left held,
+    not even when BEGIN itself times out (another process holds the file). Shared by the box and the hub stores."""
+    with lock:
+        if not durable:
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -200,32 +221,7 @@ class Store:
         """One write transaction under the store lock. durable=False skips the commit's fsync: only for marks a
         crash may lose harmlessly (a lost `processing` claim is what recover() undoes anyway); the next durable
         commit's fsync covers the earlier WAL frames too."""
-        store = self
-
-        class _Tx:
-            def __enter__(self_inner):
-                store._lock.acquire()
-                try:
-                    if not durable:
-                        store.db.execute("PRAGMA synchronous=NORMAL")
-                    store.db.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    store._lock.release()
-                    raise
-                return store.db
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                try:
-                    store.db.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    try:
-                        if not durable:
-                            store.db.execute("PRAGMA synchronous=FULL")
-                    finally:
-                        store._lock.release()
-                return False
-
-        return _Tx()
+        return write_transaction(self._lock, self.db, durable=durable)
 
     def query(self, sql: str, params: Any = ()) -> list[dict]:
         with self._lock:

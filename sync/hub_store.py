@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from edge.errors import NotFoundError, StoreError
+from edge.store import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +90,8 @@ class HubStore:
             self.conn.close()
 
     def tx(self):
-        store = self
-
-        class _Tx:
-            def __enter__(self_inner):
-                store._lock.acquire()
-                try:  # several receivers share the file: BEGIN may time out, and must not keep our lock then
-                    store.conn.execute("BEGIN IMMEDIATE")
-                except BaseException:
-                    store._lock.release()
-                    raise
-                return store.conn
-
-            def __exit__(self_inner, exc_type, exc, tb):
-                try:
-                    store.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    store._lock.release()
-                return False
-
-        return _Tx()
+        # Several receivers share the file: BEGIN may time out, and write_transaction never keeps our lock then.
+        return write_transaction(self._lock, self.conn)
 
     def query(self, sql: str, params=()) -> list[dict]:
         with self._lock:
