@@ -42,6 +42,18 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, what: st
     raise WaslaError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL: how the demo, benchmarks and tests end the processes they started."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def mosquitto_binary() -> str:
     for cand in (shutil.which("mosquitto"), "/usr/sbin/mosquitto"):
         if cand and os.access(cand, os.X_OK):
@@ -80,12 +92,7 @@ class Mosquitto:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
     def __enter__(self):
         return self.start()

@@ -142,6 +142,16 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     return applied
 
 
+def find_study(query, study_uid: str) -> dict:
+    """The studies row for a UID or a unique prefix of one (technicians copy a prefix from a table); box and hub."""
+    rows = query("SELECT * FROM studies WHERE study_uid = ?", [study_uid])
+    if not rows:
+        rows = query("SELECT * FROM studies WHERE study_uid LIKE ? LIMIT 2", [study_uid + "%"])
+        if len(rows) != 1:
+            raise NotFoundError(f"study {study_uid} not found" if not rows else f"study prefix {study_uid} is ambiguous")
+    return rows[0]
+
+
 @contextlib.contextmanager
 def write_transaction(lock, conn, *, durable: bool = True):
     """BEGIN IMMEDIATE under `lock`, COMMIT on success, ROLLBACK on an exception; the lock is never left held,
@@ -479,13 +489,7 @@ class Store:
                           "FROM instances WHERE state = ? ORDER BY id DESC LIMIT ?", [QUARANTINED, limit])
 
     def study(self, study_uid: str) -> dict:
-        rows = self.query("SELECT * FROM studies WHERE study_uid = ?", [study_uid])
-        if not rows:
-            # Technicians copy a prefix from the results table; accept a unique prefix.
-            rows = self.query("SELECT * FROM studies WHERE study_uid LIKE ? LIMIT 2", [study_uid + "%"])
-            if len(rows) != 1:
-                raise NotFoundError(f"study {study_uid} not found" if not rows else f"study prefix {study_uid} is ambiguous")
-        study = rows[0]
+        study = find_study(self.query, study_uid)
         study["reasons"] = json.loads(study["reasons"] or "[]")
         study["instances"] = self.query("SELECT * FROM instances WHERE study_uid = ? ORDER BY id", [study["study_uid"]])
         for inst in study["instances"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,15 +32,6 @@ def wasla(cfg: Path, *args: str) -> str:
 
 def hub(cfg: Path, *args: str) -> str:
     return cli("sync.hub_cli", cfg, *args)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def main() -> int:
@@ -131,7 +121,7 @@ port = {broker.port}
     finally:
         if not args.keep:
             for p in reversed(procs):
-                stop(p)
+                harness.stop_process(p, timeout=30)
             broker.stop()
     return 0
 

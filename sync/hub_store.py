@@ -12,8 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
-from edge.errors import NotFoundError, StoreError
-from edge.store import write_transaction
+from edge.errors import StoreError
+from edge.store import find_study, write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +279,7 @@ class HubStore:
 
     # --- reads, worklist, boxes ---------------------------------------------------------------------------------
     def study(self, study_uid: str) -> dict:
-        rows = self.query("SELECT * FROM studies WHERE study_uid = ?", [study_uid])
-        if not rows:
-            rows = self.query("SELECT * FROM studies WHERE study_uid LIKE ? LIMIT 2", [study_uid + "%"])
-            if len(rows) != 1:
-                raise NotFoundError(f"study {study_uid} not found" if not rows else f"study prefix {study_uid} is ambiguous")
-        s = rows[0]
+        s = find_study(self.query, study_uid)
         s["instances"] = self.query("SELECT * FROM instances WHERE study_uid = ? ORDER BY stored_at", [s["study_uid"]])
         return s
 

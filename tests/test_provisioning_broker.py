@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge import config as box_config_mod
-from edge.harness import free_port, mosquitto_binary, wait_for_port, wait_until
+from edge.harness import free_port, mosquitto_binary, stop_process, wait_for_port, wait_until
 from provisioning import ca
 from provisioning.fleet import Fleet, FleetSettings
 from sync import hub_config
@@ -50,12 +50,7 @@ class Broker:
         return (self.fleet.root / "mosquitto.log").read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
 
 
 def make_fleet(root: Path) -> Fleet:
