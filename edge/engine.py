@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +108,10 @@ class Engine:
             t["preprocess_ms"] = t.get("preprocess_ms", 0) + _ms(t0)
             t0 = time.perf_counter()
             probs = [np.asarray(m.backend.predict(x), dtype=np.float64) for x in tensors]
+            kind = getattr(m.backend, "TYPE_KEY", None)
             t["infer_ms"] = t.get("infer_ms", 0) + _ms(t0)
             # Several frames (cine loop): the most abnormal frame decides, a missed finding costs more than a review.
-            decisions = [triage.decide(p, m.package) for p in probs]
+            decisions = [triage.decide(p, m.package, kind) for p in probs]
             worst = max(range(len(decisions)), key=lambda i: (triage.severity(decisions[i].label), decisions[i].score or 0))
             d = decisions[worst]
             labels.append(d.label)
@@ -118,7 +119,8 @@ class Engine:
             results.append({
                 "model": m.package.name, "model_version": m.package.version, "backend": m.backend.name,
                 "scores": dict(zip(m.package.labels, [round(float(v), 6) for v in probs[worst]])),
-                "score": d.score, "thresholds": {"review": m.package.thresholds.review, "urgent": m.package.thresholds.urgent}, "label": d.label,
+                "score": d.score, "thresholds": asdict(m.package.thresholds_for(kind)),
+                "label": d.label,
                 "reasons": d.reasons, "frames": len(frames), "timings": dict(t),
             })
         return Outcome(triage.most_severe(labels), reasons, results, t)

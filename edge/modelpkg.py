@@ -9,7 +9,7 @@ import re
 import shutil
 import tarfile
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -67,10 +67,16 @@ class ModelPackage:
     activation: str = "softmax"
     output_name: str = "logits"
     review_if_confidence_below: float | None = None
+    backend_thresholds: dict[str, Thresholds] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
         return f"{self.name}@{self.version}"
+
+    def thresholds_for(self, backend: str | None) -> Thresholds:
+        """The backend's own thresholds when the manifest has them: INT8 models from two quantisers shift scores
+        differently, and thresholds calibrated per model keep the two backends on the same triage band."""
+        return self.backend_thresholds.get(backend or "", self.thresholds)
 
 
 # --- verification -------------------------------------------------------------------------------------------
@@ -200,10 +206,19 @@ def _parse_manifest(m: Any, folder: Path, kid: str) -> ModelPackage:
         raise bad("abnormal_labels must be distinct labels from `labels`, not empty and not all of them")
 
     th = m["thresholds"]
-    if not isinstance(th, dict) or set(th) != {"review", "urgent"} or not all(_is_num(v) for v in th.values()):
-        raise bad("thresholds must be {\"review\": number, \"urgent\": number}")
-    if not 0 <= th["review"] <= th["urgent"] <= 1:
-        raise bad(f"thresholds must satisfy 0 <= review ({th['review']}) <= urgent ({th['urgent']}) <= 1")
+    if not isinstance(th, dict) or not {"review", "urgent"} <= set(th) <= {"review", "urgent", "by_backend"}:
+        raise bad("thresholds must be {\"review\": number, \"urgent\": number[, \"by_backend\": {...}]}")
+    thresholds = _thresholds(th, "thresholds", bad)
+    by_backend = th.get("by_backend", {})
+    if not isinstance(by_backend, dict):
+        raise bad("thresholds.by_backend must be an object of backend -> {review, urgent}")
+    backend_thresholds = {}
+    for kind, value in by_backend.items():
+        if not isinstance(m["backends"], dict) or kind not in m["backends"]:
+            raise bad(f"thresholds.by_backend names {kind!r}, which is not in backends")
+        if not isinstance(value, dict) or set(value) != {"review", "urgent"}:
+            raise bad(f"thresholds.by_backend.{kind} must be {{\"review\": number, \"urgent\": number}}")
+        backend_thresholds[kind] = _thresholds(value, f"thresholds.by_backend.{kind}", bad)
     low_conf = m.get("review_if_confidence_below")
     if low_conf is not None:
         if m["task"] != "multiclass":
@@ -242,7 +257,7 @@ def _parse_manifest(m: Any, folder: Path, kid: str) -> ModelPackage:
     return ModelPackage(
         name=m["name"], version=m["version"], folder=folder, manifest=m, input_spec=input_spec,
         labels=tuple(labels), abnormal_labels=tuple(abnormal),
-        thresholds=Thresholds(float(th["review"]), float(th["urgent"])), routing=routing,
+        thresholds=thresholds, backend_thresholds=backend_thresholds, routing=routing,
         backend_files={kind: folder / rel for kind, rel in backends.items()}, key_id=kid,
         task=m["task"], activation=out["activation"], output_name=out["name"],
         review_if_confidence_below=None if low_conf is None else float(low_conf),
@@ -266,6 +281,14 @@ def _check_relpath(rel: Any, bad) -> None:
     if rel.startswith("/") or PurePosixPath(rel).is_absolute() or any(p in ("..", ".", "") for p in parts) \
             or rel != PurePosixPath(rel).as_posix() or re.match(r"^[A-Za-z]:", rel):
         raise bad(f"file path {rel!r} escapes the package folder or is not normalised", ModelIntegrityError)
+
+
+def _thresholds(th: dict, where: str, bad) -> Thresholds:
+    if not all(_is_num(th[k]) for k in ("review", "urgent")):
+        raise bad(f"{where}: review and urgent must be numbers")
+    if not 0 <= th["review"] <= th["urgent"] <= 1:
+        raise bad(f"{where} must satisfy 0 <= review ({th['review']}) <= urgent ({th['urgent']}) <= 1")
+    return Thresholds(float(th["review"]), float(th["urgent"]))
 
 
 def _parse_input(spec: Any, bad) -> dict[str, Any]:

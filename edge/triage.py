@@ -40,13 +40,13 @@ def most_severe(labels: Iterable[str]) -> str:
     return max(labels, key=severity) if labels else "review"
 
 
-def decide(probs: np.ndarray, package: ModelPackage) -> Decision:
+def decide(probs: np.ndarray, package: ModelPackage, backend: str | None = None) -> Decision:
     p = np.asarray(probs, dtype=np.float64)
     if p.shape != (len(package.labels),) or not np.isfinite(p).all():
         raise InferenceError(f"{package.id}: probabilities {p.tolist()} do not fit labels {package.labels}")
     # Softmax sums can land a hair above 1 in float arithmetic.
     score = float(min(1.0, max(0.0, sum(p[package.labels.index(lab)] for lab in package.abnormal_labels))))
-    th = package.thresholds
+    th = package.thresholds_for(backend)
     if score >= th.urgent:
         label, reasons = "urgent", [_reason("score_above_urgent", score, th.urgent)]
     elif score >= th.review:

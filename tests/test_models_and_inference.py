@@ -344,3 +344,55 @@ def test_engine_falls_back_to_the_newest_version_that_verifies_when_the_active_o
     engine = Engine.load(cfg)
     assert [m.package.version for m in engine.models] == ["1.0.0"]
     assert any("1.1.0" in e for e in engine.load_errors)
+
+
+def _half_bright_cr(white_columns: int):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.BodyPartExamined = "CR", "CHEST"
+    ds.Rows = ds.Columns = 64
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[:, :white_columns] = 255
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def test_each_backend_applies_its_own_validated_thresholds(tmp_path):
+    """INT8 models from two quantisers shift scores differently; the manifest may carry thresholds per backend."""
+    from edge import config as config_mod
+    from edge.engine import Engine
+
+    by_backend = {"onnxruntime": {"review": 0.3, "urgent": 0.8}, "openvino": {"review": 0.65, "urgent": 0.9}}
+    models = tmp_path / "models"
+    _folder, pub = make_tiny_package(models, key_dir=tmp_path / "keys",
+                                     thresholds={"review": 0.3, "urgent": 0.8, "by_backend": by_backend})
+    labels = {}
+    for kind in ("onnxruntime", "openvino"):
+        cfg = config_mod.parse(f'[models]\ndir = "{models}"\ntrusted_keys = ["{pub}"]\n'
+                               f'[inference]\nbackend = "{kind}"\n')
+        outcome = Engine.load(cfg).triage_dataset(_half_bright_cr(33))  # a little over half bright: score ~0.59
+        result = outcome.results[0]
+        assert 0.5 < result["score"] < 0.6
+        assert result["thresholds"] == by_backend[kind]
+        labels[kind] = outcome.label
+    assert labels == {"onnxruntime": "review", "openvino": "normal"}
+
+
+@pytest.mark.parametrize("thresholds, message", [
+    ({"review": 0.3, "urgent": 0.8, "by_backend": {"tensorflow": {"review": 0.3, "urgent": 0.8}}}, "tensorflow"),
+    ({"review": 0.3, "urgent": 0.8, "by_backend": {"openvino": {"review": 0.9, "urgent": 0.8}}}, "by_backend"),
+    ({"review": 0.3, "urgent": 0.8, "by_backend": {"openvino": {"review": 0.3}}}, "by_backend"),
+    ({"review": 0.3, "urgent": 0.8, "per_site": {}}, "thresholds"),
+])
+def test_malformed_per_backend_thresholds_are_refused(tmp_path, thresholds, message):
+    folder, pub = make_tiny_package(tmp_path, key_dir=tmp_path / "keys", thresholds=thresholds)
+    with pytest.raises(ModelError, match=message):
+        load_package(folder, load_trusted_keys([pub]))

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ed25519 private key (created with its public key when it is the default and missing)")
         p.add_argument("--public-key", type=Path, default=DEFAULT_PUBLIC_KEY)
         p.add_argument("--created", help="manifest 'created' timestamp (default: now, UTC)")
+        p.add_argument("--card-note", help="how the held-out set has been used, for the card (default: once)")
     p = parsers["adapt"]
     p.add_argument("--package", type=Path, required=True, help="signed package folder to adapt")
     p.add_argument("--checkpoint", type=Path, required=True, help="the FP32 checkpoint the package was built from")
@@ -158,12 +159,13 @@ def run(args) -> None:
     elif args.step == "evaluate":
         steps.evaluate(work, args.resamples)
     elif args.step == "package":
-        print(steps.package(work, args.out_root, args.signing_key, args.public_key, create_key, args.created))
+        print(steps.package(work, args.out_root, args.signing_key, args.public_key, create_key, args.created,
+                            note=args.card_note))
     elif args.step == "all":
         print(steps.run_all(work, _job_from_args(args), out_root=args.out_root, signing_key=args.signing_key,
                             public_key=args.public_key, create_key=create_key, train_options=_train_options(args),
                             calibration_images=args.calibration_images, resamples=args.resamples,
-                            created=args.created))
+                            created=args.created, note=args.card_note))
     elif args.step == "adapt":
         from models.pipeline.adapt import adapt
 

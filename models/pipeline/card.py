@@ -24,7 +24,7 @@ def _metrics_table(m: dict) -> str:
 
 
 def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity: dict, headline: dict,
-               before: dict | None = None) -> str:
+               before: dict | None = None, note: str | None = None) -> str:
     bands = evaluation["abnormal_vs_rest"]["bands"]
     data = job.training_data
     kermany = data.get("doi") == "10.17632/rscbjbr9sj.2"
@@ -46,7 +46,10 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         "- Score: sum of the softmax probabilities of the abnormal labels. Bands: score >= urgent -> urgent; "
         ">= review -> review; else normal.",
         f"- Thresholds (chosen on the validation split only): review = {thresholds['review']:.6f} "
-        f"({thresholds['rule']['review']}), urgent = {thresholds['urgent']:.6f} ({thresholds['rule']['urgent']}).",
+        f"({thresholds['rule']['review']}), urgent = {thresholds['urgent']:.6f} ({thresholds['rule']['urgent']})"
+        + ("; the same rule on each shipped model's own validation scores gives " + ", ".join(
+            f"{k} review {v['review']:.6f} / urgent {v['urgent']:.6f}" for k, v in thresholds["by_backend"].items())
+           + " (the box applies the one of the backend it runs)" if thresholds.get("by_backend") else "") + ".",
         f"- Input: greyscale replicated to 3 channels, squash-resized to {meta['image_size']}x{meta['image_size']} "
         f"(OpenCV INTER_AREA), scaled to [0, 1], then (x - {meta['mean'][0]}) / {meta['std'][0]}.",
         f"- Architecture: {meta['arch']} fine-tuned from ImageNet weights; INT8 for ONNX Runtime (static QDQ, "
@@ -68,8 +71,8 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                   f"({job.parent.get('local_images', '?')} images; kept on the box, not distributed).", ""]
     lines += [
         f"Validation: patient-wise, class-stratified split carved from the training folder (seed {job.seed}); "
-        "exact duplicate files removed by sha256 so no copy sits on both sides. The test set was used once, for "
-        "the figures below.",
+        "exact duplicate files removed by sha256 so no copy sits on both sides. "
+        + (note or "The test set was used once, for the figures below."),
         "",
         f"## Metrics (held-out {evaluation['split']} set, ONNX Runtime INT8, n = {headline['n']}: "
         f"{headline['n_abnormal']} abnormal, {headline['n_normal']} normal)",
@@ -85,6 +88,15 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         f"Validation parity: ORT INT8 vs OpenVINO INT8 band agreement "
         f"{_pct(parity['band_agreement_ort_vs_openvino_int8'])}; INT8 AUC drop vs FP32 "
         f"{parity['auc_drop_ort_int8_vs_fp32']:+.4f} (ORT), {parity['auc_drop_openvino_int8_vs_fp32']:+.4f} (OpenVINO).",
+    ]
+    if "band_agreement_ort_vs_openvino_int8" in evaluation:
+        drop = evaluation.get("auc_drop_int8_vs_fp32", {})
+        lines.append(f"Held-out parity: ORT INT8 vs OpenVINO INT8 band agreement "
+                     f"{_pct(evaluation['band_agreement_ort_vs_openvino_int8'])} "
+                     f"({evaluation['band_disagreements']} of {evaluation['n']} images differ)"
+                     + (", INT8 AUC drop vs FP32 " + ", ".join(f"{drop[k]:+.4f} ({k})" for k in drop) if drop else "")
+                     + ".")
+    lines += [
         "",
     ]
     if before is not None:
@@ -118,8 +130,8 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                      "image is urgent.")
     lines += [
         "- Small local or validation sets give wide confidence intervals; thresholds carry that uncertainty.",
-        "- Thresholds were set on ONNX Runtime INT8 scores; OpenVINO INT8 scores differ slightly near the "
-        "thresholds (see band agreement).",
+        "- Thresholds were set on validation scores; scores near a threshold can fall on either side with another "
+        "backend, decoder or DICOM windowing (see band agreement).",
         "",
     ]
     return "\n".join(lines)

@@ -26,6 +26,10 @@ def ensure_signing_key(private: Path, public: Path, create: bool) -> None:
         return
     if not create:
         raise NotFoundError(f"signing key {private} does not exist")
+    if public.exists():
+        # Overwriting it would make every package the old key signed unverifiable on the boxes.
+        raise ModelError(f"signing key {private} is missing but {public} exists: pass --public-key NEW.pub "
+                         "for a new key pair, or restore the private key")
     kid = signing.generate_keypair(private, public)
     log.warning("generated a new signing key %s (id %s); public key in %s", private, kid, public)
 
@@ -56,6 +60,13 @@ def headline_metrics(report: dict) -> dict:
         out[key + "_ci95"] = binary[key + "_ci95"]
     if "multiclass" in report:
         out["accuracy"] = report["multiclass"]["accuracy"]
+    return out
+
+
+def manifest_thresholds(thresholds: dict) -> dict:
+    out = {"review": thresholds["review"], "urgent": thresholds["urgent"]}
+    if thresholds.get("by_backend"):
+        out["by_backend"] = thresholds["by_backend"]
     return out
 
 
@@ -91,7 +102,7 @@ def write_package(job: Job, out_root: Path, *, ort_int8: Path, ov_xml: Path, thr
         "description": job.description,
         "labels": job.labels,
         "abnormal_labels": job.abnormal_labels,
-        "thresholds": {"review": thresholds["review"], "urgent": thresholds["urgent"]},
+        "thresholds": manifest_thresholds(thresholds),
         "review_if_confidence_below": job.review_if_confidence_below if job.task == "multiclass" else None,
         "input": {"name": "input", "shape": [1, 3, size, size], "colour": "grey3", "resize": "squash",
                   "mean": meta["mean"], "std": meta["std"], "frames": "middle"},

@@ -71,8 +71,13 @@ def quantise(work: Work, calibration_images: int = 200) -> None:
     q.quantise_openvino(work.fp32, work.ov_int8, images, meta["mean"], meta["std"])
 
 
+# The runner each shipped backend uses, and the manifest key the box knows it by.
+SHIPPED = {"ort_int8": "onnxruntime", "openvino_int8": "openvino"}
+
+
 def calibrate(work: Work, backend: str = "ort_int8") -> dict:
-    """Thresholds from validation scores of `backend` (default: the ORT INT8 model the box runs)."""
+    """Thresholds from validation scores: the primary ones from `backend` (default: the ORT INT8 model the box runs
+    by default), and each shipped INT8 model's own, chosen by the same rule on its own validation scores."""
     from models.pipeline.calibrate import choose_thresholds
     from models.pipeline.evaluate import is_abnormal, runners, scores
 
@@ -80,14 +85,19 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
     val = load_split(work.split)["val"]
     images = load_images([p for p, _ in val], meta["image_size"])
     y = np.array([label for _, label in val])
-    runner = runners({backend: model_paths(work)[backend]})[backend]
-    _, score = scores(runner, images, job, meta["mean"], meta["std"])
-    result = choose_thresholds(is_abnormal(y, job), score, job.review_sensitivity, job.urgent_specificity)
-    result["urgent"] = min(result["urgent"], 1.0)
+    paths = model_paths(work)
+    chosen = {}
+    for name in dict.fromkeys([backend, *SHIPPED]):
+        _, score = scores(runners({name: paths[name]})[name], images, job, meta["mean"], meta["std"])
+        chosen[name] = choose_thresholds(is_abnormal(y, job), score, job.review_sensitivity, job.urgent_specificity)
+        chosen[name]["urgent"] = min(chosen[name]["urgent"], 1.0)
+    result = dict(chosen[backend])
     result["scored_with"] = backend
+    result["by_backend"] = {key: {"review": chosen[name]["review"], "urgent": chosen[name]["urgent"]}
+                            for name, key in SHIPPED.items()}
     write_json(work.thresholds, result)
-    log.info("thresholds: review %.6f urgent %.6f (validation AUC %.4f)", result["review"], result["urgent"],
-             result["validation"]["auc"])
+    log.info("thresholds: review %.6f urgent %.6f (validation AUC %.4f); per backend %s", result["review"],
+             result["urgent"], result["validation"]["auc"], result["by_backend"])
     return result
 
 
@@ -118,7 +128,7 @@ def evaluate(work: Work, resamples: int = 2000) -> dict:
 
 
 def package(work: Work, out_root: Path, signing_key: Path, public_key: Path, create_key: bool = False,
-            created: str | None = None, before: dict | None = None) -> Path:
+            created: str | None = None, before: dict | None = None, note: str | None = None) -> Path:
     from models.pipeline.card import model_card
     from models.pipeline.package import ensure_signing_key, headline_metrics, write_package
 
@@ -146,7 +156,7 @@ def package(work: Work, out_root: Path, signing_key: Path, public_key: Path, cre
     if before is not None:
         report["before_adaptation"] = before
     ensure_signing_key(signing_key, public_key, create_key)
-    card = model_card(job, meta, thresholds, evaluation, parity_report, headline, before)
+    card = model_card(job, meta, thresholds, evaluation, parity_report, headline, before, note)
     return write_package(job, out_root, ort_int8=work.ort_int8, ov_xml=work.ov_int8, thresholds=thresholds,
                          meta=meta, evaluation=report, metrics=metrics, model_card=card,
                          signing_key=signing_key, created=created)
@@ -154,7 +164,7 @@ def package(work: Work, out_root: Path, signing_key: Path, public_key: Path, cre
 
 def run_all(work: Work, job: Job, *, out_root: Path, signing_key: Path, public_key: Path, create_key: bool,
             train_options: dict, calibration_images: int = 200, resamples: int = 2000,
-            created: str | None = None) -> Path:
+            created: str | None = None, note: str | None = None) -> Path:
     split(work, job)
     train(work, **train_options)
     export(work)
@@ -162,4 +172,4 @@ def run_all(work: Work, job: Job, *, out_root: Path, signing_key: Path, public_k
     calibrate(work)
     parity(work)
     evaluate(work, resamples)
-    return package(work, out_root, signing_key, public_key, create_key, created)
+    return package(work, out_root, signing_key, public_key, create_key, created, note=note)
