@@ -137,12 +137,17 @@ class Receiver:
         self._ack_state(msg.device, t)
 
     def _on_chunk(self, msg: protocol.Message) -> None:
-        t = self.store.upsert_transfer(msg.device, msg.fields)
+        if msg.get("compact"):
+            t = self._compact_transfer(msg)
+            if t is None:
+                return
+        else:
+            t = self.store.upsert_transfer(msg.device, msg.fields)
         if t["state"] in ("complete", "failed"):
             self.store.seen(msg.device, chunk=True, dup=True)
             self._ack_state(msg.device, t)  # a replay after the end: say again how it ended
             return
-        new = self.store.put_chunk(t["transfer_id"], msg["index"], msg["index"] * msg["chunk_size"], msg.data)
+        new = self.store.put_chunk(t["transfer_id"], msg["index"], msg["index"] * t["chunk_size"], msg.data)
         self.store.seen(msg.device, chunk=True, dup=not new)
         have = self.store.have(t["transfer_id"])
         if len(have) == t["count"] and self.store.claim_for_verify(t["transfer_id"]):
@@ -150,6 +155,24 @@ class Receiver:
             return
         self._reply(msg.device, "ack", transfer=t["transfer_id"], status="partial", have=protocol.to_ranges(have),
                     count=t["count"])
+
+    def _compact_transfer(self, msg: protocol.Message) -> dict | None:
+        """The transfer a compact chunk belongs to, its length checked against the manifest; None if unknown."""
+        tid, index = msg["transfer"], msg["index"]
+        t = self.store.transfer(tid)
+        if t is None:
+            self.store.seen(msg.device, chunk=True, dup=True)
+            log.info("chunk %d of unknown transfer %s from %s: asking for its manifest", index, tid, msg.device)
+            self._reply(msg.device, "ack", transfer=tid, status="unknown", reason="no manifest for this transfer")
+            return None
+        if t["device"] != msg.device:
+            raise ProtocolError(f"chunk for transfer {tid}, which belongs to another device")
+        if not 0 <= index < t["count"]:
+            raise ProtocolError(f"chunk {index} outside 0..{t['count'] - 1} of transfer {tid}")
+        expected = min(t["chunk_size"], t["size"] - index * t["chunk_size"])
+        if len(msg.data) != expected:
+            raise ProtocolError(f"chunk {index} of {tid}: {len(msg.data)} bytes, the manifest says {expected}")
+        return t
 
     def _finish(self, device: str, tid: str) -> None:
         """Whole-file sha256, then a full DICOM parse and pixel decode, then file it: only then the final ack."""

@@ -202,6 +202,12 @@ class Uploader:
         elif status == "failed":
             self.outbox.failed(tid, msg.get("reason") or "refused by the hub")
             self._forget(tid)
+        elif status == "unknown":
+            # The hub holds nothing of it (a chunk overtook its manifest, or the hub lost its state): manifest
+            # again, then whatever its answer says is missing.
+            log.warning("hub does not know transfer %s: sending its manifest again", tid)
+            self.outbox.reset_have(tid)
+            self._forget(tid)
 
     def _forget(self, tid: str) -> None:
         with self._lock:
@@ -335,9 +341,7 @@ class Uploader:
             # transfer behind it: mark it failed, visible in `wasla sync`, and go on with the others.
             self.outbox.failed(tid, f"wire file unreadable: {err.strerror or err}")
             return True
-        payload = protocol.encode_chunk(self.device, transfer=tid, index=index, count=row["count"], size=row["size"],
-                                        chunk_size=row["chunk_size"], sha256=row["sha256"],
-                                        study_uid=row["study_uid"], label=row["label"], data=data)
+        payload = protocol.encode_chunk(tid, index, data)
         if not self._publish("chunk", payload, bulk=True):
             return False
         with self._lock:

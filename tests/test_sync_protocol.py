@@ -20,7 +20,7 @@ def test_every_message_kind_round_trips_through_its_topic():
     flag = protocol.encode("flag", "box-1", flag_id="urgent-1.2.3", study_uid="1.2.3", label="urgent", at=1.0)
     assert _dec(protocol.up_topic("box-1", "flag"), flag)["label"] == "urgent"
     data = bytes(range(256)) * 3
-    chunk = protocol.encode_chunk("box-1", transfer="t1", index=1, count=2, size=1000 + len(data), chunk_size=1000,
+    chunk = protocol.encode_chunk_json("box-1", transfer="t1", index=1, count=2, size=1000 + len(data), chunk_size=1000,
                                   sha256="0" * 64, study_uid="1.2.3", label="normal", data=data)
     msg = _dec("wasla/v1/box-1/up/chunk", chunk)
     assert msg.data == data and msg["index"] == 1
@@ -50,11 +50,32 @@ def test_malformed_oversized_unknown_version_and_wrong_device_messages_are_refus
 
 
 def test_a_corrupted_chunk_is_refused_by_its_own_sha256():
-    chunk = bytearray(protocol.encode_chunk("b", transfer="t", index=0, count=1, size=100, chunk_size=100,
+    chunk = bytearray(protocol.encode_chunk_json("b", transfer="t", index=0, count=1, size=100, chunk_size=100,
                                             sha256="a" * 64, study_uid="1.2", label=None, data=b"\1" * 100))
     chunk[-1] ^= 0xFF
     with pytest.raises(ProtocolError, match="sha256 mismatch"):
         _dec("wasla/v1/b/up/chunk", bytes(chunk))
+
+
+def test_compact_chunk_frame_round_trips_in_under_80_bytes_of_header():
+    data = bytes(range(256)) * 64
+    frame = protocol.encode_chunk("01HZX4K2T9W8Q5M3N7P6R2S1AB", 41, data)
+    assert len(frame) - len(data) < 80
+    msg = _dec("wasla/v1/box-1/up/chunk", frame)
+    assert (msg.device, msg["transfer"], msg["index"], msg.data, msg.get("compact")) == \
+        ("box-1", "01HZX4K2T9W8Q5M3N7P6R2S1AB", 41, data, True)
+
+
+@pytest.mark.parametrize("mangle, reason", [
+    (lambda f: f[:-1] + bytes([f[-1] ^ 1]), "sha256 mismatch"),
+    (lambda f: f[:40], "too short"),
+    (lambda f: f[:4] + b"\0" + f[5:], "too short|bad transfer id"),
+    (lambda f: f[:5] + b"\xff" + f[6:], "bad transfer id"),
+])
+def test_a_damaged_compact_chunk_is_refused_with_its_reason(mangle, reason):
+    frame = protocol.encode_chunk("t-1", 0, b"\7" * 500)
+    with pytest.raises(ProtocolError, match=reason):
+        _dec("wasla/v1/b/up/chunk", mangle(frame))
 
 
 def test_a_box_reading_another_boxes_down_topic_refuses_it():

@@ -109,6 +109,30 @@ def test_hub_restart_mid_transfer_keeps_its_chunks_and_resumes(tmp_path, broker,
     assert_hub_holds_exactly(tmp_path, files)
 
 
+def test_hub_that_lost_its_store_mid_transfer_gets_the_study_again_from_the_manifest(tmp_path, broker, parts):
+    """A hub rebuilt on an empty disk: compact chunks of a transfer it never heard of are answered "unknown", and
+    the box starts that transfer over with its manifest instead of waiting for acks that cannot come."""
+    import shutil
+
+    hub = start_hub(tmp_path, broker.port)
+    box = Box(tmp_path, broker.port, max_rate_kbps=200).start()
+    parts.append(box)
+    f = make_cr(tmp_path / "in" / "a.dcm", seed=3, side=200)
+    triage(box.store, f, "review")
+    view = hub_view(tmp_path)
+    wait_until(lambda: view.query("SELECT COUNT(*) AS n FROM chunks")[0]["n"] >= 3, timeout=20,
+               what="hub holding chunks")
+    hub.client.loop_stop()
+    hub.client._sock_close()
+    hub.store.close()
+    shutil.rmtree(tmp_path / "hub")
+    hub2 = start_hub(tmp_path, broker.port)
+    parts.append(hub2)
+    wait_until(lambda: _acked(box, 1), timeout=60, what="acknowledged by the rebuilt hub")
+    assert_hub_holds_exactly(tmp_path, [f])
+    assert box.uploader.stats["chunks_resent"] >= 3
+
+
 def test_corrupted_partial_file_at_the_hub_fails_sha_and_the_box_resends(tmp_path, broker, parts):
     hub = start_hub(tmp_path, broker.port)
     parts.append(hub)
@@ -164,7 +188,7 @@ def test_duplicated_replayed_out_of_order_and_corrupted_chunks_end_in_one_exact_
     study = str(pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID)
 
     def chunk(tid, i, body=None, whole=sha):
-        return protocol.encode_chunk(raw.device, transfer=tid, index=i, count=len(parts_), size=len(data),
+        return protocol.encode_chunk_json(raw.device, transfer=tid, index=i, count=len(parts_), size=len(data),
                                      chunk_size=cs, sha256=whole, study_uid=study, label="review",
                                      data=parts_[i] if body is None else body)
 
@@ -199,6 +223,34 @@ def test_duplicated_replayed_out_of_order_and_corrupted_chunks_end_in_one_exact_
     assert any("sha256 mismatch" in r["reason"] for r in view.dead_letters())
     assert view.query("SELECT dup_chunks FROM boxes")[0]["dup_chunks"] >= len(parts_) - 1
     raw.c.loop_stop()
+
+
+def test_compact_chunks_need_their_manifest_and_are_checked_against_it(tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    raw, other = RawBox(broker.port), RawBox(broker.port, device="box-other")
+    src = make_cr(tmp_path / "in" / "x.dcm", seed=11)
+    data = codecs.encode_for_wire(src, codecs=["jpegls"]).data
+    cs = 4096
+    parts_ = _chunks(data, cs)
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    raw.pub("chunk", protocol.encode_chunk("c1", 0, parts_[0]))        # before its manifest: the hub asks for it
+    wait_until(lambda: raw.last("c1") and raw.last("c1")["status"] == "unknown", timeout=10, what="unknown ack")
+    raw.pub("manifest", protocol.encode("manifest", raw.device, transfer="c1", study_uid=str(ds.StudyInstanceUID),
+                                        sop_instance_uid=str(ds.SOPInstanceUID), size=len(data),
+                                        sha256=hashlib.sha256(data).hexdigest(), chunk_size=cs, count=len(parts_)))
+    other.pub("chunk", protocol.encode_chunk("c1", 1, parts_[1]))      # another box cannot write into it
+    raw.pub("chunk", protocol.encode_chunk("c1", 1, parts_[1][:-1]))   # shorter than the manifest says
+    raw.pub("chunk", protocol.encode_chunk("c1", len(parts_), b"x"))   # past the last chunk
+    for i in [*reversed(range(len(parts_))), 0]:                        # out of order, one duplicate
+        raw.pub("chunk", protocol.encode_chunk("c1", i, parts_[i]))
+    wait_until(lambda: raw.last("c1")["status"] == "complete", timeout=10, what="complete")
+    assert_hub_holds_exactly(tmp_path, [src])
+    reasons = " | ".join(r["reason"] for r in hub_view(tmp_path).dead_letters())
+    assert "belongs to another device" in reasons and "the manifest says" in reasons and "outside" in reasons
+    assert not any(a.get("transfer") == "c1" for a in other.acks)
+    raw.c.loop_stop()
+    other.c.loop_stop()
 
 
 def test_malformed_messages_go_to_dead_letters_and_the_receiver_keeps_going(tmp_path, broker, parts):
