@@ -130,6 +130,9 @@ class SyncConfig:
     byte, so full goodput needs rate x (RTT + one chunk) ~ 35 KB on GEO plus slack for loss; it is also what an urgent
     flag may wait behind. scripts/bench_link.py on GEO: 32 KiB 0.41 of the link; 48 KiB 0.76, flag p95 1.4 s;
     64 KiB 0.80, flag p95 2.0 s (goal 3 s)."""
+    flag_lane: bool = True
+    """Send flags over a second MQTT connection ("<client_id>-lane", clean session, same identity), so an urgent
+    flag never queues behind the bulk bytes already in the study connection's TCP send buffer."""
     socket_sndbuf_bytes: int = 0
     """SO_SNDBUF of the MQTT socket (0 = kernel default). The in-flight window above already bounds what the kernel
     holds; a small buffer on top only starved the link (bench_link: 0.41 vs 0.48 of the link at 8 KiB)."""

@@ -27,8 +27,8 @@ class Uploader:
     """Two threads: `pack` (flags first, then wire-encoding) and `send` (one chunk at a time, best priority first).
 
     Preemption happens between chunks: before every chunk the send thread re-reads the outbox in priority order, and
-    bulk bytes not yet confirmed by the broker are capped (`max_inflight_bytes`), so a new urgent flag waits behind
-    at most that much data plus the small socket buffer.
+    bulk bytes not yet confirmed by the broker are capped (`max_inflight_bytes`). Flags go over their own connection
+    (`sync.flag_lane`), so they wait behind what sits in the link's queue, not behind that window too.
     """
 
     def __init__(self, cfg, store, engine=None):
@@ -59,8 +59,10 @@ class Uploader:
         self._nudge_mtime = 0.0
         self.blocked = ""
         self.stats = {"connects": 0, "disconnects": 0, "puback_rtt_ms": None, "chunks_sent": 0, "chunks_resent": 0,
-                      "bytes_sent": 0, "flags_sent": 0, "connected_since": None}
+                      "bytes_sent": 0, "flags_sent": 0, "flags_via_lane": 0, "connected_since": None}
         self.client = self._make_client()
+        self.lane = self._make_lane() if self.sc.flag_lane else None
+        self.lane_connected = False
         self._threads: list[threading.Thread] = []
 
     # --- MQTT plumbing --------------------------------------------------------------------------------------------
@@ -78,6 +80,28 @@ class Uploader:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
+
+    def _make_lane(self):
+        """The flag lane: its own TCP connection, so a flag's bytes are not behind ~max_inflight_bytes of chunks in
+        one socket. Clean session and no will: flags live in the outbox until the hub acks them (on the main
+        connection's subscription), so nothing needs to survive on the broker for this one."""
+        sc = self.sc
+        lane = protocol.mqtt_client(f"{sc.client_id or f'wasla-box-{self.device}'}-lane", tls_ca_file=sc.tls_ca_file,
+                                    tls_cert_file=sc.tls_cert_file, tls_key_file=sc.tls_key_file,
+                                    username=sc.username, password_file=sc.password_file)
+
+        def on_connect(_c, _u, _flags, reason_code, _props):
+            self.lane_connected = not reason_code.is_failure
+            if self.lane_connected:
+                self.wake.set()
+            else:
+                log.warning("broker refused the flag lane: %s", reason_code)
+
+        def on_disconnect(*_a):
+            self.lane_connected = False
+
+        lane.on_connect, lane.on_disconnect = on_connect, on_disconnect
+        return lane
 
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
         try:
@@ -306,13 +330,22 @@ class Uploader:
     def _send_flag(self, row: dict) -> bool:
         payload = json.loads(row["payload"])
         data = protocol.encode("flag", self.device, flag_id=row["flag_id"], **payload)
-        if self._publish("flag", data):
+        if self._publish_flag(data):
             self._flag_sent[row["flag_id"]] = time.monotonic()
             self.budget.charge(FLAG_BYTES, len(data))
             self.stats["flags_sent"] += 1
             log.info("flag %s sent (%d bytes)", row["flag_id"], len(data))
             return True
         return False
+
+    def _publish_flag(self, data: bytes) -> bool:
+        if self.lane is not None and self.lane_connected:
+            info = self.lane.publish(protocol.up_topic(self.device, "flag"), data, qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.stats["bytes_sent"] += len(data)
+                self.stats["flags_via_lane"] += 1
+                return True
+        return self._publish("flag", data)  # no lane (or it is down): the main connection still works
 
     def _send_manifest(self, row: dict) -> bool:
         data = protocol.encode(
@@ -462,6 +495,10 @@ class Uploader:
         self.client.connect_async(self.sc.broker_host, self.sc.broker_port, keepalive=self.sc.keepalive_seconds,
                                   clean_start=False, properties=props)
         self.client.loop_start()
+        if self.lane is not None:
+            self.lane.connect_async(self.sc.broker_host, self.sc.broker_port, keepalive=self.sc.keepalive_seconds,
+                                    clean_start=True)
+            self.lane.loop_start()
         for name, target in (("sync-pack", self._pack_loop), ("sync-send", self._send_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -484,3 +521,6 @@ class Uploader:
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+        if self.lane is not None:
+            self.lane.disconnect()
+            self.lane.loop_stop()

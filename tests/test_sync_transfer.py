@@ -65,6 +65,7 @@ def test_urgent_flag_and_study_overtake_a_normal_study_already_on_the_wire(tmp_p
         "SELECT study_uid, MAX(completed_at) AS t FROM transfers GROUP BY study_uid")}
     assert done[uid] < done[normal], "the urgent study finished after the normal one that was already sending"
     assert flag_latency < 2.0
+    assert box.uploader.stats["flags_via_lane"] >= 1, "flags go over their own connection"
     assert_hub_holds_exactly(tmp_path, normals + [urgent])
     print(f"urgent flag latency behind bulk at 200 kbit/s: {flag_latency * 1000:.0f} ms")
 
