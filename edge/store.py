@@ -29,8 +29,8 @@ TRANSITIONS: dict[str, set[str]] = {
     RECEIVED: {PROCESSING, QUARANTINED},
     PROCESSING: {TRIAGED, QUARANTINED, RECEIVED},
     TRIAGED: {QUEUED, RECEIVED},
-    QUEUED: {SENT, QUEUED},
-    SENT: {ACKNOWLEDGED, QUEUED},
+    QUEUED: {SENT, QUEUED, TRIAGED},   # -> triaged: its wire copy was lost, pack it again from the spool
+    SENT: {ACKNOWLEDGED, QUEUED, TRIAGED},
     ACKNOWLEDGED: {PURGED},
     PURGED: set(),
     QUARANTINED: {RECEIVED},

@@ -85,6 +85,8 @@ class Outbox:
         size = len(enc.data)
         with self.store.transaction() as db:
             self.store.transition(db, inst["id"], QUEUED)
+            # A transfer that failed because its wire file was lost comes back under the same (deterministic) id.
+            db.execute("DELETE FROM outbox WHERE transfer_id = ? AND state = ?", [tid, FAILED])
             db.execute(
                 "INSERT OR IGNORE INTO outbox (kind, priority, state, study_uid, instance_id, label, transfer_id, "
                 "wire_path, size, sha256, chunk_size, count, codec, transfer_syntax, original_size, ratio, have, "
@@ -146,10 +148,33 @@ class Outbox:
             return merged
 
     def reset_have(self, transfer: str) -> None:
-        """The hub threw the transfer away (whole-file sha mismatch): every chunk goes again."""
+        """The hub threw the transfer away (whole-file sha mismatch) or never had it: every chunk goes again, and an
+        instance that counted as sent (all chunks confirmed) is queued again until the hub's final ack."""
         with self.store.transaction() as db:
+            row = db.execute("SELECT instance_id FROM outbox WHERE transfer_id = ? AND state IN (?, ?)",
+                             [transfer, *ACTIVE]).fetchone()
             db.execute("UPDATE outbox SET have = '[]', state = ?, attempts = attempts + 1, updated_at = ? "
                        "WHERE transfer_id = ? AND state IN (?, ?)", [PENDING, time.time(), transfer, *ACTIVE])
+            if row is not None:
+                self._back_to(db, row[0], (SENT,), QUEUED)
+
+    def repack(self, transfer: str, reason: str) -> None:
+        """The box's own wire copy is gone or damaged: fail this transfer and send the instance back to packing,
+        which encodes it again from the spool (a transfer of the same id replaces this failed row)."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT instance_id FROM outbox WHERE transfer_id = ?", [transfer]).fetchone()
+            db.execute("UPDATE outbox SET state = ?, reason = ?, updated_at = ? WHERE transfer_id = ?",
+                       [FAILED, f"{reason}; packed again"[:500], time.time(), transfer])
+            if row is not None:
+                self._back_to(db, row[0], (QUEUED, SENT), TRIAGED)
+        log.warning("transfer %s: %s; the instance is packed again", transfer, reason)
+
+    def _back_to(self, db, instance_id: int | None, from_states: tuple[str, ...], to: str) -> None:
+        if instance_id is None:
+            return
+        state = db.execute("SELECT state FROM instances WHERE id = ?", [instance_id]).fetchone()
+        if state is not None and state[0] in from_states:
+            self.store.transition(db, instance_id, to)
 
     def acknowledged(self, transfer: str) -> bool:
         """The hub verified and stored the instance: sent -> acknowledged, and the wire copy is no longer needed."""

@@ -219,7 +219,8 @@ class Uploader:
             log.warning("hub discarded transfer %s (%s): sending it again", tid, msg.get("reason"))
             row = self.outbox.get(tid)
             if row is not None and not self.outbox.wire_intact(row):
-                self.outbox.failed(tid, "wire file on the box is corrupt")
+                self.outbox.repack(tid, "wire file on the box is corrupt")
+                self.pack_wake.set()
             else:
                 self.outbox.reset_have(tid)
             self._forget(tid)
@@ -371,8 +372,11 @@ class Uploader:
             data = self.outbox.read_chunk(row, index)
         except OSError as err:
             # One lost wire file (power cut before its folder was synced, a hand clean-up) must not block every
-            # transfer behind it: mark it failed, visible in `wasla sync`, and go on with the others.
-            self.outbox.failed(tid, f"wire file unreadable: {err.strerror or err}")
+            # transfer behind it: this one fails (visible in `wasla sync`), its instance is packed again from the
+            # spool, and the others go on meanwhile.
+            self.outbox.repack(tid, f"wire file unreadable: {err.strerror or err}")
+            self._forget(tid)
+            self.pack_wake.set()
             return True
         payload = protocol.encode_chunk(tid, index, data)
         if not self._publish("chunk", payload, bulk=True):

@@ -134,6 +134,22 @@ def test_hub_that_lost_its_store_mid_transfer_gets_the_study_again_from_the_mani
     assert box.uploader.stats["chunks_resent"] >= 3
 
 
+def test_a_lost_wire_file_on_the_box_is_packed_again_and_the_study_still_arrives(tmp_path, broker, parts, caplog):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port, max_rate_kbps=100).start()
+    parts.append(box)
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=20 + i, side=200) for i in range(2)]
+    for f in files:
+        triage(box.store, f, "review")
+    wire = wait_until(lambda: sorted(box.uploader.outbox.wire_dir.glob("*.dcm")), timeout=20, what="wire files")
+    wire[-1].unlink()  # a hand clean-up, or a power cut before the wire folder was synced
+    wait_until(lambda: _acked(box, 2), timeout=90, what="both acknowledged")
+    assert_hub_holds_exactly(tmp_path, files)
+    assert not box.store.query("SELECT 1 FROM outbox WHERE state = 'failed'"), "the failed transfer was replaced"
+    assert "the instance is packed again" in caplog.text
+
+
 def test_corrupted_partial_file_at_the_hub_fails_sha_and_the_box_resends(tmp_path, broker, parts):
     hub = start_hub(tmp_path, broker.port)
     parts.append(hub)
