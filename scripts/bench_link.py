@@ -172,6 +172,13 @@ class Bench:
 
         self.link.start()
         log(f"link {self.link.prefix} up: {self.link.profile.describe()}")
+        for kv in self.args.box_sysctl or []:
+            self.link.run_in("box", ["sysctl", "-q", "-w", kv], check=True, timeout=10)
+        # What the box's TCP runs with: the congestion control decides how it reacts to the link's random loss.
+        self.tcp_settings = {
+            key: self.link.run_in("box", ["sysctl", "-n", f"net.ipv4.{key}"], capture_output=True, text=True,
+                                  timeout=10).stdout.strip()
+            for key in ("tcp_congestion_control", "tcp_timestamps", "tcp_sack")}
         self.sampler = Sampler(self.link)
         self.sampler.start()
         # Broker on the hub side of the link.
@@ -501,8 +508,11 @@ broker_port = {BROKER_PORT}
         print(f"Wasla link bench — profile {a.profile}{' (quick)' if a.quick else ''}, seed {a.seed}")
         print(f"  link: {prof.describe()}")
         print(f"  sync: chunk_bytes={sc.chunk_bytes} max_inflight_bytes={sc.max_inflight_bytes} "
-              f"socket_sndbuf_bytes={sc.socket_sndbuf_bytes} max_rate_kbps={sc.max_rate_kbps:g} "
+              f"socket_sndbuf_bytes={sc.socket_sndbuf_bytes} flag_lane={str(sc.flag_lane).lower()} "
+              f"max_rate_kbps={sc.max_rate_kbps:g} "
               f"(overrides: {' '.join(a.set or []) or 'none'})")
+        print(f"  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
+              + (f" (set: {' '.join(a.box_sysctl)})" if a.box_sysctl else ""))
         print(f"  total run time {time.time() - started:.0f} s")
         rate = prof.up.rate_bps
         goals: list[tuple[str, bool | None, str]] = []
@@ -590,7 +600,7 @@ broker_port = {BROKER_PORT}
             print(f"{'PASS' if ok else 'FAIL'}  {name:<52} {detail}")
         print(f"\n{len(goals) - fails}/{len(goals)} goals met")
         if a.json:
-            Path(a.json).write_text(json.dumps({"args": vars(a), "results": R}, indent=2, default=str))
+            Path(a.json).write_text(json.dumps({"args": vars(a), "box_tcp": self.tcp_settings, "results": R}, indent=2, default=str))
         return 0 if fails == 0 else 1
 
 
@@ -601,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="backlog,cut,cstore", help="comma list of backlog, cut, cstore")
     ap.add_argument("--set", action="append", metavar="KEY=TOML",
                     help="a [sync] override in the box config, e.g. --set max_inflight_bytes=65536 (repeatable)")
+    ap.add_argument("--box-sysctl", action="append", metavar="KEY=VAL",
+                    help="a sysctl for the box namespace, e.g. net.ipv4.tcp_congestion_control=cubic (repeatable)")
     ap.add_argument("--probes", type=int, default=12, help="urgent probe studies in phase 1 (>= 10 for a p95)")
     ap.add_argument("--probe-every", type=float, default=6.0, help="seconds between probes")
     ap.add_argument("--cut-seconds", type=float, default=30.0, help="length of the cut in phases 2 and 3")
