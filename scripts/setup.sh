@@ -15,6 +15,8 @@ if [[ "$EXTRAS" == *test* ]]; then  # the link-emulator tests ping across networ
   command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # the unit checks (verify, security)
   # tests/test_orthanc.py: a real PACS (binary "Orthanc") receives the box's SR/SC by C-STORE
   command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+  # tests/test_hub_store_pg.py: a real PostgreSQL server (its own cluster, started by the test) holds the hub index
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -6,6 +6,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from edge.config import LogConfig, MetricsConfig, _build, validate_metrics
 from edge.errors import ConfigError
@@ -19,7 +20,11 @@ class HubSection:
     id: str = "hub-1"
     """This receiver's name; its MQTT client id is "wasla-hub-<id>". Give each receiver beside another its own."""
     data_dir: Path = Path("/var/lib/wasla-hub")
-    """Root of the study files, the partial transfers and the index database."""
+    """Root of the study files, the partial transfers and (unless database_url is set) the index database."""
+    database_url: str = ""
+    """Where the index lives: empty = SQLite file hub.db under data_dir; "postgresql://user@host:5432/dbname" = that
+    PostgreSQL database, which several receivers may share (pip extra "postgres"). Study files and partial transfers
+    stay under data_dir either way. Keep the password out of this file: use a libpq passfile (?passfile=...)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ class HubConfig:
 def _validate(cfg: HubConfig) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.hub.id):
         raise ConfigError(f"hub.id: {cfg.hub.id!r} must be 1-64 letters, digits, '-' or '_'")
+    _validate_database_url(cfg.hub.database_url)
     if not 0 < cfg.broker.port <= 65535:
         raise ConfigError(f"broker.port: {cfg.broker.port} is not a TCP port")
     if not 10 <= cfg.broker.keepalive_seconds <= 3600:
@@ -97,6 +103,23 @@ def _validate(cfg: HubConfig) -> None:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
     validate_metrics(cfg.metrics)
+
+
+def _validate_database_url(url: str) -> None:
+    # The messages never repeat the URL: it may carry a password.
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("hub.database_url: must be empty (SQLite under hub.data_dir) or "
+                          "postgresql://user@host:port/dbname")
+    try:
+        if "," not in parts.netloc:  # libpq's multi-host form (h1:5432,h2:5432) is not one port
+            parts.port
+    except ValueError:
+        raise ConfigError("hub.database_url: the port is not a TCP port") from None
+    if not parts.path.strip("/"):
+        raise ConfigError("hub.database_url: names no database (postgresql://user@host:port/DBNAME)")
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> HubConfig:

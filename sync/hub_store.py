@@ -1,6 +1,8 @@
-"""The hub's store: study files on disk plus a SQLite index (transfers, chunks, instances, studies, boxes, reads)."""
+"""The hub's store: study files on disk plus an index (transfers, chunks, instances, studies, boxes, reads) in SQLite,
+or in PostgreSQL through sync/hub_store_pg.py."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,11 +68,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class HubStore:
-    def __init__(self, db_path: Path, studies_dir: Path, partial_dir: Path):
-        self.db_path, self.studies_dir, self.partial_dir = Path(db_path), Path(studies_dir), Path(partial_dir)
-        for d in (self.db_path.parent, self.studies_dir, self.partial_dir):
-            d.mkdir(parents=True, exist_ok=True)
+class SqliteIndex:
+    """The default index: one SQLite file beside the study files. HubStore runs its SQL on this or on
+    sync.hub_store_pg.PostgresIndex; both offer tx(), query(), close(), instance_lock() and the dialect below."""
+
+    # The few SQL fragments the two dialects spell differently.
+    insert_or_ignore, on_conflict_ignore, greatest = "INSERT OR IGNORE", "", "MAX"
+
+    def __init__(self, db_path: Path):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
@@ -80,10 +87,6 @@ class HubStore:
         except sqlite3.Error as err:
             raise StoreError(f"cannot open hub store {self.db_path}: {err}") from err
         self._lock = threading.RLock()
-
-    @classmethod
-    def from_config(cls, cfg) -> "HubStore":
-        return cls(cfg.db_path, cfg.studies_dir, cfg.partial_dir)
 
     def close(self) -> None:
         with self._lock:
@@ -96,6 +99,37 @@ class HubStore:
     def query(self, sql: str, params=()) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    def instance_lock(self, sop_instance_uid: str):
+        return contextlib.nullcontext()
+
+
+class HubStore:
+    def __init__(self, db_path: Path | None, studies_dir: Path, partial_dir: Path, index=None):
+        """`index` (a PostgresIndex) replaces the SQLite file at `db_path`; study files stay under studies_dir."""
+        self.db_path = Path(db_path) if db_path is not None else None
+        self.studies_dir, self.partial_dir = Path(studies_dir), Path(partial_dir)
+        for d in (self.studies_dir, self.partial_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.index = index if index is not None else SqliteIndex(self.db_path)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HubStore":
+        """SQLite under data_dir, or the PostgreSQL database of hub.database_url (psycopg imported only then)."""
+        if cfg.hub.database_url:
+            from sync.hub_store_pg import PostgresIndex
+
+            return cls(None, cfg.studies_dir, cfg.partial_dir, index=PostgresIndex(cfg.hub.database_url))
+        return cls(cfg.db_path, cfg.studies_dir, cfg.partial_dir)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def tx(self):
+        return self.index.tx()
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        return self.index.query(sql, params)
 
     # --- boxes and dead letters ---------------------------------------------------------------------------------
     def seen(self, device: str, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
@@ -139,14 +173,14 @@ class HubStore:
             os.replace(tmp, preview_path)
         with self.tx() as db:
             db.execute("INSERT INTO flags (flag_id, device, study_uid, label, received_at) VALUES (?, ?, ?, ?, ?) "
-                       "ON CONFLICT(device, flag_id) DO UPDATE SET times = times + 1",
+                       "ON CONFLICT(device, flag_id) DO UPDATE SET times = flags.times + 1",
                        [f["flag_id"], device, f["study_uid"], f["label"], now])
             self._touch_study(db, device, f["study_uid"], f["label"], now)
-            db.execute("UPDATE studies SET reasons = ?, modality = COALESCE(?, modality), n_expected = MAX(n_expected, ?), "
-                       "flagged_at = COALESCE(flagged_at, ?), preview_path = COALESCE(?, preview_path) "
-                       "WHERE study_uid = ?", [json.dumps(f.get("reasons") or []), f.get("modality"),
-                                               f.get("n_instances") or 0, f.get("at") or now,
-                                               str(preview_path) if preview_path else None, f["study_uid"]])
+            db.execute("UPDATE studies SET reasons = ?, modality = COALESCE(?, modality), "
+                       f"n_expected = {self.index.greatest}(n_expected, ?), flagged_at = COALESCE(flagged_at, ?), "
+                       "preview_path = COALESCE(?, preview_path) WHERE study_uid = ?",
+                       [json.dumps(f.get("reasons") or []), f.get("modality"), f.get("n_instances") or 0,
+                        f.get("at") or now, str(preview_path) if preview_path else None, f["study_uid"]])
 
     @staticmethod
     def _touch_study(db, device: str, study_uid: str, label: str | None, now: float) -> None:
@@ -154,7 +188,7 @@ class HubStore:
         if row is None:
             db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?)",
                        [study_uid, device, label, now, now])
-        elif label and SEVERITY.get(label, -1) > SEVERITY.get(row[0] or "", -1):
+        elif label and SEVERITY.get(label, -1) > SEVERITY.get(row["label"] or "", -1):
             # An escalation (a later image made it urgent) wins; a stale lower label never downgrades.
             db.execute("UPDATE studies SET label = ?, updated_at = ? WHERE study_uid = ?", [label, now, study_uid])
 
@@ -204,8 +238,8 @@ class HubStore:
         finally:
             os.close(fd)
         with self.tx() as db:
-            cur = db.execute("INSERT OR IGNORE INTO chunks (transfer_id, idx, at) VALUES (?, ?, ?)",
-                             [tid, index, time.time()])
+            cur = db.execute(f"{self.index.insert_or_ignore} INTO chunks (transfer_id, idx, at) VALUES (?, ?, ?)"
+                             f"{self.index.on_conflict_ignore}", [tid, index, time.time()])
             db.execute("UPDATE transfers SET updated_at = ? WHERE transfer_id = ?", [time.time(), tid])
             return cur.rowcount > 0
 
@@ -244,33 +278,37 @@ class HubStore:
         now = time.time()
         folder = self.studies_dir / safe_name(study_uid)
         dest = folder / f"{safe_name(sop_uid)}.dcm"
-        existing = self.stored_copy(sop_uid)
-        if existing is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, dest)
-            _fsync_dir(folder)
-        with self.tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO instances (sop_instance_uid, study_uid, device, transfer_id, sha256, size, "
-                "original_size, codec, transfer_syntax, path, stored_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [sop_uid, study_uid, t["device"], t["transfer_id"], t["sha256"], t["size"],
-                 t.get("original_size") or t["size"], t.get("codec"), t.get("transfer_syntax"),
-                 str(dest.relative_to(self.studies_dir)), now])
-            new = cur.rowcount > 0
-            if new:
-                self._touch_study(db, t["device"], study_uid, t.get("label"), now)
-                db.execute("UPDATE studies SET n_instances = n_instances + ?, wire_bytes = wire_bytes + ?, "
-                           "original_bytes = original_bytes + ?, updated_at = ? WHERE study_uid = ?",
-                           [int(counts_as_image), t["size"], t.get("original_size") or t["size"], now, study_uid])
-            db.execute("UPDATE transfers SET state = 'complete', completed_at = ?, sop_instance_uid = ?, "
-                       "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
-                                                                               t["transfer_id"]])
-            db.execute("DELETE FROM chunks WHERE transfer_id = ?", [t["transfer_id"]])
+        # The index's instance lock spans look-up, file and row, so the file on disk is the copy its row describes
+        # even when two receivers file one SOP instance (two transfers of it) at the same moment.
+        with self.index.instance_lock(sop_uid):
+            existing = self.stored_copy(sop_uid)
+            if existing is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dest)
+                _fsync_dir(folder)
+            with self.tx() as db:
+                cur = db.execute(
+                    f"{self.index.insert_or_ignore} INTO instances (sop_instance_uid, study_uid, device, transfer_id, "
+                    "sha256, size, original_size, codec, transfer_syntax, path, stored_at) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){self.index.on_conflict_ignore}",
+                    [sop_uid, study_uid, t["device"], t["transfer_id"], t["sha256"], t["size"],
+                     t.get("original_size") or t["size"], t.get("codec"), t.get("transfer_syntax"),
+                     str(dest.relative_to(self.studies_dir)), now])
+                new = cur.rowcount > 0
+                if new:
+                    self._touch_study(db, t["device"], study_uid, t.get("label"), now)
+                    db.execute("UPDATE studies SET n_instances = n_instances + ?, wire_bytes = wire_bytes + ?, "
+                               "original_bytes = original_bytes + ?, updated_at = ? WHERE study_uid = ?",
+                               [int(counts_as_image), t["size"], t.get("original_size") or t["size"], now, study_uid])
+                db.execute("UPDATE transfers SET state = 'complete', completed_at = ?, sop_instance_uid = ?, "
+                           "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
+                                                                                   t["transfer_id"]])
+                db.execute("DELETE FROM chunks WHERE transfer_id = ?", [t["transfer_id"]])
         self.part_path(t["transfer_id"]).unlink(missing_ok=True)
         return new
 

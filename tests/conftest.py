@@ -1,4 +1,5 @@
-"""Shared fixtures: a box config rooted in tmp_path, a real Store on it, and sample DICOM files (never downloaded)."""
+"""Shared fixtures: a box config rooted in tmp_path, a real Store on it, sample DICOM files (never downloaded), and
+for the sync tests a private broker and the parts a test started."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -8,6 +9,7 @@ import pydicom
 import pytest
 
 from edge.config import BoxConfig, Config, DicomConfig, StorageConfig, WatchConfig
+from edge.harness import Mosquitto
 from edge.store import Store
 
 
@@ -58,3 +60,23 @@ def sample():
 def make_cfg(tmp_path):
     """make_cfg(dicom={"allowed_calling_aes": ["CR1"]}) -> a config like `cfg` with some sections overridden."""
     return lambda **sections: make_config(tmp_path, **sections)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A private Mosquitto on a free port, for one test."""
+    m = Mosquitto(tmp_path / "mqtt").start()
+    yield m
+    m.stop()
+
+
+@pytest.fixture
+def parts():
+    """Hubs, boxes and brokers a test started, stopped in reverse order even when the test fails."""
+    started = []
+    yield started
+    for p in reversed(started):
+        try:
+            p.stop()
+        except Exception:  # noqa: BLE001 - teardown of a part a test already stopped
+            pass

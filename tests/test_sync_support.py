@@ -1,10 +1,14 @@
-"""Helpers for the sync tests (no tests here): synthetic studies, a box uploader and hub receivers on a private broker."""
+"""Helpers for the sync tests (no tests here): synthetic studies, a box uploader and hub receivers on a private broker.
+
+The hub helpers take `database_url` (hub.database_url): empty = the SQLite index under the hub's data_dir."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -15,7 +19,7 @@ from conftest import make_config
 from edge import ingest
 from edge.harness import wait_until
 from edge.store import Store
-from sync import codecs, hub_config
+from sync import codecs, hub_config, protocol
 from sync.hub_store import HubStore
 from sync.receiver import Receiver
 from sync.uploader import Uploader
@@ -67,8 +71,9 @@ def box_config(root: Path, port: int, box_id: str = "box-a", **sync):
                    sync=replace(cfg.sync, broker_port=port, **{**FAST_SYNC, **sync}))
 
 
-def hub_cfg(root: Path, port: int, hub_id: str = "hub-1"):
-    return hub_config.parse(f'[hub]\nid = "{hub_id}"\ndata_dir = "{root / "hub"}"\n[broker]\nport = {port}\n'
+def hub_cfg(root: Path, port: int, hub_id: str = "hub-1", database_url: str = ""):
+    index = f'database_url = "{database_url}"\n' if database_url else ""
+    return hub_config.parse(f'[hub]\nid = "{hub_id}"\ndata_dir = "{root / "hub"}"\n{index}[broker]\nport = {port}\n'
                             'keepalive_seconds = 10\n')
 
 
@@ -94,19 +99,39 @@ class Box:
         return self.store.counts()
 
 
-def start_hub(root: Path, port: int, hub_id: str = "hub-1") -> Receiver:
-    r = Receiver(hub_cfg(root, port, hub_id)).start()
+class RawBox:
+    """A hand-driven box: publishes exactly the bytes a test wants and collects what the hub answers."""
+
+    def __init__(self, port, device="box-raw"):
+        self.device = device
+        self.acks: list[dict] = []
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{device}", protocol=mqtt.MQTTv5)
+        self.c.on_message = lambda _c, _u, m: self.acks.append(json.loads(m.payload))
+        self.c.connect("127.0.0.1", port)
+        self.c.subscribe(protocol.down_filter(device), qos=1)
+        self.c.loop_start()
+
+    def pub(self, kind, payload):
+        self.c.publish(f"wasla/v1/{self.device}/up/{kind}", payload, qos=1).wait_for_publish(5)
+
+    def last(self, tid):
+        got = [a for a in self.acks if a.get("transfer") == tid]
+        return got[-1] if got else None
+
+
+def start_hub(root: Path, port: int, hub_id: str = "hub-1", database_url: str = "") -> Receiver:
+    r = Receiver(hub_cfg(root, port, hub_id, database_url)).start()
     wait_until(r.connected.is_set, timeout=10, what="hub connected")
     return r
 
 
-def hub_view(root: Path) -> HubStore:
+def hub_view(root: Path, database_url: str = "") -> HubStore:
     """A second connection on the hub's index, as `wasla-hub` commands open it."""
-    return HubStore.from_config(hub_cfg(root, 1))
+    return HubStore.from_config(hub_cfg(root, 1, database_url=database_url))
 
 
-def stored_sops(root: Path) -> list[str]:
-    s = hub_view(root)
+def stored_sops(root: Path, database_url: str = "") -> list[str]:
+    s = hub_view(root, database_url)
     try:
         return [r["sop_instance_uid"] for r in s.query("SELECT sop_instance_uid FROM instances")]
     finally:
@@ -116,9 +141,9 @@ def stored_sops(root: Path) -> list[str]:
 DERIVED_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.", "1.2.840.10008.5.1.4.1.1.7")  # the box's own SR / SC
 
 
-def assert_hub_holds_exactly(root: Path, originals: list[Path]) -> None:
+def assert_hub_holds_exactly(root: Path, originals: list[Path], database_url: str = "") -> None:
     """The hub has one copy of each original, pixel data bit-exact, and nothing else but the box's result objects."""
-    s = hub_view(root)
+    s = hub_view(root, database_url)
     try:
         rows = s.query("SELECT * FROM instances")
         by_sop = {r["sop_instance_uid"]: r for r in rows}

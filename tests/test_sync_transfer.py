@@ -5,32 +5,13 @@ import hashlib
 import json
 import time
 
-import paho.mqtt.client as mqtt
 import pydicom
-import pytest
 from pydicom.uid import generate_uid
 
 from edge.harness import Mosquitto, wait_until
 from sync import codecs, protocol
-from test_sync_support import (Box, assert_hub_holds_exactly, hub_view, make_cr, start_hub, stored_sops, triage)
-
-
-@pytest.fixture
-def broker(tmp_path):
-    m = Mosquitto(tmp_path / "mqtt").start()
-    yield m
-    m.stop()
-
-
-@pytest.fixture
-def parts():
-    started = []
-    yield started
-    for p in reversed(started):
-        try:
-            p.stop()
-        except Exception:  # noqa: BLE001 - teardown of a part a test already stopped
-            pass
+from test_sync_support import (Box, RawBox, assert_hub_holds_exactly, hub_view, make_cr, start_hub, stored_sops,
+                               triage)
 
 
 def _acked(box, n):
@@ -168,26 +149,6 @@ def test_corrupted_partial_file_at_the_hub_fails_sha_and_the_box_resends(tmp_pat
     view = hub_view(tmp_path)
     assert view.query("SELECT retries FROM transfers")[0]["retries"] == 1
     assert_hub_holds_exactly(tmp_path, [f])
-
-
-class RawBox:
-    """A hand-driven box: publishes exactly the bytes a test wants and collects what the hub answers."""
-
-    def __init__(self, port, device="box-raw"):
-        self.device = device
-        self.acks: list[dict] = []
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"raw-{device}", protocol=mqtt.MQTTv5)
-        self.c.on_message = lambda _c, _u, m: self.acks.append(json.loads(m.payload))
-        self.c.connect("127.0.0.1", port)
-        self.c.subscribe(protocol.down_filter(device), qos=1)
-        self.c.loop_start()
-
-    def pub(self, kind, payload):
-        self.c.publish(f"wasla/v1/{self.device}/up/{kind}", payload, qos=1).wait_for_publish(5)
-
-    def last(self, tid):
-        got = [a for a in self.acks if a.get("transfer") == tid]
-        return got[-1] if got else None
 
 
 def _chunks(data, size):
