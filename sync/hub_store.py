@@ -3,6 +3,7 @@ or in PostgreSQL through sync/hub_store_pg.py."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -100,8 +101,19 @@ class SqliteIndex:
         with self._lock:
             return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
 
+    @contextlib.contextmanager
     def instance_lock(self, sop_instance_uid: str):
-        return contextlib.nullcontext()
+        # Receivers beside each other are separate processes sharing this file: an flock on one of 256 lock files
+        # (by UID hash) keeps two of them from filing the same SOP instance at once.
+        slot = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:2]
+        lock_dir = self.db_path.parent / "locks"
+        lock_dir.mkdir(exist_ok=True)
+        fd = os.open(lock_dir / f"instance-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
 
 
 class HubStore:
