@@ -1,7 +1,7 @@
 """Latency (batch 1, median / p95), load time and peak RSS of the triage model on ONNX Runtime and OpenVINO,
 FP32 and INT8, 1 and 2 threads; every configuration runs in a fresh process so its RSS is its own.
 
-    python scripts/bench_models.py [--package models/cxr-triage/1.0.0] [--fp32 work-data/cxr-triage/model.fp32.onnx]
+    python scripts/bench_models.py [--package models/cxr-triage/1.1.0] [--fp32 work-data/cxr-triage-1.1.0/model.fp32.onnx]
 
 The FP32 ONNX is not part of the package: it is taken from the work folder, or re-exported from the work
 folder's checkpoint when torch is installed; without either, the FP32 rows are skipped (said so in the output).
@@ -112,8 +112,8 @@ def find_fp32(explicit: Path | None, work: Path) -> tuple[Path | None, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.0.0")
-    parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage")
+    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.1.0")
+    parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage-1.1.0")
     parser.add_argument("--fp32", type=Path, help="FP32 ONNX (default: from --work)")
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--seconds", type=float, default=15.0, help="time cap per configuration")

@@ -78,8 +78,8 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         f"{headline['n_abnormal']} abnormal, {headline['n_normal']} normal)",
         _metrics_table(headline),
         "",
-        f"95 % CIs: percentile bootstrap, {evaluation['bootstrap']['resamples']} resamples stratified by class, "
-        f"seed {evaluation['bootstrap']['seed']}.",
+        f"95 % CIs: AUC by percentile bootstrap, {evaluation['bootstrap']['resamples']} resamples stratified by "
+        f"class, seed {evaluation['bootstrap']['seed']}; sensitivity and specificity by the Wilson score interval.",
         "",
         "Band counts (abnormal / normal): " + "; ".join(f"{k} {v['abnormal']} / {v['normal']}"
                                                            for k, v in bands.items()) + ".",

@@ -53,9 +53,10 @@ def parity(job: Job, val: list[list], paths: dict[str, Path], thresholds: dict, 
     y = np.array([label for _, label in val])
     abnormal = is_abnormal(y, job)
     result = {"split": "validation", "n": len(val), "auc": {}, "accuracy": {}}
-    band = {}
+    band, score_of = {}, {}
     for name, runner in runners(paths).items():
         probs, score = scores(runner, images, job, mean, std)
+        score_of[name] = score
         result["auc"][name] = metrics.auc(abnormal, score)
         result["accuracy"][name] = float((probs.argmax(1) == y).mean())
         band[name] = metrics.bands(score, *backend_thresholds(thresholds, name))
@@ -64,6 +65,11 @@ def parity(job: Job, val: list[list], paths: dict[str, Path], thresholds: dict, 
     result["auc_drop_ort_int8_vs_fp32"] = result["auc"]["fp32"] - result["auc"]["ort_int8"]
     result["auc_drop_openvino_int8_vs_fp32"] = result["auc"]["fp32"] - result["auc"]["openvino_int8"]
     result.update(band_agreement(band))
+    # How closely each INT8 model tracks FP32 image by image (AUC alone saturates on this validation split).
+    result["score_gap_vs_fp32"] = {
+        name: {"mean": float(np.mean(np.abs(score_of[name] - score_of["fp32"]))),
+               "p95": float(np.percentile(np.abs(score_of[name] - score_of["fp32"]), 95))}
+        for name in BACKEND_KEY if name in score_of and "fp32" in score_of}
     result["band_agreement_ort_int8_vs_fp32"] = float((band["ort_int8"] == band["fp32"]).mean())
     return result
 

@@ -83,24 +83,35 @@ def binary_report(y: np.ndarray, score: np.ndarray, thresholds: dict) -> dict:
     }
 
 
+def wilson_ci(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """Wilson score 95 % interval of a proportion k/n: unlike a bootstrap it does not collapse to [1, 1] when every
+    case was caught (223/223 -> 0.983-1.000)."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
 def bootstrap_ci(y: np.ndarray, score: np.ndarray, thresholds: dict, resamples: int = 2000,
                  seed: int = 0) -> dict:
-    """Percentile 95 % CIs, resampling cases with replacement, stratified by class so each draw has both."""
+    """95 % CIs: AUC by percentile bootstrap (cases resampled with replacement, stratified by class so each draw has
+    both); sensitivity and specificity by the Wilson score interval of their counts."""
     y = np.asarray(y).astype(bool)
     score = np.asarray(score)
     rng = np.random.default_rng(seed)
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
-    keys = ("auc", "sensitivity_at_review", "specificity_at_review", "sensitivity_at_urgent", "specificity_at_urgent")
-    draws = {k: [] for k in keys}
+    draws = {"auc": []}
     for _ in range(resamples):
         idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
-        ys, ss = y[idx], score[idx]
-        draws["auc"].append(auc(ys, ss))
-        for name in ("review", "urgent"):
-            sens, spec = sens_spec(ys, ss, thresholds[name])
-            draws[f"sensitivity_at_{name}"].append(sens)
-            draws[f"specificity_at_{name}"].append(spec)
-    return {k + "_ci95": [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+        draws["auc"].append(auc(y[idx], score[idx]))
+    out = {"auc_ci95": [float(np.percentile(draws["auc"], 2.5)), float(np.percentile(draws["auc"], 97.5))]}
+    for name in ("review", "urgent"):
+        flagged = score >= thresholds[name]
+        out[f"sensitivity_at_{name}_ci95"] = wilson_ci(int(np.sum(flagged & y)), int(np.sum(y)))
+        out[f"specificity_at_{name}_ci95"] = wilson_ci(int(np.sum(~flagged & ~y)), int(np.sum(~y)))
+    return out
 
 
 def multiclass_report(y: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict:

@@ -65,7 +65,12 @@ def quantise_openvino(fp32: Path, out_xml: Path, images: np.ndarray, mean: list[
         raise NotFoundError(f"{fp32} does not exist: run the export step first")
     model = ov.convert_model(str(fp32))
     dataset = nncf.Dataset([normalise(image, mean, std)[None] for image in images])
-    quantised = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE)
+    # The stem convolution and the classifier stay in float: on the validation split this cut the mean |INT8 - FP32|
+    # score gap of EfficientNet-Lite0 from 0.023 to 0.007 (p95 0.105 -> 0.030) for ~2 % of the MACs. Measured
+    # on validation only; the same exclusion made the ORT QDQ model worse (0.024 -> 0.028), so ORT keeps all.
+    ignored = nncf.IgnoredScope(patterns=[".*_conv_stem.*", ".*_fc.*"], validate=False)
+    quantised = nncf.quantize(model, dataset, subset_size=len(images), preset=nncf.QuantizationPreset.PERFORMANCE,
+                              ignored_scope=ignored)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     ov.save_model(quantised, str(out_xml), compress_to_fp16=False)
     log.info("OpenVINO INT8 (NNCF) written to %s from %d images", out_xml, len(images))
