@@ -123,13 +123,14 @@ class SyncConfig:
     """MQTT keepalive (10-3600 s): how fast a silent dead link is noticed."""
     session_expiry_hours: float = 168.0
     """How long the broker keeps this box's session (subscriptions, queued acks and reads) while it is offline."""
-    chunk_bytes: int = 16384
-    """Study chunk size (1 KiB-1 MiB). 16 KiB is half a second at 256 kbit/s: a cut loses little, overhead ~1.5 %."""
-    max_inflight_bytes: int = 65536
+    chunk_bytes: int = 32768
+    """Study chunk size (1 KiB-1 MiB). 32 KiB is one second at 256 kbit/s: a cut costs at most that (plus the
+    window below) again, and the ~110 bytes of MQTT + chunk framing are 0.3 % of it (0.7 % at 16 KiB)."""
+    max_inflight_bytes: int = 131072
     """Bulk bytes published but not yet confirmed by the broker. A PUBACK comes one round trip after a chunk's last
-    byte, so full goodput needs rate x (RTT + one chunk) ~ 35 KB on GEO plus slack for loss; it is also what an urgent
-    flag may wait behind. scripts/bench_link.py on GEO: 32 KiB 0.41 of the link; 48 KiB 0.76, flag p95 1.4 s;
-    64 KiB 0.80, flag p95 2.0 s (goal 3 s)."""
+    byte, so full goodput needs rate x RTT + one chunk (~52 KB on GEO) plus slack for loss recovery. With the flag
+    lane a flag no longer waits behind this window. scripts/bench_link.py on GEO (flag lane on): 16 KiB chunks and
+    64 KiB in flight 0.80 of the link; 32 KiB and 128 KiB 0.87, urgent flag p95 1.4 s (goal 3 s)."""
     flag_lane: bool = True
     """Send flags over a second MQTT connection ("<client_id>-lane", clean session, same identity), so an urgent
     flag never queues behind the bulk bytes already in the study connection's TCP send buffer."""

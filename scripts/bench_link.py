@@ -4,6 +4,7 @@
     sudo .venv/bin/python scripts/bench_link.py                 # full run on GEO (~15 min)
     sudo .venv/bin/python scripts/bench_link.py --quick         # smaller studies (~5 min)
     sudo .venv/bin/python scripts/bench_link.py --set max_inflight_bytes=65536 --set socket_sndbuf_bytes=0
+    sudo .venv/bin/python scripts/bench_link.py --no-link-sysctl  # without the box's TCP tuning (BBR, no timestamps)
 
 What runs where (scripts/linkemu_lib.py makes the two namespaces and the link between them):
   hub namespace (10.77.0.2): Mosquitto (set_tcp_nodelay), `wasla-hub run`, and dcmtk storescp for the comparison;
@@ -172,7 +173,12 @@ class Bench:
 
         self.link.start()
         log(f"link {self.link.prefix} up: {self.link.profile.describe()}")
-        for kv in self.args.box_sysctl or []:
+        # The box as installed: install.sh puts systemd/60-wasla-link.conf in /etc/sysctl.d. Its per-namespace keys
+        # apply to the box namespace (net.core.* is host-wide and is left alone); --box-sysctl comes after them.
+        shipped = [] if self.args.no_link_sysctl else [
+            line.replace(" ", "") for line in (REPO / "systemd" / "60-wasla-link.conf").read_text().splitlines()
+            if line.strip() and not line.startswith("#") and not line.startswith("net.core.")]
+        for kv in shipped + (self.args.box_sysctl or []):
             self.link.run_in("box", ["sysctl", "-q", "-w", kv], check=True, timeout=10)
         # What the box's TCP runs with: the congestion control decides how it reacts to the link's random loss.
         self.tcp_settings = {
@@ -512,7 +518,8 @@ broker_port = {BROKER_PORT}
               f"max_rate_kbps={sc.max_rate_kbps:g} "
               f"(overrides: {' '.join(a.set or []) or 'none'})")
         print(f"  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
-              + (f" (set: {' '.join(a.box_sysctl)})" if a.box_sysctl else ""))
+              + (" (systemd/60-wasla-link.conf not applied)" if a.no_link_sysctl else
+                 " (systemd/60-wasla-link.conf applied)") + (f" (set: {' '.join(a.box_sysctl)})" if a.box_sysctl else ""))
         print(f"  total run time {time.time() - started:.0f} s")
         rate = prof.up.rate_bps
         goals: list[tuple[str, bool | None, str]] = []
@@ -611,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="backlog,cut,cstore", help="comma list of backlog, cut, cstore")
     ap.add_argument("--set", action="append", metavar="KEY=TOML",
                     help="a [sync] override in the box config, e.g. --set max_inflight_bytes=65536 (repeatable)")
+    ap.add_argument("--no-link-sysctl", action="store_true",
+                    help="do not apply systemd/60-wasla-link.conf (BBR, no timestamps) to the box namespace")
     ap.add_argument("--box-sysctl", action="append", metavar="KEY=VAL",
                     help="a sysctl for the box namespace, e.g. net.ipv4.tcp_congestion_control=cubic (repeatable)")
     ap.add_argument("--probes", type=int, default=12, help="urgent probe studies in phase 1 (>= 10 for a p95)")

@@ -56,7 +56,7 @@ def build(out: Path, *, platform: str | None = None, python_version: str | None 
     shutil.copy2(REPO / "scripts" / "install_offline.sh", out / "install.sh")
     (out / "install.sh").chmod(0o755)
     (out / "systemd").mkdir()
-    for unit in sorted((REPO / "systemd").glob("*.service")):
+    for unit in sorted([*(REPO / "systemd").glob("*.service"), *(REPO / "systemd").glob("*.conf")]):
         shutil.copy2(unit, out / "systemd" / unit.name)
     shutil.copy2(REPO / "README.md", out / "README.md")
     names = sorted(p.name for p in wheels.glob("*.whl"))

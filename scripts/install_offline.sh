@@ -47,6 +47,12 @@ install -d -m 0700 /etc/wasla/credentials
 for unit in "$HERE"/systemd/*.service; do
   sed "s#/opt/wasla/.venv#$PREFIX/.venv#g" "$unit" > "/etc/systemd/system/$(basename "$unit")"
 done
+# TCP tuned for the satellite uplink (BBR, no timestamps); applied now where the kernel allows, else at boot.
+if [ -f "$HERE/systemd/60-wasla-link.conf" ]; then
+  modprobe tcp_bbr 2>/dev/null || true
+  install -m 0644 "$HERE/systemd/60-wasla-link.conf" /etc/sysctl.d/60-wasla-link.conf
+  sysctl -q -p /etc/sysctl.d/60-wasla-link.conf || echo "note: sysctl settings apply at the next boot" >&2
+fi
 
 if [ -n "$BOX" ]; then
   src="$BOX"

@@ -78,3 +78,16 @@ def test_box_dicom_port_needs_no_privilege():
     from edge.config import DicomConfig
 
     assert DicomConfig().port > 1024
+
+
+def test_link_sysctl_dropin_names_real_keys_and_values_this_kernel_accepts():
+    """The drop-in install.sh puts in /etc/sysctl.d: every key exists, and BBR is a congestion control here."""
+    conf = REPO / "systemd" / "60-wasla-link.conf"
+    settings = dict(line.split("=", 1) for line in conf.read_text().splitlines() if line.strip() and line[0] != "#")
+    settings = {k.strip(): v.strip() for k, v in settings.items()}
+    assert settings["net.ipv4.tcp_congestion_control"] == "bbr" and settings["net.ipv4.tcp_timestamps"] == "0"
+    for key in settings:
+        assert Path("/proc/sys", *key.split(".")).exists(), key
+    available = Path("/proc/sys/net/ipv4/tcp_available_congestion_control").read_text().split()
+    if "bbr" not in available:
+        pytest.skip(f"tcp_bbr is not loaded in this kernel (available: {available})")
