@@ -123,14 +123,15 @@ class SyncConfig:
     """MQTT keepalive (10-3600 s): how fast a silent dead link is noticed."""
     session_expiry_hours: float = 168.0
     """How long the broker keeps this box's session (subscriptions, queued acks and reads) while it is offline."""
-    chunk_bytes: int = 32768
-    """Study chunk size (1 KiB-1 MiB). 32 KiB is one second at 256 kbit/s: a cut costs at most that (plus the
-    window below) again, and the ~110 bytes of MQTT + chunk framing are 0.3 % of it (0.7 % at 16 KiB)."""
-    max_inflight_bytes: int = 131072
+    chunk_bytes: int = 65536
+    """Study chunk size (1 KiB-1 MiB). 64 KiB is two seconds at 256 kbit/s: a cut costs at most that (plus the window
+    below) again, and the ~110 bytes of MQTT + chunk framing and the hub's ack per chunk stay under 0.3 % of it.
+    scripts/bench_link.py on GEO: wire overhead 5.1 % at 32 KiB, 4.7 % at 64 KiB (goal 5 %)."""
+    max_inflight_bytes: int = 262144
     """Bulk bytes published but not yet confirmed by the broker. A PUBACK comes one round trip after a chunk's last
-    byte, so full goodput needs rate x RTT + one chunk (~52 KB on GEO) plus slack for loss recovery. With the flag
-    lane a flag no longer waits behind this window. scripts/bench_link.py on GEO (flag lane on): 16 KiB chunks and
-    64 KiB in flight 0.80 of the link; 32 KiB and 128 KiB 0.87, urgent flag p95 1.4 s (goal 3 s)."""
+    byte, so full goodput needs rate x RTT + one chunk plus slack for loss recovery: about 3-4 chunks. Flags travel
+    on their own connection (flag_lane) and do not wait behind this window. scripts/bench_link.py on GEO: 64 KiB
+    chunks with 128 KiB in flight 0.73 of the link, with 256 KiB 0.87 (urgent flag p95 1.3 s; goal 3 s)."""
     flag_lane: bool = True
     """Send flags over a second MQTT connection ("<client_id>-lane", clean session, same identity), so an urgent
     flag never queues behind the bulk bytes already in the study connection's TCP send buffer."""

@@ -547,8 +547,9 @@ broker_port = {BROKER_PORT}
                 f"losses) {100 * (b['wire_up_delivered'] / b['payload'] - 1):.2f} %")
             row("  of which TCP segments retransmitted", f"{b['tcp_retrans']:,}",
                 f"of {b['tcp_out']:,} sent ({100 * b['tcp_retrans'] / max(1, b['tcp_out']):.2f} %)")
-            row("  of which IP+TCP headers (~52 B/packet)", f"{b['up_pkts'] * 52:,}",
-                f"{100 * b['up_pkts'] * 52 / b['payload']:.2f} % of payload")
+            hdr = 40 + (12 if self.tcp_settings.get("tcp_timestamps") not in ("0", None) else 0)
+            row(f"  of which IP+TCP headers ({hdr} B/packet)", f"{b['up_pkts'] * hdr:,}",
+                f"{100 * b['up_pkts'] * hdr / b['payload']:.2f} % of payload")
             row("  chunks the hub received twice", f"{b['dup_chunks']}", f"hub whole-file retries {b['retries']}")
             lat = b["latencies"]
             row("urgent flag latency p50", f"{pct(lat, 50):.2f} s", f"{len(lat)} flags, triaged (box) -> received (hub)")
