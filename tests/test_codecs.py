@@ -150,3 +150,29 @@ def test_receiver_rejects_truncated_file():
 def test_non_dicom_input_is_bad_input():
     with pytest.raises(BadInputError):
         encode_for_wire(b"not a dicom file at all")
+
+
+def _large_cr(pixels: np.ndarray) -> bytes:
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = 0, 12, 11
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return _part10(ds)
+
+
+def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress_well(monkeypatch):
+    """JPEG-XL effort 7 costs ~3 MB/s: worth it on smooth images (5-15 % smaller), not on noisy ones."""
+    import sync.codecs as codecs_mod
+
+    if "jpegxl" not in available_codecs():
+        pytest.skip("imagecodecs without JPEG-XL")
+    tried = []
+    real = codecs_mod.make_codec
+    monkeypatch.setattr(codecs_mod, "make_codec", lambda spec: tried.append(spec) or real(spec))
+    yy, xx = np.mgrid[0:1100, 0:1100]
+    smooth = 1000 + 800 * np.sin(xx / 150.0) * np.cos(yy / 190.0)   # 2.4 MB of pixels, > the small-image limit
+    noisy = np.random.default_rng(0).integers(0, 4096, (1100, 1100))
+    for pixels, expect in ((smooth, True), (noisy, False)):
+        tried.clear()
+        wire, received = _round_trip(_large_cr(pixels))
+        assert ("jpegxl:7" in tried) is expect, (tried, wire.ratio)  # _round_trip checked the pixels bit-exact
