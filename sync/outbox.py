@@ -110,9 +110,15 @@ class Outbox:
         return self.wire_dir / row["wire_path"]
 
     def read_chunk(self, row: dict, index: int) -> bytes:
+        """One chunk of the wire file; OSError when the file is gone or shorter than its transfer says (a short chunk
+        would be refused by the hub forever, never reaching the whole-file check that triggers a re-pack)."""
+        expected = min(row["chunk_size"], row["size"] - index * row["chunk_size"])
         with open(self.wire_path(row), "rb") as fh:
             fh.seek(index * row["chunk_size"])
-            return fh.read(row["chunk_size"])
+            data = fh.read(row["chunk_size"])
+        if len(data) != expected:
+            raise OSError(f"wire file has {len(data)} bytes for chunk {index}, expected {expected}")
+        return data
 
     def wire_intact(self, row: dict) -> bool:
         try:

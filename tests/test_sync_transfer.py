@@ -6,6 +6,7 @@ import json
 import time
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from edge.harness import Mosquitto, wait_until
@@ -115,7 +116,9 @@ def test_hub_that_lost_its_store_mid_transfer_gets_the_study_again_from_the_mani
     assert box.uploader.stats["chunks_resent"] >= 3
 
 
-def test_a_lost_wire_file_on_the_box_is_packed_again_and_the_study_still_arrives(tmp_path, broker, parts, caplog):
+@pytest.mark.parametrize("damage", ["unlink", "truncate"])
+def test_a_lost_wire_file_on_the_box_is_packed_again_and_the_study_still_arrives(tmp_path, broker, parts, caplog,
+                                                                                damage):
     hub = start_hub(tmp_path, broker.port)
     parts.append(hub)
     box = Box(tmp_path, broker.port, max_rate_kbps=100).start()
@@ -124,7 +127,11 @@ def test_a_lost_wire_file_on_the_box_is_packed_again_and_the_study_still_arrives
     for f in files:
         triage(box.store, f, "review")
     wire = wait_until(lambda: sorted(box.uploader.outbox.wire_dir.glob("*.dcm")), timeout=20, what="wire files")
-    wire[-1].unlink()  # a hand clean-up, or a power cut before the wire folder was synced
+    if damage == "unlink":
+        wire[-1].unlink()  # a hand clean-up, or a power cut before the wire folder was synced
+    else:
+        with open(wire[-1], "r+b") as fh:  # a power cut that kept the name but not all the bytes
+            fh.truncate(100)
     wait_until(lambda: _acked(box, 2), timeout=90, what="both acknowledged")
     assert_hub_holds_exactly(tmp_path, files)
     assert not box.store.query("SELECT 1 FROM outbox WHERE state = 'failed'"), "the failed transfer was replaced"
