@@ -1,10 +1,17 @@
 """Latency (batch 1, median / p95), load time and peak RSS of the triage model on ONNX Runtime and OpenVINO,
-FP32 and INT8, 1 and 2 threads; every configuration runs in a fresh process so its RSS is its own.
+FP32 and INT8, 1 and 2 threads.
 
     python scripts/bench_models.py [--package models/cxr-triage/1.1.0] [--fp32 work-data/cxr-triage-1.1.0/model.fp32.onnx]
 
-The FP32 ONNX is not part of the package: it is taken from the work folder, or re-exported from the work
-folder's checkpoint when torch is installed; without either, the FP32 rows are skipped (said so in the output).
+Every configuration lives in its own process (so its peak RSS is its own) and is loaded once; the timed runs are
+then taken in short bursts, round-robin over the configurations in a rotating order. On a shared 2-core machine
+the speed drifts by tens of percent over minutes, so timing one configuration after another would turn that drift
+into fake speed-ups; interleaved bursts expose every configuration to the same drift and keep the ratios honest.
+
+The FP32 ONNX is not part of the package. It is taken from --fp32, else the work folder, else re-exported from
+the work folder's checkpoint (torch installed), else rebuilt from the package's INT8 QDQ ONNX by dequantising
+its weights and dropping the Q/DQ pairs: the same graph computed in FP32, so the same FP32 cost (the output
+says which one was used).
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,7 +47,16 @@ def cpu_isa() -> str:
     return " ".join(found) + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
 
 
-def worker(backend: str, model: str, threads: int, precision: str | None, runs: int, seconds: float) -> dict:
+def peak_rss_mb() -> float:
+    """VmHWM of this process: unlike ru_maxrss it starts afresh at exec, so a large parent does not leak into it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def serve(backend: str, model: str, threads: int, precision: str | None) -> None:
+    """Load once, then answer 'N' on stdin with N timed runs (JSON list of ms) until 'quit'."""
     import numpy as np
 
     t0 = time.perf_counter()
@@ -47,7 +64,7 @@ def worker(backend: str, model: str, threads: int, precision: str | None, runs: 
         import onnxruntime as ort
     else:
         import openvino as ov
-    rss_import = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_import = peak_rss_mb()
     t1 = time.perf_counter()
     info = {}
     if backend == "ort":
@@ -76,21 +93,93 @@ def worker(backend: str, model: str, threads: int, precision: str | None, runs: 
         info["version"] = ov.__version__
     infer()
     load_ms = (time.perf_counter() - t1) * 1000
-    for _ in range(20):
+    for _ in range(10):
         infer()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < runs and time.perf_counter() < deadline:
-        start = time.perf_counter()
-        infer()
-        times.append((time.perf_counter() - start) * 1000)
-    times.sort()
-    return dict(info, median_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
-                runs=len(times), load_ms=load_ms, import_ms=(t1 - t0) * 1000, rss_import_mb=rss_import,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(dict(info, load_ms=load_ms, import_ms=(t1 - t0) * 1000, rss_import_mb=rss_import)), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        for _ in range(5):  # untimed: the burst starts from warm caches and awake threads, as in steady work
+            infer()
+        times = []
+        for _ in range(int(line)):
+            start = time.perf_counter()
+            infer()
+            times.append((time.perf_counter() - start) * 1000)
+        print(json.dumps(times), flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def find_fp32(explicit: Path | None, work: Path) -> tuple[Path | None, str]:
+def fp32_from_qdq(src: Path, dst: Path) -> None:
+    """Rebuild an FP32 graph from a QDQ one: weights dequantised, activation Q/DQ pairs dropped, and the ReLU6
+    clamps the quantiser folded into unsigned ranges put back as Clip, so the cost is that of the FP32 export."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(src))
+    g = m.graph
+    inits = {i.name: i for i in g.initializer}
+    arr = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
+    producers = {o: n for n in g.node for o in n.output}
+    rename, clamps, new_inits, drop = {}, {}, [], set()
+    for n in g.node:
+        if n.op_type == "QuantizeLinear":
+            drop.add(id(n))
+            zp = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else np.uint8(0)
+            if zp.dtype == np.uint8 and int(zp) == 0:
+                clamps[n.input[0]] = 255.0 * float(arr(n.input[1]))
+    for n in g.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        drop.add(id(n))
+        if n.input[0] in inits:
+            q = arr(n.input[0]).astype(np.float64)
+            s = arr(n.input[1]).astype(np.float64)
+            z = arr(n.input[2]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.float64(0)
+            if s.ndim == 1 and q.ndim > 1:
+                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+                shape = [1] * q.ndim
+                shape[axis] = -1
+                s, z = s.reshape(shape), (z.reshape(shape) if z.ndim else z)
+            new_inits.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), n.output[0]))
+        else:
+            x = producers[n.input[0]].input[0]
+            rename[n.output[0]] = x + "_clamped" if x in clamps else x
+    nodes = []
+
+    def add_clamp(x: str) -> None:
+        lo, hi = x + "_lo", x + "_hi"
+        new_inits.extend([numpy_helper.from_array(np.array(0.0, np.float32), lo),
+                          numpy_helper.from_array(np.array(clamps[x], np.float32), hi)])
+        nodes.append(helper.make_node("Clip", [x, lo, hi], [x + "_clamped"]))
+
+    for i in g.input:
+        if i.name in clamps:
+            add_clamp(i.name)
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        for k, name in enumerate(n.input):
+            n.input[k] = rename.get(name, name)
+        nodes.append(n)
+        for o in n.output:
+            if o in clamps:
+                add_clamp(o)
+    for o in g.output:
+        if o.name in rename:
+            nodes.append(helper.make_node("Identity", [rename[o.name]], [o.name]))
+    used = {i for n in nodes for i in n.input}
+    keep = [i for i in list(g.initializer) + new_inits if i.name in used]
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+
+
+def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path) -> tuple[Path | None, str]:
     if explicit:
         return (explicit, "given") if explicit.is_file() else (None, f"{explicit} does not exist")
     fp32 = work / "model.fp32.onnx"
@@ -106,8 +195,14 @@ def find_fp32(explicit: Path | None, work: Path) -> tuple[Path | None, str]:
             export_onnx(model, meta["image_size"], fp32)
             return fp32, f"re-exported from {checkpoint}"
         except ImportError as err:
-            return None, f"cannot re-export from {checkpoint}: {err}"
-    return None, f"no {fp32} and no checkpoint to re-export it from (run the pipeline's train and export steps)"
+            print(f"cannot re-export from {checkpoint}: {err}")
+    rebuilt = scratch / "model.fp32-from-qdq.onnx"
+    try:
+        fp32_from_qdq(int8_onnx, rebuilt)
+    except ImportError as err:
+        return None, f"no {fp32}, no checkpoint, and cannot rebuild from the QDQ graph ({err}; pip install onnx)"
+    return rebuilt, (f"rebuilt from {int8_onnx.name} (weights dequantised, Q/DQ dropped: the FP32 graph's cost; "
+                     f"no {fp32} or checkpoint here)")
 
 
 def main() -> int:
@@ -115,50 +210,83 @@ def main() -> int:
     parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.1.0")
     parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage-1.1.0")
     parser.add_argument("--fp32", type=Path, help="FP32 ONNX (default: from --work)")
-    parser.add_argument("--runs", type=int, default=300)
-    parser.add_argument("--seconds", type=float, default=15.0, help="time cap per configuration")
-    parser.add_argument("--worker", nargs=4, metavar=("BACKEND", "MODEL", "THREADS", "PRECISION"),
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per configuration")
+    parser.add_argument("--burst", type=int, default=30, help="runs per configuration per round")
+    parser.add_argument("--only", metavar="TEXT", help="run only configurations whose name contains TEXT")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--serve", nargs=4, metavar=("BACKEND", "MODEL", "THREADS", "PRECISION"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
-        backend, model, threads, precision = args.worker
-        print(json.dumps(worker(backend, model, int(threads), None if precision == "-" else precision,
-                                args.runs, args.seconds)))
+    if args.serve:
+        backend, model, threads, precision = args.serve
+        serve(backend, model, int(threads), None if precision == "-" else precision)
         return 0
 
     int8_onnx, int8_xml = args.package / "model.int8.onnx", args.package / "openvino" / "model.xml"
     if not int8_onnx.is_file() or not int8_xml.is_file():
         print(f"no package at {args.package}: build it with scripts/build_model.py")
         return 1
-    fp32, fp32_note = find_fp32(args.fp32, args.work)
+    scratch = Path(tempfile.mkdtemp(prefix="wasla-bench-models-"))
+    fp32, fp32_note = find_fp32(args.fp32, args.work, int8_onnx, scratch)
     print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, ISA flags: {cpu_isa()}")
     print(f"package: {args.package}")
     print(f"FP32 ONNX: {fp32_note}" + ("" if fp32 else " -> FP32 rows SKIPPED"))
     configs = []
-    for threads in (1, 2):
+    for threads in args.threads:
         if fp32:
             configs += [("ORT FP32", "ort", fp32, threads, "-"),
                         ("OpenVINO FP32 (default hint)", "ov", fp32, threads, "-"),
                         ("OpenVINO FP32 (hint f32)", "ov", fp32, threads, "f32")]
         configs += [("ORT INT8", "ort", int8_onnx, threads, "-"),
                     ("OpenVINO INT8", "ov", int8_xml, threads, "-")]
-    results = {}
-    print(f"\n{'configuration':30} {'thr':>3} {'median ms':>9} {'p95 ms':>8} {'load ms':>8} {'peak RSS MB':>11}  precision")
+
+    if args.only:
+        configs = [c for c in configs if args.only.lower() in c[0].lower()]
+    workers = {}
     for name, backend, model, threads, precision in configs:
-        out = subprocess.run([sys.executable, __file__, "--runs", str(args.runs), "--seconds", str(args.seconds),
-                              "--worker", backend, str(model), str(threads), precision],
-                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-        if out.returncode != 0:
-            print(f"{name:30} {threads:>3} FAILED: {out.stderr.strip().splitlines()[-1:]}")
+        # Loaded one at a time so each load time is measured on an otherwise idle machine.
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, str(model), str(threads), precision],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        line = proc.stdout.readline()
+        if not line:
+            print(f"{name:30} {threads:>3} FAILED to load (see stderr above)")
+            proc.wait()
             continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        results[(name, threads)] = r
-        print(f"{name:30} {threads:>3} {r['median_ms']:9.2f} {r['p95_ms']:8.2f} {r['load_ms']:8.0f} "
-              f"{r['peak_rss_mb']:11.0f}  {r['precision']}", flush=True)
+        workers[(name, threads)] = (proc, json.loads(line), [], [])
+    rounds = max(1, -(-args.runs // args.burst))
+    keys = list(workers)
+    print(f"timing: {rounds} rounds x {args.burst} runs per configuration, {len(keys)} configurations interleaved")
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate who goes first
+            proc, _, times, round_medians = workers[key]
+            proc.stdin.write(f"{args.burst}\n")
+            proc.stdin.flush()
+            burst = json.loads(proc.stdout.readline())
+            times.extend(burst)
+            round_medians.append(statistics.median(burst))
+            time.sleep(0.02)  # let the previous runtime's spinning threads go to sleep
+    results = {}
+    for key, (proc, info, times, round_medians) in workers.items():
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        info.update(json.loads(proc.stdout.readline()))
+        proc.wait()
+        times.sort()
+        results[key] = dict(info, median_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
+                            runs=len(times), best_round_ms=min(round_medians))
+
+    print(f"\n{'configuration':30} {'thr':>3} {'median ms':>9} {'p95 ms':>8} {'best round':>10} {'load ms':>8} "
+          f"{'peak RSS MB':>11}  precision")
+    for (name, threads), r in results.items():
+        print(f"{name:30} {threads:>3} {r['median_ms']:9.2f} {r['p95_ms']:8.2f} {r['best_round_ms']:10.2f} "
+              f"{r['load_ms']:8.0f} {r['peak_rss_mb']:11.0f}  {r['precision']}")
+    print(f"best round = the median of the quietest of the {rounds} bursts: what the machine gives when its neighbours "
+          "are idle; the goals are judged on the overall median")
     caps = next((r["capabilities"] for r in results.values() if "capabilities" in r), "?")
     print(f"\nOpenVINO CPU capabilities: {caps}; versions: " + ", ".join(
         sorted({f"{n.split()[0]} {r['version']}" for (n, _), r in results.items()})))
-    print("peak RSS = ru_maxrss of the fresh process (runtime import + model load + inference); "
+    print("peak RSS = VmHWM of the configuration's process (runtime import + model load + inference); "
           "import alone: " + ", ".join(sorted({f"{n.split()[0]} {r['rss_import_mb']:.0f} MB"
                                                for (n, _), r in results.items()})))
 
