@@ -110,75 +110,6 @@ def serve(backend: str, model: str, threads: int, precision: str | None) -> None
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
-def fp32_from_qdq(src: Path, dst: Path) -> None:
-    """Rebuild an FP32 graph from a QDQ one: weights dequantised, activation Q/DQ pairs dropped, and the ReLU6
-    clamps the quantiser folded into unsigned ranges put back as Clip, so the cost is that of the FP32 export."""
-    import numpy as np
-    import onnx
-    from onnx import helper, numpy_helper
-
-    m = onnx.load(str(src))
-    g = m.graph
-    inits = {i.name: i for i in g.initializer}
-    arr = lambda name: numpy_helper.to_array(inits[name])  # noqa: E731
-    producers = {o: n for n in g.node for o in n.output}
-    rename, clamps, new_inits, drop = {}, {}, [], set()
-    for n in g.node:
-        if n.op_type == "QuantizeLinear":
-            drop.add(id(n))
-            zp = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else np.uint8(0)
-            if zp.dtype == np.uint8 and int(zp) == 0:
-                clamps[n.input[0]] = 255.0 * float(arr(n.input[1]))
-    for n in g.node:
-        if n.op_type != "DequantizeLinear":
-            continue
-        drop.add(id(n))
-        if n.input[0] in inits:
-            q = arr(n.input[0]).astype(np.float64)
-            s = arr(n.input[1]).astype(np.float64)
-            z = arr(n.input[2]).astype(np.float64) if len(n.input) > 2 and n.input[2] else np.float64(0)
-            if s.ndim == 1 and q.ndim > 1:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
-                shape = [1] * q.ndim
-                shape[axis] = -1
-                s, z = s.reshape(shape), (z.reshape(shape) if z.ndim else z)
-            new_inits.append(numpy_helper.from_array(((q - z) * s).astype(np.float32), n.output[0]))
-        else:
-            x = producers[n.input[0]].input[0]
-            rename[n.output[0]] = x + "_clamped" if x in clamps else x
-    nodes = []
-
-    def add_clamp(x: str) -> None:
-        lo, hi = x + "_lo", x + "_hi"
-        new_inits.extend([numpy_helper.from_array(np.array(0.0, np.float32), lo),
-                          numpy_helper.from_array(np.array(clamps[x], np.float32), hi)])
-        nodes.append(helper.make_node("Clip", [x, lo, hi], [x + "_clamped"]))
-
-    for i in g.input:
-        if i.name in clamps:
-            add_clamp(i.name)
-    for n in g.node:
-        if id(n) in drop:
-            continue
-        for k, name in enumerate(n.input):
-            n.input[k] = rename.get(name, name)
-        nodes.append(n)
-        for o in n.output:
-            if o in clamps:
-                add_clamp(o)
-    for o in g.output:
-        if o.name in rename:
-            nodes.append(helper.make_node("Identity", [rename[o.name]], [o.name]))
-    used = {i for n in nodes for i in n.input}
-    keep = [i for i in list(g.initializer) + new_inits if i.name in used]
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    onnx.checker.check_model(m)
-    onnx.save(m, str(dst))
-
-
 def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path) -> tuple[Path | None, str]:
     if explicit:
         return (explicit, "given") if explicit.is_file() else (None, f"{explicit} does not exist")
@@ -198,6 +129,9 @@ def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path)
             print(f"cannot re-export from {checkpoint}: {err}")
     rebuilt = scratch / "model.fp32-from-qdq.onnx"
     try:
+        sys.path.insert(0, str(REPO))
+        from models.pipeline.qdq import fp32_from_qdq
+
         fp32_from_qdq(int8_onnx, rebuilt)
     except ImportError as err:
         return None, f"no {fp32}, no checkpoint, and cannot rebuild from the QDQ graph ({err}; pip install onnx)"

@@ -198,6 +198,57 @@ def test_adapt_on_local_folder_writes_new_version_with_before_and_after_metrics(
     assert "Before adaptation" in (new / "MODEL_CARD.md").read_text()
 
 
+def test_weights_recovered_from_a_package_score_like_its_fp32_export(binary_package, tmp_path):
+    """No checkpoint at a site: the INT8 graph's weights, dequantised into torch, must reproduce the FP32 model."""
+    import onnxruntime as ort
+    import torch
+
+    from models.pipeline.data import load_images, normalise
+    from models.pipeline.qdq import fp32_from_qdq, torch_from_qdq
+
+    folder, work = binary_package
+    manifest = json.loads((folder / "manifest.json").read_text())
+    mean, std = manifest["input"]["mean"], manifest["input"]["std"]
+    images = load_images(sorted(str(p) for p in (work.parent / "data" / "test").rglob("*.jpeg"))[:12], 64)
+    x = np.stack([normalise(image, mean, std) for image in images])
+    fp32 = ort.InferenceSession(str(work / "model.fp32.onnx"))
+    expected = np.concatenate([fp32.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    model = torch_from_qdq(folder / "model.int8.onnx", 2, 64, tmp_path)
+    with torch.inference_mode():
+        recovered = model(torch.from_numpy(x)).numpy()
+    int8 = ort.InferenceSession(str(folder / "model.int8.onnx"))
+    quantised = np.concatenate([int8.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    # only the weights' rounding separates the recovered model from FP32: no further off than the INT8 graph is
+    weight_error, int8_error = np.abs(recovered - expected).max(), np.abs(quantised - expected).max()
+    print(f"max |recovered - fp32| {weight_error:.4f}, max |int8 - fp32| {int8_error:.4f}")
+    assert weight_error <= 1.25 * int8_error + 0.02
+    spread = np.abs(expected).max()
+    rebuilt = tmp_path / "rebuilt.onnx"
+    fp32_from_qdq(folder / "model.int8.onnx", rebuilt)
+    graph = ort.InferenceSession(str(rebuilt))
+    again = np.concatenate([graph.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    # the ONNX rebuild clamps at the calibrated range, torch at ReLU6: otherwise the two rebuilds are one model
+    assert np.abs(again - recovered).max() < 0.01 * spread + 0.01
+
+
+def test_adapt_without_checkpoint_starts_from_the_package_weights(binary_package, keys, tmp_path):
+    folder, _ = binary_package
+    manifest = json.loads((folder / "manifest.json").read_text())
+    local = make_dataset(tmp_path / "local", ["normal", "pneumonia"], per_class=20, seed=9, splits=("train",))
+    out = tmp_path / "models"
+    _run(["adapt", "--package", str(folder), "--data", str(local / "train"), "--version", "1.0.5",
+          "--work", str(tmp_path / "adapt-work"), "--out-root", str(out), "--epochs", "1", "--resamples", "200",
+          "--signing-key", str(keys[0]), "--public-key", str(keys[1]), "--trusted-key", str(keys[1])])
+    adapted = _check_package(out / manifest["name"] / "1.0.5", keys[1])
+    report = json.loads((out / manifest["name"] / "1.0.5" / "evaluation.json").read_text())
+    assert report["provenance"]["parent"]["init"] == "package INT8 weights, dequantised"
+    assert "starting weights: package INT8 weights" in (out / manifest["name"] / "1.0.5" / "MODEL_CARD.md").read_text()
+    # the tiny patterns are easy: starting from the package's own weights, the adapted model must still separate them
+    assert adapted["metrics"]["local_test"]["auc"] >= 0.9
+    meta = json.loads((tmp_path / "adapt-work" / "model_meta.json").read_text())
+    assert meta["bn_folded"] is True
+
+
 def test_adapt_refuses_a_checkpoint_the_package_was_not_built_from(binary_package, keys, tmp_path):
     from edge.errors import ModelError
     from models.pipeline.adapt import adapt
@@ -246,6 +297,22 @@ def test_thresholds_meet_sensitivity_and_specificity_targets_on_validation():
     # highest / lowest such thresholds: one step further breaks the target
     assert metrics.sens_spec(y, score, np.nextafter(t["review"], 1))[0] < 0.98
     assert metrics.sens_spec(y, score, np.nextafter(t["urgent"], 0))[1] < 0.95
+
+
+def test_review_threshold_is_extrapolated_below_the_lowest_case_when_few_abnormal_cases():
+    from models.pipeline.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(2)
+    y = np.r_[np.ones(7), np.zeros(7)].astype(bool)
+    score = np.r_[rng.uniform(0.93, 0.999, 7), rng.uniform(0.001, 0.05, 7)]
+    t = choose_thresholds(y, score, 0.98, 0.95)
+    assert t["rule"]["review_extrapolated"] is True
+    # 7 cases cannot show 98 %: the threshold goes below the lowest abnormal score, not onto it
+    assert t["review"] < score[y].min() - 0.01
+    assert t["review"] > score[~y].max()  # but the fit still sits above these well-separated normals
+    many = choose_thresholds(np.r_[np.ones(60), np.zeros(60)].astype(bool),
+                             np.r_[rng.uniform(0.5, 1, 60), rng.uniform(0, 0.5, 60)], 0.98, 0.95)
+    assert many["rule"]["review_extrapolated"] is False
 
 
 def test_auc_matches_pairwise_definition_with_ties():

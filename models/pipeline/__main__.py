@@ -36,8 +36,7 @@ EXAMPLES = {
     "all": "--data ../shared/datasets/cxr-pneumonia-kermany --abnormal pneumonia --work work-data/cxr-triage",
     "train": "--epochs 5 --work work-data/cxr-triage",
     "package": "--signing-key .keys/model-signing.key --work work-data/cxr-triage",
-    "adapt": ("--package models/cxr-triage/1.0.0 --checkpoint work-data/cxr-triage/checkpoint.pt "
-              "--data /srv/local-cxr --version 1.0.1"),
+    "adapt": "--package models/cxr-triage/1.1.0 --data /srv/local-cxr --version 1.1.1",
 }
 
 
@@ -101,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--card-note", help="how the held-out set has been used, for the card (default: once)")
     p = parsers["adapt"]
     p.add_argument("--package", type=Path, required=True, help="signed package folder to adapt")
-    p.add_argument("--checkpoint", type=Path, required=True, help="the FP32 checkpoint the package was built from")
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="the FP32 checkpoint the package was built from; without it the starting weights are "
+                        "recovered from the package's INT8 ONNX (all a site usually has)")
     p.add_argument("--data", type=Path, required=True, help="local folder-per-class dataset")
     p.add_argument("--version", help="new version (default: patch + 1)")
     p.add_argument("--abnormal", help="comma-separated abnormal labels (default: the package's)")

@@ -43,16 +43,22 @@ def local_split(data_dir: Path, labels: list[str], seed: int, test_fraction: flo
                 source=str(data_dir.resolve()), dedupe=dedupe_report, counts=counts)
 
 
-def adapt(package: Path, checkpoint: Path, data_dir: Path, work_dir: Path, *, out_root: Path, signing_key: Path,
+def adapt(package: Path, checkpoint: Path | None, data_dir: Path, work_dir: Path, *, out_root: Path, signing_key: Path,
           public_key: Path, trusted_keys: list[Path], version: str | None = None,
           abnormal_labels: list[str] | None = None, epochs: int = 8, lr: float = 3e-4, batch_size: int = 16,
           threads: int = 2, seed: int = 0, test_fraction: float = 0.25, val_fraction: float = 0.25,
           create_key: bool = False, resamples: int = 2000, created: str | None = None) -> tuple[Path, dict]:
-    """Return (new package folder, {"before": ..., "after": ...}) measured on the same local held-out split."""
+    """Return (new package folder, {"before": ..., "after": ...}) measured on the same local held-out split.
+
+    Without `checkpoint` (a site has only the signed package) the starting weights are recovered from the
+    package's INT8 ONNX graph (see models.pipeline.qdq); with it, it must be the one the package was built from.
+    """
     manifest = verify_package(package, trusted_keys)
-    provenance = json.loads((package / "evaluation.json").read_text()).get("provenance", {})
-    if provenance.get("checkpoint_sha256") != sha256_file(checkpoint):
-        raise ModelError(f"{checkpoint} is not the checkpoint {manifest['name']} {manifest['version']} was built from")
+    if checkpoint is not None:
+        provenance = json.loads((package / "evaluation.json").read_text()).get("provenance", {})
+        if provenance.get("checkpoint_sha256") != sha256_file(checkpoint):
+            raise ModelError(f"{checkpoint} is not the checkpoint {manifest['name']} {manifest['version']} "
+                             "was built from")
 
     labels = label_names(list_classes(data_dir))
     if set(labels) == set(manifest["labels"]):
@@ -66,6 +72,9 @@ def adapt(package: Path, checkpoint: Path, data_dir: Path, work_dir: Path, *, ou
               parent={"name": manifest["name"], "version": manifest["version"],
                       "manifest_sha256": sha256_file(package / "manifest.json")})
     work = Work(work_dir)
+    job.parent["init"] = "checkpoint" if checkpoint is not None else "package INT8 weights, dequantised"
+    if checkpoint is None:
+        checkpoint = checkpoint_from_package(package, manifest, work)
     split = local_split(data_dir, labels, seed, test_fraction, val_fraction)
     job.parent["local_images"] = sum(len(split[k]) for k in ("train", "val", "test"))
     work.save_job(job)
@@ -82,6 +91,38 @@ def adapt(package: Path, checkpoint: Path, data_dir: Path, work_dir: Path, *, ou
     after = steps.evaluate(work, resamples)
     folder = steps.package(work, out_root, signing_key, public_key, create_key, created, before=before)
     return folder, {"before": before, "after": headline_metrics(after)}
+
+
+def checkpoint_from_package(package: Path, manifest: dict, work: Work) -> Path:
+    """A starting checkpoint rebuilt from the package's ONNX Runtime INT8 graph, checked against that graph."""
+    import torch
+
+    from models.pipeline.infer import OrtRunner
+    from models.pipeline.model import ARCH, save_checkpoint
+    from models.pipeline.qdq import torch_from_qdq
+
+    onnx_path = package / manifest["backends"]["onnxruntime"]
+    shape = manifest["input"]["shape"]
+    model = torch_from_qdq(onnx_path, len(manifest["labels"]), shape[2], work.root)
+    # The recovered FP32 model must score like the INT8 graph it came from: a wrong layer mapping or a
+    # graph this code does not understand shows up here, before any training.
+    x = np.random.default_rng(0).uniform(-1, 1, (4, *shape[1:])).astype(np.float32)
+    with torch.inference_mode():
+        ours = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
+    runner = OrtRunner(onnx_path)
+    theirs = np.concatenate([runner(x[i:i + 1]) for i in range(len(x))])
+    theirs = np.exp(theirs - theirs.max(1, keepdims=True))
+    theirs /= theirs.sum(1, keepdims=True)
+    gap = float(np.abs(ours - theirs).max())
+    if gap > 0.1:
+        raise ModelError(f"weights recovered from {onnx_path.name} score {gap:.3f} away from the INT8 graph")
+    log.info("starting weights recovered from %s (max probability gap to INT8 %.4f)", onnx_path.name, gap)
+    out = work.root / "init-from-package.pt"
+    save_checkpoint(out, model, {"arch": ARCH, "labels": list(manifest["labels"]),
+                                 "abnormal_labels": list(manifest["abnormal_labels"]), "image_size": shape[2],
+                                 "mean": manifest["input"]["mean"], "std": manifest["input"]["std"],
+                                 "bn_folded": True, "source": f"{manifest['name']} {manifest['version']} {onnx_path.name}"})
+    return out
 
 
 def _score_parent(job: Job, manifest: dict, package: Path, test: list[list], resamples: int) -> dict:

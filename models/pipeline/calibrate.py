@@ -14,9 +14,19 @@ def choose_thresholds(y_abnormal: np.ndarray, score: np.ndarray, review_sensitiv
                       urgent_specificity: float) -> dict:
     """review: highest threshold keeping abnormal sensitivity >= target; urgent: lowest keeping specificity >= target.
 
-    When the two cross (a weak model), urgent is raised to review so that the bands stay ordered.
+    When the two cross (a weak model), urgent is raised to review so that the bands stay ordered. When there are too
+    few abnormal cases to resolve the sensitivity target (a site's local validation part), review is the lower of
+    the empirical threshold and one extrapolated from the abnormal scores' spread.
     """
     review = metrics.review_threshold(y_abnormal, score, review_sensitivity)
+    n_abnormal = int(np.sum(y_abnormal))
+    extrapolated = not metrics.resolvable(n_abnormal, review_sensitivity)
+    if extrapolated:
+        fitted = metrics.extrapolated_review_threshold(y_abnormal, score, review_sensitivity)
+        log.warning("only %d abnormal validation cases: sensitivity %.2f cannot be resolved; review threshold "
+                    "%.4f extrapolated from their spread (empirical %.4f)", n_abnormal, review_sensitivity,
+                    min(review, fitted), review)
+        review = min(review, fitted)
     urgent = metrics.urgent_threshold(y_abnormal, score, urgent_specificity)
     crossed = urgent < review
     if crossed:
@@ -28,7 +38,7 @@ def choose_thresholds(y_abnormal: np.ndarray, score: np.ndarray, review_sensitiv
         "review": review, "urgent": urgent,
         "rule": {"review": f"highest threshold with validation sensitivity >= {review_sensitivity}",
                  "urgent": f"lowest threshold with validation specificity >= {urgent_specificity}",
-                 "urgent_raised_to_review": crossed},
+                 "urgent_raised_to_review": crossed, "review_extrapolated": extrapolated},
         "validation": {"n": int(len(score)), "n_abnormal": int(np.sum(y_abnormal)), "auc": metrics.auc(y_abnormal, score),
                        "sensitivity_at_review": sens_r, "specificity_at_review": spec_r,
                        "sensitivity_at_urgent": sens_u, "specificity_at_urgent": spec_u},

@@ -68,7 +68,8 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                   f"{data.get('attribution', '')}", ""]
     if job.parent:
         lines += [f"Adapted from {job.parent['name']} {job.parent['version']} on a local folder-per-class dataset "
-                  f"({job.parent.get('local_images', '?')} images; kept on the box, not distributed).", ""]
+                  f"({job.parent.get('local_images', '?')} images; kept on the box, not distributed)"
+                  + (f"; starting weights: {job.parent['init']}" if job.parent.get("init") else "") + ".", ""]
     lines += [
         f"Validation: patient-wise, class-stratified split carved from the training folder (seed {job.seed}); "
         "exact duplicate files removed by sha256 so no copy sits on both sides. "

@@ -53,6 +53,28 @@ def review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -
     return float(pos[max(needed, 1) - 1])
 
 
+def resolvable(n: int, rate: float) -> bool:
+    """Whether n cases can show a rate of `rate` at all: below 1/(1 - rate) cases one miss already breaks it."""
+    return n >= math.ceil(1.0 / (1.0 - rate) - 1e-9)
+
+
+def extrapolated_review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -> float:
+    """The (1 - min_sensitivity) quantile of the abnormal scores from a normal fit to their logits.
+
+    With fewer abnormal cases than `resolvable` needs (a site's tens of images), the empirical rule can only
+    return the lowest abnormal score seen, an optimistic guess of where the lowest 2 % lie; the fit (its spread
+    widened for a new case, and never below half a logit) extrapolates below it instead.
+    """
+    from statistics import NormalDist
+
+    pos = np.clip(np.asarray(score, dtype=np.float64)[np.asarray(y).astype(bool)], 1e-6, 1 - 1e-6)
+    logits = np.log(pos / (1 - pos))
+    n = len(logits)
+    spread = max(float(np.std(logits, ddof=1)) if n > 1 else 0.0, 0.5) * math.sqrt(1 + 1 / max(n, 1))
+    quantile = float(np.mean(logits)) + NormalDist().inv_cdf(1 - min_sensitivity) * spread
+    return float(1 / (1 + math.exp(-quantile)))
+
+
 def urgent_threshold(y: np.ndarray, score: np.ndarray, min_specificity: float) -> float:
     """Lowest threshold t with specificity (score < t among normal) >= min_specificity."""
     neg = np.sort(np.asarray(score)[~np.asarray(y).astype(bool)])

@@ -117,9 +117,13 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
     abnormal_idx = [labels.index(name) for name in abnormal_labels]
     mean, std = mean or DEFAULT_MEAN, std or DEFAULT_STD
 
+    bn_folded = False
     if init_checkpoint is not None:
         model, init_meta = load_checkpoint(init_checkpoint)
         mean, std, image_size = init_meta["mean"], init_meta["std"], init_meta["image_size"]
+        # Weights recovered from a package have batch norm folded into the convolutions: batch statistics
+        # would undo that folding, so those BN layers stay in eval mode (scale and shift still learn).
+        bn_folded = bool(init_meta.get("bn_folded"))
         if init_meta["labels"] != labels:
             model._fc = nn.Linear(model._fc.in_features, len(labels))
             log.info("new %d-class head on %s (was %s)", len(labels), init_checkpoint, init_meta["labels"])
@@ -152,6 +156,10 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
     for epoch in range(1, epochs + 1):
         t_epoch = time.monotonic()
         model.train()
+        if bn_folded:
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
         order = balanced_indices(train_y, steps_per_epoch * batch_size, rng)
         running = 0.0
         for step in range(steps_per_epoch):
@@ -185,7 +193,7 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
                     "mean": mean, "std": std, "epoch": epoch, "val_auc": val_auc, "val_accuracy": val_acc,
                     "seed": seed, "pretrained": "imagenet" if pretrained or init_checkpoint else None,
                     "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
-            meta["val_nll"], meta["weights"] = val_nll, "ema"
+            meta["val_nll"], meta["weights"], meta["bn_folded"] = val_nll, "ema", bn_folded
             save_checkpoint(out, ema, meta)
         total = time.monotonic() - t_start
         if max_minutes is not None and epoch < epochs and total + elapsed > max_minutes * 60:
