@@ -127,7 +127,8 @@ def rotate(box: str = typer.Argument(..., help="Box id."),
 
 
 @app.command("list")
-def list_boxes(hub_db: Optional[Path] = typer.Option(None, help="The hub's hub.db, for 'last seen'."),
+def list_boxes(hub_db: Optional[str] = typer.Option(None, help="The hub's index for 'last seen': its hub.db, or the "
+                                                              "postgresql:// URL of [hub] database_url."),
                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Inventory: enrolled and revoked boxes, certificate expiry, last seen.
     Example: wasla-fleet list --hub-db /var/lib/wasla-hub/hub.db"""

@@ -249,7 +249,7 @@ class Fleet:
                             dicom_port=opts.get("dicom_port", 11112))
 
     # --- listing --------------------------------------------------------------------------------------------
-    def list(self, hub_db: Path | None = None) -> list[dict]:
+    def list(self, hub_db: Path | str | None = None) -> list[dict]:
         """Inventory rows with expiry, and last seen from the hub's database when given."""
         seen = _hub_last_seen(hub_db) if hub_db else {}
         now = ca.now()
@@ -294,17 +294,27 @@ def _write_secret(path: Path, text: str) -> None:
         fh.write(text)
 
 
-def _hub_last_seen(db: Path) -> dict[str, str]:
+def _hub_last_seen(db: Path | str) -> dict[str, str]:
+    """Last seen per box from the hub's index: its SQLite file, or the PostgreSQL URL of `[hub] database_url`."""
     import sqlite3
 
-    if not Path(db).is_file():
-        raise ConfigError(f"hub database {db} does not exist")
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT device, last_seen FROM boxes").fetchall()
-    finally:
-        con.close()
-    return {d: _iso(dt.datetime.fromtimestamp(t, dt.timezone.utc)) for d, t in rows if t}
+    if str(db).startswith(("postgresql://", "postgres://")):
+        from sync.hub_store_pg import PostgresIndex
+
+        index = PostgresIndex(str(db))
+        try:
+            rows = [(r["device"], r["last_seen"]) for r in index.query("SELECT device, last_seen FROM boxes")]
+        finally:
+            index.close()
+    else:
+        if not Path(db).is_file():
+            raise ConfigError(f"hub database {db} does not exist")
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT device, last_seen FROM boxes").fetchall()
+        finally:
+            con.close()
+    return {d: _iso(dt.datetime.fromtimestamp(float(t), dt.timezone.utc)) for d, t in rows if t}
 
 
 def sign_model(folder: Path, private_key: Path) -> dict:

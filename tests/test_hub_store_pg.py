@@ -466,3 +466,16 @@ def test_missing_driver_gives_store_error_and_sqlite_never_needs_it(tmp_path, mo
     s.seen("box-a")
     assert s.boxes()[0]["device"] == "box-a"
     s.close()
+
+
+def test_fleet_list_reads_last_seen_from_a_postgresql_hub_index(tmp_path, pg_url):
+    from provisioning.fleet import _hub_last_seen
+
+    store = _store(tmp_path, pg_url)
+    try:
+        store.seen("clinic-07")
+    finally:
+        store.close()
+    seen = _hub_last_seen(pg_url)
+    assert set(seen) == {"clinic-07"}
+    assert seen["clinic-07"][:4] == time.strftime("%Y", time.gmtime())
