@@ -355,6 +355,49 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Machine-read
         _table(rows, [("name", _("model")), ("version", _("version")), ("active", _("active")), ("status", _("status"))])
 
 
+@models_app.command("show")
+def models_show(name: str, version: Optional[str] = typer.Argument(None, help="Default: the active version."),
+                as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """What a model does, its thresholds and its held-out test figures (verified first). Example: wasla models show cxr-triage"""
+    from edge import modelpkg
+
+    from edge.errors import NotFoundError
+
+    cfg = _cfg()
+    version = version or modelpkg.active_version(cfg.models.dir, name)
+    if version is None:
+        raise NotFoundError(_("no installed model named {name}").format(name=ltr(name)))
+    package = modelpkg.load_package(cfg.models.dir / name / version,
+                                    modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+    info = modelpkg.describe(package, cfg.models.dir)
+    if as_json:
+        _print_json(info)
+        return
+    _echo(f"{ltr(info['name'] + ' ' + info['version'])}" + (f" ({_('active')})" if info["active"] else ""))
+    _echo(_("Not for clinical use: triage support only; a clinician reads every study."))
+    _echo(f"{_('description')}: {ltr(info['description'])}")
+    _echo(f"{_('labels')}: {ltr(', '.join(info['labels']))}  ({_('abnormal')}: {ltr(', '.join(info['abnormal_labels']))})")
+    for backend, t in info["thresholds"].items():
+        _echo(f"{_('thresholds')} {ltr(backend) if backend != 'default' else _('default')}: {label_name('review')} ≥ {t['review']:.4f}, "
+              f"{label_name('urgent')} ≥ {t['urgent']:.4f}")
+    test = info["test"]
+    if test and test.get("auc") is not None:
+        def ci(key: str) -> str:
+            low_high = test.get(key + "_ci95")
+            return f" [{low_high[0]:.3f}–{low_high[1]:.3f}]" if low_high else ""
+        _echo(_("Held-out test ({n} images, {k} abnormal):").format(n=test.get("n", "?"), k=test.get("n_abnormal", "?"))
+              + f" AUC {test['auc']:.3f}{ci('auc')}, " + _("sensitivity") + f" {test['sensitivity_at_review']:.3f}"
+              + ci("sensitivity_at_review") + ", " + _("specificity") + f" {test['specificity_at_review']:.3f}"
+              + ci("specificity_at_review"))
+    else:
+        _echo(_("No held-out test figures in this package."))
+    data = info["training_data"]
+    if data:
+        _echo(f"{_('training data')}: " + ltr(f"{data.get('name', '?')} ({data.get('licence', '?')}). "
+                                              f"{data.get('attribution', '')}"))
+    _echo(f"{_('signed by key')} {info['signed_by']}, {info['created']}; {_('model card')}: {ltr(info['card'] or '-')}")
+
+
 @models_app.command("install")
 def models_install(source: Path = typer.Argument(..., help="Package folder or .tar.gz."),
                    activate: bool = typer.Option(True, help="Make it the active version.")) -> None:

@@ -379,6 +379,26 @@ def inventory(models_dir: Path, trusted_keys: dict[str, Ed25519PublicKey]) -> li
     return rows
 
 
+def describe(package: ModelPackage, models_dir: Path | None = None) -> dict:
+    """What a technician or radiologist needs to know about a verified package, from its signed manifest."""
+    m = package.manifest
+    metrics = m.get("metrics") or {}
+    return {
+        "name": package.name, "version": package.version,
+        "active": None if models_dir is None else active_version(models_dir, package.name) == package.version,
+        "description": m.get("description", ""), "task": package.task, "labels": list(package.labels),
+        "abnormal_labels": list(package.abnormal_labels),
+        "thresholds": {"default": vars(package.thresholds),
+                       **{k: vars(v) for k, v in package.backend_thresholds.items()}},
+        "routing": [{k: list(v) for k, v in rule.items()} for rule in package.routing],
+        "backends": sorted(package.backend_files),
+        # the held-out test figures only: validation ones were tuned on and would flatter the model
+        "test": metrics.get("test") or metrics.get("local_test"),
+        "training_data": m.get("training_data", {}), "created": m.get("created"), "signed_by": package.key_id,
+        "card": str(package.folder / "MODEL_CARD.md") if (package.folder / "MODEL_CARD.md").is_file() else None,
+    }
+
+
 def active_folders(models_dir: Path) -> list[Path]:
     """The folder of the active version of every installed model."""
     names = sorted({f.parent.name for f in discover(models_dir)})

@@ -93,3 +93,29 @@ def test_models_list_shows_active_version_and_refuses_a_tampered_one(tmp_path):
     rows = {r["version"]: r for r in json.loads(run(f, "models", "list", "--json").stdout)}
     assert rows["1.0.0"]["status"] == "ok"
     assert rows["1.1.0"]["status"].startswith("refused") and rows["1.1.0"]["active"] is True
+
+
+def test_models_show_gives_test_figures_and_not_for_clinical_use_and_refuses_a_tampered_package(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    models = tmp_path / "models"
+    shipped = Path(__file__).resolve().parent.parent / "models"
+    shutil.copytree(shipped / "cxr-triage" / "1.1.0", models / "cxr-triage" / "1.1.0")
+    keys = sorted(str(p) for p in (shipped / "keys").glob("*.pub"))
+    f = tmp_path / "box.toml"
+    f.write_text(f'[box]\ndata_dir = "{tmp_path / "data"}"\n[models]\ndir = "{models}"\ntrusted_keys = {json.dumps(keys)}\n')
+    info = json.loads(run(f, "models", "show", "cxr-triage", "--json").stdout)
+    manifest = json.loads((models / "cxr-triage" / "1.1.0" / "manifest.json").read_text())
+    assert info["version"] == "1.1.0" and info["active"] is True
+    assert info["test"]["auc"] == manifest["metrics"]["test"]["auc"] and info["test"]["n"] == 360
+    assert info["thresholds"]["openvino"]["review"] == manifest["thresholds"]["by_backend"]["openvino"]["review"]
+    assert info["training_data"]["licence"] == "CC BY 4.0"
+    text = run(f, "--lang", "fr", "models", "show", "cxr-triage").stdout
+    assert "Pas pour un usage clinique" in text and "AUC 0.973 [0.952–0.988]" in text
+    assert "ليس للاستخدام السريري" in run(f, "--lang", "ar", "models", "show", "cxr-triage").stdout
+    assert run(f, "models", "show", "no-such-model").returncode != 0
+    card = models / "cxr-triage" / "1.1.0" / "MODEL_CARD.md"
+    card.write_text(card.read_text().replace("Not for clinical use", "Cleared for clinical use"))
+    refused = run(f, "models", "show", "cxr-triage")
+    assert refused.returncode != 0 and "MODEL_CARD.md" in refused.stdout + refused.stderr
