@@ -101,6 +101,9 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work) -> Path:
     from models.pipeline.model import ARCH, save_checkpoint
     from models.pipeline.qdq import torch_from_qdq
 
+    if "onnxruntime" not in manifest.get("backends", {}):
+        raise ModelError(f"{manifest['name']} {manifest['version']} has no ONNX Runtime model to recover weights "
+                         "from: pass --checkpoint")
     onnx_path = package / manifest["backends"]["onnxruntime"]
     shape = manifest["input"]["shape"]
     model = torch_from_qdq(onnx_path, len(manifest["labels"]), shape[2], work.root)
