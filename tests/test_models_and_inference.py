@@ -172,6 +172,17 @@ def test_auto_picks_an_available_backend_and_logs_medians(package_folder, truste
     assert any("auto backend" in r.getMessage() and "median" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_keeps_onnxruntime_unless_another_backend_is_clearly_faster():
+    from edge.inference import choose_auto
+
+    # within noise of each other: the same choice on every restart
+    assert choose_auto({"onnxruntime": 6.0, "openvino": 5.6}) == "onnxruntime"
+    assert choose_auto({"onnxruntime": 5.6, "openvino": 6.0}) == "onnxruntime"
+    # clearly faster (e.g. OpenVINO on an Intel box with VNNI): that one
+    assert choose_auto({"onnxruntime": 6.0, "openvino": 4.0}) == "openvino"
+    assert choose_auto({"openvino": 7.0}) == "openvino"
+
+
 def test_unknown_backend_kind_is_config_error_listing_known_ones(package_folder, trusted):
     with pytest.raises(ConfigError, match=r"'tensorflow'.*auto, onnxruntime, openvino"):
         create_backend(load_package(package_folder, trusted), "tensorflow", 1, CPU)
