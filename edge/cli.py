@@ -367,7 +367,7 @@ def models_show(name: str, version: Optional[str] = typer.Argument(None, help="D
     version = version or modelpkg.active_version(cfg.models.dir, name)
     if version is None:
         raise NotFoundError(_("no installed model named {name}").format(name=ltr(name)))
-    package = modelpkg.load_package(cfg.models.dir / name / version,
+    package = modelpkg.load_package(modelpkg.package_folder(cfg.models.dir, name, version),
                                     modelpkg.load_trusted_keys(cfg.models.trusted_keys))
     info = modelpkg.describe(package, cfg.models.dir)
     if as_json:
@@ -385,7 +385,9 @@ def models_show(name: str, version: Optional[str] = typer.Argument(None, help="D
         def ci(key: str) -> str:
             low_high = test.get(key + "_ci95")
             return f" [{low_high[0]:.3f}–{low_high[1]:.3f}]" if low_high else ""
-        _echo(_("Held-out test ({n} images, {k} abnormal):").format(n=test.get("n", "?"), k=test.get("n_abnormal", "?"))
+        heading = (_("Held-out test, {model} ({n} images, {k} abnormal):") if info["test_split"] == "test" else
+                   _("Site's held-out part, {model} ({n} images, {k} abnormal):"))
+        _echo(heading.format(model=ltr("ONNX Runtime INT8"), n=test.get("n", "?"), k=test.get("n_abnormal", "?"))
               + f" AUC {test['auc']:.3f}{ci('auc')}, " + _("sensitivity") + f" {test['sensitivity_at_review']:.3f}"
               + ci("sensitivity_at_review") + ", " + _("specificity") + f" {test['specificity_at_review']:.3f}"
               + ci("specificity_at_review"))
@@ -421,7 +423,8 @@ def models_activate(name: str, version: str) -> None:
     from edge import modelpkg
 
     cfg = _cfg()
-    modelpkg.load_package(cfg.models.dir / name / version, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+    modelpkg.load_package(modelpkg.package_folder(cfg.models.dir, name, version),
+                          modelpkg.load_trusted_keys(cfg.models.trusted_keys))
     modelpkg.activate(cfg.models.dir, name, version)
     _echo(f"{ltr(name + ' ' + version)} {_('active')}")
 

@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import signing
-from edge.errors import ModelError, ModelIntegrityError, NotFoundError
+from edge.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -392,11 +392,21 @@ def describe(package: ModelPackage, models_dir: Path | None = None) -> dict:
                        **{k: vars(v) for k, v in package.backend_thresholds.items()}},
         "routing": [{k: list(v) for k, v in rule.items()} for rule in package.routing],
         "backends": sorted(package.backend_files),
-        # the held-out test figures only: validation ones were tuned on and would flatter the model
+        # the held-out test figures only: validation ones were tuned on and would flatter the model; an adapted
+        # package's are the site's own (small) held-out part
         "test": metrics.get("test") or metrics.get("local_test"),
+        "test_split": "test" if metrics.get("test") else "local_test" if metrics.get("local_test") else None,
+        "test_model": "onnxruntime int8",
         "training_data": m.get("training_data", {}), "created": m.get("created"), "signed_by": package.key_id,
         "card": str(package.folder / "MODEL_CARD.md") if (package.folder / "MODEL_CARD.md").is_file() else None,
     }
+
+
+def package_folder(models_dir: Path, name: str, version: str) -> Path:
+    """models_dir/name/version for a name and version a manifest could carry, nothing that walks elsewhere."""
+    if not _NAME_RE.match(name) or not _VERSION_RE.match(version):
+        raise BadInputError(f"{name!r} {version!r} is not a model name and version (e.g. cxr-triage 1.1.0)")
+    return Path(models_dir) / name / version
 
 
 def active_folders(models_dir: Path) -> list[Path]:

@@ -299,13 +299,9 @@ def _hub_last_seen(db: Path | str) -> dict[str, str]:
     import sqlite3
 
     if str(db).startswith(("postgresql://", "postgres://")):
-        from sync.hub_store_pg import PostgresIndex
+        from sync.hub_store_pg import read_only_query
 
-        index = PostgresIndex(str(db))
-        try:
-            rows = [(r["device"], r["last_seen"]) for r in index.query("SELECT device, last_seen FROM boxes")]
-        finally:
-            index.close()
+        rows = [(r["device"], r["last_seen"]) for r in read_only_query(str(db), "SELECT device, last_seen FROM boxes")]
     else:
         if not Path(db).is_file():
             raise ConfigError(f"hub database {db} does not exist")

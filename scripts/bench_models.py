@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -188,23 +189,42 @@ def main() -> int:
             proc.wait()
             continue
         workers[(name, threads)] = (proc, json.loads(line), [], [])
+    shutil.rmtree(scratch, ignore_errors=True)  # every worker has its model loaded
+    if not workers:
+        print("no configuration to time" + (f" matches --only {args.only!r}" if args.only else " loaded"))
+        return 1
     rounds = max(1, -(-args.runs // args.burst))
-    keys = list(workers)
-    print(f"timing: {rounds} rounds x {args.burst} runs per configuration, {len(keys)} configurations interleaved")
-    for r in range(rounds):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate who goes first
-            proc, _, times, round_medians = workers[key]
-            proc.stdin.write(f"{args.burst}\n")
+    print(f"timing: {rounds} rounds x {args.burst} runs per configuration, {len(workers)} configurations interleaved")
+
+    def ask(key, line: str):
+        """The worker's JSON answer to `line`, or None (and the worker dropped) when it died."""
+        proc = workers[key][0]
+        try:
+            proc.stdin.write(line)
             proc.stdin.flush()
-            burst = json.loads(proc.stdout.readline())
-            times.extend(burst)
-            round_medians.append(statistics.median(burst))
+            return json.loads(proc.stdout.readline())
+        except (BrokenPipeError, json.JSONDecodeError):
+            print(f"{key[0]} ({key[1]} thread(s)) died while timing (see stderr above); its figures are dropped")
+            proc.kill()
+            proc.wait()
+            del workers[key]
+            return None
+
+    for r in range(rounds):
+        keys = list(workers)
+        for key in keys[r % len(keys):] + keys[:r % len(keys)] if keys else []:  # rotate who goes first
+            burst = ask(key, f"{args.burst}\n")
+            if burst is not None:
+                workers[key][2].extend(burst)
+                workers[key][3].append(statistics.median(burst))
             time.sleep(0.02)  # let the previous runtime's spinning threads go to sleep
     results = {}
-    for key, (proc, info, times, round_medians) in workers.items():
-        proc.stdin.write("quit\n")
-        proc.stdin.flush()
-        info.update(json.loads(proc.stdout.readline()))
+    for key in list(workers):
+        proc, info, times, round_medians = workers[key]
+        final = ask(key, "quit\n")
+        if final is None:
+            continue
+        info.update(final)
         proc.wait()
         times.sort()
         results[key] = dict(info, median_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
@@ -238,7 +258,7 @@ def main() -> int:
             print(f"  OpenVINO INT8 >= {GOAL_OV_SPEEDUP}x faster than OpenVINO FP32 (f32), {threads} thread(s): "
                   f"{verdict} ({speedup:.2f}x)")
         else:
-            print(f"  OpenVINO INT8 vs FP32, {threads} thread(s): not measured (FP32 model missing)")
+            print(f"  OpenVINO INT8 vs FP32, {threads} thread(s): not measured in this run")
     return 0
 
 

@@ -209,3 +209,25 @@ class PostgresIndex:
             finally:
                 with contextlib.suppress(StoreError):
                     self.query("SELECT pg_advisory_unlock(?, hashtext(?))", key)
+
+
+def read_only_query(url: str, sql: str, params=()) -> list[dict]:
+    """One SELECT in a read-only session, for tools that only look (wasla-fleet list): unlike PostgresIndex it creates
+    no schema, so it works with a read-only role and leaves a mistyped database untouched."""
+    where, secrets = redact(url), _secrets(url)
+    pg = _driver(where)
+    from psycopg.rows import dict_row
+
+    def scrub(err: BaseException) -> str:
+        text = " ".join(str(err).split())
+        for secret in secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    try:
+        with pg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S,
+                        application_name="wasla-fleet", options="-c default_transaction_read_only=on") as conn:
+            conn.adapters.register_loader("numeric", _number_loader())
+            return conn.execute(*translate(sql, params)).fetchall()
+    except pg.Error as err:
+        raise StoreError(f"hub index {where}: {scrub(err)}") from None

@@ -114,7 +114,8 @@ def test_models_show_gives_test_figures_and_not_for_clinical_use_and_refuses_a_t
     text = run(f, "--lang", "fr", "models", "show", "cxr-triage").stdout
     assert "Pas pour un usage clinique" in text and "AUC 0.973 [0.952–0.988]" in text
     assert "ليس للاستخدام السريري" in run(f, "--lang", "ar", "models", "show", "cxr-triage").stdout
-    assert run(f, "models", "show", "no-such-model").returncode != 0
+    assert run(f, "models", "show", "no-such-model").returncode == 3
+    assert run(f, "models", "show", "cxr-triage", "../../../etc").returncode == 4  # a name and version, not a path
     card = models / "cxr-triage" / "1.1.0" / "MODEL_CARD.md"
     card.write_text(card.read_text().replace("Not for clinical use", "Cleared for clinical use"))
     refused = run(f, "models", "show", "cxr-triage")

@@ -479,3 +479,11 @@ def test_fleet_list_reads_last_seen_from_a_postgresql_hub_index(tmp_path, pg_url
     seen = _hub_last_seen(pg_url)
     assert set(seen) == {"clinic-07"}
     assert seen["clinic-07"][:4] == time.strftime("%Y", time.gmtime())
+    # only looks: a database without the hub's tables gets an error, not the tables
+    empty = pg_url.rsplit("/", 1)[0] + "/postgres"
+    with pytest.raises(StoreError, match="boxes"):
+        _hub_last_seen(empty)
+    import psycopg
+
+    with psycopg.connect(empty) as c:
+        assert c.execute("SELECT to_regclass('public.boxes')").fetchone()[0] is None

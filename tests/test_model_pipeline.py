@@ -247,6 +247,10 @@ def test_adapt_without_checkpoint_starts_from_the_package_weights(binary_package
     assert adapted["metrics"]["local_test"]["auc"] >= 0.9
     meta = json.loads((tmp_path / "adapt-work" / "model_meta.json").read_text())
     assert meta["bn_folded"] is True
+    from edge import modelpkg
+
+    shown = modelpkg.describe(modelpkg.load_package(out / manifest["name"] / "1.0.5", modelpkg.load_trusted_keys([keys[1]])))
+    assert shown["test_split"] == "local_test" and shown["test"]["n"] == adapted["metrics"]["local_test"]["n"]
 
 
 def test_adapt_refuses_a_checkpoint_the_package_was_not_built_from(binary_package, keys, tmp_path):
@@ -313,6 +317,10 @@ def test_review_threshold_is_extrapolated_below_the_lowest_case_when_few_abnorma
     many = choose_thresholds(np.r_[np.ones(60), np.zeros(60)].astype(bool),
                              np.r_[rng.uniform(0.5, 1, 60), rng.uniform(0, 0.5, 60)], 0.98, 0.95)
     assert many["rule"]["review_extrapolated"] is False
+    # never above the empirical threshold; a single abnormal case sends nearly everything to review
+    one = choose_thresholds(np.r_[True, np.zeros(5, bool)], np.r_[0.99, np.full(5, 0.01)], 0.98, 0.95)
+    assert one["review"] < 0.05 and "too few" in one["rule"]["review"]
+    assert metrics.student_t_quantile(0.02, 6) == pytest.approx(-2.612, abs=0.01)
 
 
 def test_auc_matches_pairwise_definition_with_ties():

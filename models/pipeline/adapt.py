@@ -73,9 +73,9 @@ def adapt(package: Path, checkpoint: Path | None, data_dir: Path, work_dir: Path
                       "manifest_sha256": sha256_file(package / "manifest.json")})
     work = Work(work_dir)
     job.parent["init"] = "checkpoint" if checkpoint is not None else "package INT8 weights, dequantised"
-    if checkpoint is None:
-        checkpoint = checkpoint_from_package(package, manifest, work)
     split = local_split(data_dir, labels, seed, test_fraction, val_fraction)
+    if checkpoint is None:
+        checkpoint = checkpoint_from_package(package, manifest, work, [p for p, _ in split["train"][:8]])
     job.parent["local_images"] = sum(len(split[k]) for k in ("train", "val", "test"))
     work.save_job(job)
     write_json(work.split, split)
@@ -93,9 +93,12 @@ def adapt(package: Path, checkpoint: Path | None, data_dir: Path, work_dir: Path
     return folder, {"before": before, "after": headline_metrics(after)}
 
 
-def checkpoint_from_package(package: Path, manifest: dict, work: Work) -> Path:
-    """A starting checkpoint rebuilt from the package's ONNX Runtime INT8 graph, checked against that graph."""
+def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: list[str]) -> Path:
+    """A starting checkpoint rebuilt from the package's ONNX Runtime INT8 graph, checked against that graph on
+    `probes` (local images: noise gives every input the same score and would hide a wrong layer mapping)."""
     import torch
+
+    from models.pipeline.data import load_images, normalise
 
     from models.pipeline.infer import OrtRunner
     from models.pipeline.model import ARCH, save_checkpoint
@@ -109,7 +112,8 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work) -> Path:
     model = torch_from_qdq(onnx_path, len(manifest["labels"]), shape[2], work.root)
     # The recovered FP32 model must score like the INT8 graph it came from: a wrong layer mapping or a
     # graph this code does not understand shows up here, before any training.
-    x = np.random.default_rng(0).uniform(-1, 1, (4, *shape[1:])).astype(np.float32)
+    mean, std = manifest["input"]["mean"], manifest["input"]["std"]
+    x = np.stack([normalise(image, mean, std) for image in load_images(probes, shape[2])]).astype(np.float32)
     with torch.inference_mode():
         ours = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
     runner = OrtRunner(onnx_path)

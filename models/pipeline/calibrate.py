@@ -36,7 +36,9 @@ def choose_thresholds(y_abnormal: np.ndarray, score: np.ndarray, review_sensitiv
     sens_u, spec_u = metrics.sens_spec(y_abnormal, score, urgent)
     return {
         "review": review, "urgent": urgent,
-        "rule": {"review": f"highest threshold with validation sensitivity >= {review_sensitivity}",
+        "rule": {"review": f"highest threshold with validation sensitivity >= {review_sensitivity}" + (
+                    f"; only {n_abnormal} abnormal validation cases, too few to show that, so lowered to a "
+                    "prediction bound from their score spread" if extrapolated else ""),
                  "urgent": f"lowest threshold with validation specificity >= {urgent_specificity}",
                  "urgent_raised_to_review": crossed, "review_extrapolated": extrapolated},
         "validation": {"n": int(len(score)), "n_abnormal": int(np.sum(y_abnormal)), "auc": metrics.auc(y_abnormal, score),

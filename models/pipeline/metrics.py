@@ -55,23 +55,39 @@ def review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -
 
 def resolvable(n: int, rate: float) -> bool:
     """Whether n cases can show a rate of `rate` at all: below 1/(1 - rate) cases one miss already breaks it."""
+    if rate >= 1.0:
+        return True  # "catch every one" is the lowest case seen by definition: nothing to extrapolate
     return n >= math.ceil(1.0 / (1.0 - rate) - 1e-9)
 
 
-def extrapolated_review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -> float:
-    """The (1 - min_sensitivity) quantile of the abnormal scores from a normal fit to their logits.
-
-    With fewer abnormal cases than `resolvable` needs (a site's tens of images), the empirical rule can only
-    return the lowest abnormal score seen, an optimistic guess of where the lowest 2 % lie; the fit (its spread
-    widened for a new case, and never below half a logit) extrapolates below it instead.
-    """
+def student_t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t without scipy: exact for 1 and 2 degrees of freedom, else the Cornish-Fisher
+    expansion (Abramowitz & Stegun 26.7.5): 0.03 under the table at 3 degrees of freedom, within 0.01 from 4."""
     from statistics import NormalDist
 
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
+
+
+def extrapolated_review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -> float:
+    """A lower prediction bound for the (1 - min_sensitivity) quantile of the abnormal scores, in logit space.
+
+    With fewer abnormal cases than `resolvable` needs (a site's tens of images), the empirical rule can only
+    return the lowest abnormal score seen, an optimistic guess of where the lowest 2 % lie. Here: a normal fit to
+    the abnormal scores' logits, widened as a prediction interval for a new case (Student's t with n - 1 degrees
+    of freedom, spread x sqrt(1 + 1/n), never below half a logit). One case alone gives a threshold near 0:
+    everything goes to review until there is more to go on.
+    """
     pos = np.clip(np.asarray(score, dtype=np.float64)[np.asarray(y).astype(bool)], 1e-6, 1 - 1e-6)
     logits = np.log(pos / (1 - pos))
     n = len(logits)
     spread = max(float(np.std(logits, ddof=1)) if n > 1 else 0.0, 0.5) * math.sqrt(1 + 1 / max(n, 1))
-    quantile = float(np.mean(logits)) + NormalDist().inv_cdf(1 - min_sensitivity) * spread
+    quantile = float(np.mean(logits)) + student_t_quantile(1 - min_sensitivity, max(n - 1, 1)) * spread
     return float(1 / (1 + math.exp(-quantile)))
 
 

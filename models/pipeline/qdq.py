@@ -28,7 +28,10 @@ def fp32_from_qdq(src: Path, dst: Path) -> None:
         if n.op_type == "QuantizeLinear":
             drop.add(id(n))
             zp = arr(n.input[2]) if len(n.input) > 2 and n.input[2] else np.uint8(0)
-            if zp.dtype == np.uint8 and int(zp) == 0:
+            producer = producers.get(n.input[0])
+            # a convolution whose output range starts at 0 had its ReLU6 folded away (pooling after it is merely
+            # non-negative, and clamping there would add a limit the FP32 graph does not have)
+            if zp.dtype == np.uint8 and int(zp) == 0 and producer is not None and producer.op_type == "Conv":
                 clamps[n.input[0]] = 255.0 * float(arr(n.input[1]))
     for n in g.node:
         if n.op_type != "DequantizeLinear":
@@ -100,7 +103,7 @@ def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: 
     must be fine-tuned with its BN layers in eval mode (meta "bn_folded")."""
     import onnx
     import torch
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     from models.pipeline.model import build_model
 
@@ -130,13 +133,19 @@ def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: 
             state[bn_name + ".running_var"] = torch.full((w.shape[0],), 1.0 - bn.eps)
             seen.add(name)
         elif node.op_type in ("Gemm", "MatMul"):
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+                raise ModelError(f"{onnx_path.name}: classifier {node.name!r} is not a plain x @ W + b")
+            if node.input[1] not in weights:
+                raise ModelError(f"{onnx_path.name}: classifier {node.name!r} has no constant weight")
             w = weights[node.input[1]]
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0) if node.op_type == "Gemm" else 0
-            w = w if trans_b else w.T
+            w = w if attrs.get("transB", 0) else w.T
             if tuple(w.shape) != tuple(model._fc.weight.shape):
                 raise ModelError(f"{onnx_path.name}: classifier {w.shape} != {tuple(model._fc.weight.shape)}")
+            bias = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             state["_fc.weight"] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
-            state["_fc.bias"] = torch.from_numpy(weights[node.input[2]].copy())
+            state["_fc.bias"] = torch.from_numpy(np.array(bias if bias is not None else np.zeros(w.shape[0]),
+                                                          dtype=np.float32, copy=True))
             seen.add("_fc")
     missing = sorted(convs - seen) + ([] if "_fc" in seen else ["_fc"])
     if missing:
