@@ -387,7 +387,7 @@ def models_show(name: str, version: Optional[str] = typer.Argument(None, help="D
             return f" [{low_high[0]:.3f}–{low_high[1]:.3f}]" if low_high else ""
         heading = (_("Held-out test, {model} ({n} images, {k} abnormal):") if info["test_split"] == "test" else
                    _("Site's held-out part, {model} ({n} images, {k} abnormal):"))
-        _echo(heading.format(model=ltr("ONNX Runtime INT8"), n=test.get("n", "?"), k=test.get("n_abnormal", "?"))
+        _echo(heading.format(model=ltr(info["test_model"]), n=test.get("n", "?"), k=test.get("n_abnormal", "?"))
               + f" AUC {test['auc']:.3f}{ci('auc')}, " + _("sensitivity") + f" {test['sensitivity_at_review']:.3f}"
               + ci("sensitivity_at_review") + ", " + _("specificity") + f" {test['specificity_at_review']:.3f}"
               + ci("specificity_at_review"))

@@ -396,7 +396,7 @@ def describe(package: ModelPackage, models_dir: Path | None = None) -> dict:
         # package's are the site's own (small) held-out part
         "test": metrics.get("test") or metrics.get("local_test"),
         "test_split": "test" if metrics.get("test") else "local_test" if metrics.get("local_test") else None,
-        "test_model": "onnxruntime int8",
+        "test_model": "ONNX Runtime INT8",
         "training_data": m.get("training_data", {}), "created": m.get("created"), "signed_by": package.key_id,
         "card": str(package.folder / "MODEL_CARD.md") if (package.folder / "MODEL_CARD.md").is_file() else None,
     }

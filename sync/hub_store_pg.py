@@ -69,6 +69,13 @@ def _secrets(url: str) -> list[str]:
     return sorted({s for p in found for s in (p, unquote(p)) if s}, key=len, reverse=True)
 
 
+def _scrub(err: BaseException, secrets: list[str]) -> str:
+    text = " ".join(str(err).split())  # libpq's hints span lines; a log line should not
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def _driver(where: str):
     try:
         import psycopg
@@ -128,10 +135,7 @@ class PostgresIndex:
             raise StoreError(f"cannot open hub index {self.where}: {self._scrub(err)}") from None
 
     def _scrub(self, err: BaseException) -> str:
-        text = " ".join(str(err).split())  # libpq's hints span lines; a log line should not
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return _scrub(err, self._secrets)
 
     def _connect(self):
         pg = self._psycopg
@@ -218,16 +222,10 @@ def read_only_query(url: str, sql: str, params=()) -> list[dict]:
     pg = _driver(where)
     from psycopg.rows import dict_row
 
-    def scrub(err: BaseException) -> str:
-        text = " ".join(str(err).split())
-        for secret in secrets:
-            text = text.replace(secret, "***")
-        return text
-
     try:
         with pg.connect(url, autocommit=True, row_factory=dict_row, connect_timeout=CONNECT_TIMEOUT_S,
                         application_name="wasla-fleet", options="-c default_transaction_read_only=on") as conn:
             conn.adapters.register_loader("numeric", _number_loader())
             return conn.execute(*translate(sql, params)).fetchall()
     except pg.Error as err:
-        raise StoreError(f"hub index {where}: {scrub(err)}") from None
+        raise StoreError(f"hub index {where}: {_scrub(err, secrets)}") from None

@@ -99,8 +99,8 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
     import torch
 
     from models.pipeline.data import load_images, normalise
-
-    from models.pipeline.infer import OrtRunner
+    from models.pipeline.infer import OrtRunner, logits_for
+    from models.pipeline.metrics import softmax
     from models.pipeline.model import ARCH, save_checkpoint
     from models.pipeline.qdq import torch_from_qdq
 
@@ -113,14 +113,11 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
     # The recovered FP32 model must score like the INT8 graph it came from: a wrong layer mapping or a
     # graph this code does not understand shows up here, before any training.
     mean, std = manifest["input"]["mean"], manifest["input"]["std"]
-    x = np.stack([normalise(image, mean, std) for image in load_images(probes, shape[2])]).astype(np.float32)
+    images = load_images(probes, shape[2])
     with torch.inference_mode():
-        ours = torch.softmax(model(torch.from_numpy(x)), dim=1).numpy()
-    runner = OrtRunner(onnx_path)
-    theirs = np.concatenate([runner(x[i:i + 1]) for i in range(len(x))])
-    theirs = np.exp(theirs - theirs.max(1, keepdims=True))
-    theirs /= theirs.sum(1, keepdims=True)
-    gap = float(np.abs(ours - theirs).max())
+        ours = model(torch.from_numpy(np.stack([normalise(image, mean, std) for image in images]))).numpy()
+    theirs = logits_for(OrtRunner(onnx_path), images, mean, std)
+    gap = float(np.abs(softmax(ours) - softmax(theirs)).max())
     if gap > 0.1:
         raise ModelError(f"weights recovered from {onnx_path.name} score {gap:.3f} away from the INT8 graph")
     log.info("starting weights recovered from %s (max probability gap to INT8 %.4f)", onnx_path.name, gap)
