@@ -22,11 +22,11 @@ def choose_thresholds(y_abnormal: np.ndarray, score: np.ndarray, review_sensitiv
     n_abnormal = int(np.sum(y_abnormal))
     extrapolated = not metrics.resolvable(n_abnormal, review_sensitivity)
     if extrapolated:
-        fitted = metrics.extrapolated_review_threshold(y_abnormal, score, review_sensitivity)
+        empirical = review
+        review = min(review, metrics.extrapolated_review_threshold(y_abnormal, score, review_sensitivity))
         log.warning("only %d abnormal validation cases: sensitivity %.2f cannot be resolved; review threshold "
                     "%.4f extrapolated from their spread (empirical %.4f)", n_abnormal, review_sensitivity,
-                    min(review, fitted), review)
-        review = min(review, fitted)
+                    review, empirical)
     urgent = metrics.urgent_threshold(y_abnormal, score, urgent_specificity)
     crossed = urgent < review
     if crossed:
