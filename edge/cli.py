@@ -150,7 +150,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
                                       or _("(none)")))
     _echo(f"{_('Last ingest')}: {_when(store.last_ingest())}")
     for m in models:
-        _echo(f"{_('Model')}: {ltr(m['name'] + ' ' + m['version'])}")
+        _echo(f"{_('Model')}: {ltr(m['name'] + ' ' + m['version'])} ({ltr(m['backend'])})")
     for b in bad:
         _echo(f"{_('Model refused')}: {ltr(b)}")
     if not models:

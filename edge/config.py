@@ -71,7 +71,8 @@ class WatchConfig:
 class InferenceConfig:
     backend: str = "auto"
     """"auto" (onnxruntime unless another installed backend is at least 1.2x faster for the model, measured at
-    load), "onnxruntime" or "openvino"."""
+    the first load of each package version and recorded in <data_dir>/backend-choice.json, so a restart never
+    changes it), "onnxruntime" or "openvino"."""
     threads: int = 2
     """Inference threads per model."""
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -208,6 +209,11 @@ class Config:
     @property
     def quarantine_dir(self) -> Path:
         return self.box.data_dir / "quarantine"
+
+    @property
+    def backend_choice_path(self) -> Path:
+        """Where "auto" records the backend it chose for each package version, so a restart keeps it."""
+        return self.box.data_dir / "backend-choice.json"
 
     @property
     def watch_dir(self) -> Path:

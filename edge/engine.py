@@ -12,7 +12,7 @@ import pydicom
 from edge import imaging, modelpkg, routing, triage
 from edge.config import Config
 from edge.errors import BadInputError, ModelError, WaslaError
-from edge.inference import create_backend
+from edge.inference import create_recorded, read_choices
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ class Engine:
                 try:
                     pkg = modelpkg.load_package(folder, trusted)
                     # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
-                    backend = create_backend(pkg, cfg.inference.backend, cfg.inference.threads,
-                                             cfg.inference.providers, cfg.inference.warmup)
+                    backend = create_recorded(pkg, cfg.inference.backend, cfg.inference.threads,
+                                              cfg.inference.providers, cfg.inference.warmup,
+                                              cfg.backend_choice_path)
                 except WaslaError as err:
                     errors.append(f"{folder}: {err}")
                     log.error("model package %s refused: %s", folder, err)
@@ -127,6 +128,7 @@ class Engine:
 
     def describe(self) -> list[dict]:
         return [{"name": m.package.name, "version": m.package.version, "backend": m.backend.name,
+                 "precision": m.backend.precision, "backend_choice": m.backend.choice,
                  "key_id": m.package.key_id} for m in self.models]
 
 
@@ -134,10 +136,15 @@ def check_models(cfg: Config) -> tuple[list[dict], list[str]]:
     """Verify packages without loading a runtime (for `wasla status` / `doctor`)."""
     trusted = modelpkg.load_trusted_keys(cfg.models.trusted_keys) if cfg.models.trusted_keys else {}
     ok, bad = [], []
+    choices = read_choices(cfg.backend_choice_path) if cfg.inference.backend == "auto" else {}
     for folder in modelpkg.active_folders(cfg.models.dir):
         try:
             pkg = modelpkg.load_package(folder, trusted)
-            ok.append({"name": pkg.name, "version": pkg.version, "key_id": pkg.key_id})
+            recorded = choices.get(pkg.id) if isinstance(choices.get(pkg.id), dict) else {}
+            backend = (cfg.inference.backend if cfg.inference.backend != "auto"
+                       else recorded.get("backend", "auto"))
+            ok.append({"name": pkg.name, "version": pkg.version, "key_id": pkg.key_id, "backend": backend,
+                       "backend_chosen_at": recorded.get("chosen_at")})
         except (ModelError, WaslaError) as err:
             bad.append(f"{folder}: {err}")
     return ok, bad

@@ -21,6 +21,7 @@ from edge.errors import (
     UnsupportedTransferSyntaxError,
 )
 from edge.j2k_reduced import decode_reduced as _decode_j2k_reduced
+from edge.preprocess import Preprocess, normalise, prepare
 from edge.j2k_reduced import decomposition_levels as _j2k_decomposition_levels
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class InputSpec:
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     frames: str = "middle"
+    preprocess: Preprocess = Preprocess()
 
     def __post_init__(self) -> None:
         if len(self.shape) != 4 or self.shape[0] != 1 or self.shape[1] != 3 or min(self.shape[2:]) < 1:
@@ -70,7 +72,7 @@ class InputSpec:
     @classmethod
     def from_manifest(cls, d: dict) -> InputSpec:
         """Build from the manifest's "input" object; unknown keys are refused like any strict config."""
-        unknown = set(d) - {"name", "shape", "colour", "resize", "mean", "std", "frames"}
+        unknown = set(d) - {"name", "shape", "colour", "resize", "mean", "std", "frames", "preprocess"}
         if unknown:
             raise ModelError(f"input block has unknown keys: {', '.join(sorted(unknown))}")
         if "shape" not in d:
@@ -83,6 +85,7 @@ class InputSpec:
             for key in ("colour", "resize", "frames"):
                 if key in d:
                     kwargs[key] = str(d[key])
+            kwargs["preprocess"] = Preprocess.from_manifest(d.get("preprocess"))
         except (TypeError, ValueError) as err:
             raise ModelError(f"input block has a malformed value: {err}") from err
         return cls(**kwargs)
@@ -337,6 +340,10 @@ def _grey(ds, arr: np.ndarray, index: int, photometric: str, min_side: int | Non
         function = str(voi_item.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
         if centre is not None and width is not None and width >= (1.0 if function == "LINEAR" else 1e-6):
             y = _window(x, centre, width, function)
+        elif _display_ready(ds, arr):
+            # 8 bits or fewer, no rescale, no window: the modality already made a picture for display (the way
+            # the training images were stored); stretching it to percentiles would change its contrast.
+            y = np.clip(x / np.float32(2 ** _int_attr(ds, "BitsStored", 8) - 1), 0.0, 1.0)
         else:
             step = max(min(x.shape) // 512, 1)  # a strided sample is plenty for two percentiles
             lo, hi = np.percentile(x[::step, ::step], _AUTO_WINDOW_PERCENTILES)
@@ -344,6 +351,14 @@ def _grey(ds, arr: np.ndarray, index: int, photometric: str, min_side: int | Non
     if photometric == "MONOCHROME1":
         y = 1.0 - y
     return y.astype(np.float32, copy=False)
+
+
+def _display_ready(ds, arr: np.ndarray) -> bool:
+    bits = _int_attr(ds, "BitsStored", 8 * arr.dtype.itemsize)
+    slope = _first(ds.get("RescaleSlope"))
+    intercept = _first(ds.get("RescaleIntercept"))
+    return (1 <= bits <= 8 and not _int_attr(ds, "PixelRepresentation", 0) and slope in (None, 1.0)
+            and intercept in (None, 0.0) and "ModalityLUTSequence" not in ds)
 
 
 def _palette_source(ds, uid: UID):
@@ -419,29 +434,16 @@ def render(
 
 
 def to_tensor(frame: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """A rendered frame as the (1, 3, H, W) float32 C-contiguous tensor the model's manifest describes."""
-    if frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[2] != 3):
-        raise ValueError(f"frame must be HxW or HxWx3, got shape {frame.shape}")
-    img = frame.astype(np.float32, copy=False)
-    if spec.colour == "grey3" and img.ndim == 3:
-        img = cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2GRAY)
-    height, width = spec.shape[2], spec.shape[3]
-    if spec.resize == "squash":
-        img = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA)
-    else:
-        scale = min(height / img.shape[0], width / img.shape[1])
-        h, w = max(round(img.shape[0] * scale), 1), max(round(img.shape[1] * scale), 1)
-        resized = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-        img = np.zeros((height, width, *img.shape[2:]), np.float32)
-        top, left = (height - h) // 2, (width - w) // 2
-        img[top : top + h, left : left + w] = resized
-    chw = np.broadcast_to(img, (3, height, width)) if img.ndim == 2 else img.transpose(2, 0, 1)
-    mean = np.asarray(spec.mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(spec.std, np.float32).reshape(3, 1, 1)
-    tensor = ((chw - mean) / std)[np.newaxis]
-    if not np.isfinite(tensor).all():
-        raise BadInputError("image contains NaN or infinite values")
-    return np.ascontiguousarray(tensor, dtype=np.float32)
+    """A rendered frame as the (1, 3, H, W) float32 C-contiguous tensor the model's manifest describes.
+
+    The same `edge.preprocess` steps the model pipeline runs on its training images (see `model_picture`).
+    """
+    return normalise(model_picture(frame, spec), spec.mean, spec.std)
+
+
+def model_picture(frame: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """The picture at model size, before normalisation: uint8 for a package that declares 8 bits, else float."""
+    return prepare(frame, spec.shape, spec.colour, spec.resize, spec.preprocess)
 
 
 def thumbnail(frame: np.ndarray, max_side: int = 512) -> np.ndarray:

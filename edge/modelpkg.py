@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import signing
 from edge.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
+from edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -310,6 +311,10 @@ def _parse_input(spec: Any, bad) -> dict[str, Any]:
             raise bad(f"input.{key} must be three numbers")
     if any(x <= 0 for x in spec["std"]):
         raise bad("input.std must be positive")
+    try:
+        Preprocess.from_manifest(spec.get("preprocess"))
+    except ModelError as err:
+        raise bad(str(err)) from err
     return spec
 
 

@@ -89,7 +89,8 @@ def serve(backend: str, model: str, threads: int, precision: str | None) -> None
         shape = list(compiled.input(0).shape)
         x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         infer = lambda: request.infer({0: x})  # noqa: E731
-        info["precision"] = f"INFERENCE_PRECISION_HINT={compiled.get_property('INFERENCE_PRECISION_HINT')}"
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+        info["precision"] = f"INFERENCE_PRECISION_HINT={getattr(hint, 'get_type_name', lambda: hint)()}"
         info["capabilities"] = " ".join(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         info["version"] = ov.__version__
     infer()
@@ -142,8 +143,8 @@ def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.1.0")
-    parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage-1.1.0")
+    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.2.0")
+    parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage-1.2.0")
     parser.add_argument("--fp32", type=Path, help="FP32 ONNX (default: from --work)")
     parser.add_argument("--runs", type=int, default=300, help="timed runs per configuration")
     parser.add_argument("--burst", type=int, default=30, help="runs per configuration per round")
@@ -172,8 +173,11 @@ def main() -> int:
             configs += [("ORT FP32", "ort", fp32, threads, "-"),
                         ("OpenVINO FP32 (default hint)", "ov", fp32, threads, "-"),
                         ("OpenVINO FP32 (hint f32)", "ov", fp32, threads, "f32")]
+        # "OpenVINO INT8" is the box's configuration (edge/inference/openvino.py pins f32 for float layers); the
+        # default-hint row shows what an unpinned runtime would pick on this CPU (bf16 on AVX-512 BF16 / AMX).
         configs += [("ORT INT8", "ort", int8_onnx, threads, "-"),
-                    ("OpenVINO INT8", "ov", int8_xml, threads, "-")]
+                    ("OpenVINO INT8", "ov", int8_xml, threads, "f32"),
+                    ("OpenVINO INT8 (default hint)", "ov", int8_xml, threads, "-")]
 
     if args.only:
         configs = [c for c in configs if args.only.lower() in c[0].lower()]
@@ -245,7 +249,8 @@ def main() -> int:
                                                for (n, _), r in results.items()})))
 
     print("\nGoals:")
-    int8 = [(r["median_ms"], n, t) for (n, t), r in results.items() if "INT8" in n]
+    # Judged on the configurations a box runs (pinned precision), not on the default-hint comparison row.
+    int8 = [(r["median_ms"], n, t) for (n, t), r in results.items() if "INT8" in n and "default hint" not in n]
     if int8:
         best = min(int8)
         verdict = "PASS" if best[0] <= GOAL_INT8_MS else "FAIL"

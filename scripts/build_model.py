@@ -1,4 +1,7 @@
-"""Build the default chest X-ray triage package (models/cxr-triage/1.1.0) with the repository's defaults.
+"""Build the default chest X-ray triage package (models/cxr-triage/1.2.0) with the repository's defaults.
+
+The 1.2.0 recipe: device-like training renderings, the box's preprocessing (8-bit, JPEG quality 75 round trip),
+thresholds on a device-like validation set, OpenVINO IR converted from the ONNX Runtime QDQ graph.
 
 Runs `python -m models.pipeline all` on ../shared/datasets/cxr-pneumonia-kermany (relative to the repository);
 skips with a message when that folder is absent. Extra arguments are passed through, e.g. `--epochs 3`.
@@ -18,9 +21,10 @@ def main(argv: list[str]) -> int:
         print(f"skipped: the Kermany chest X-ray dataset is not at {DATA} (needs train/ and test/)")
         return 0
     command = [sys.executable, "-m", "models.pipeline", "all", "--data", str(DATA),
-               "--work", str(REPO / "work-data" / "cxr-triage-1.1.0"), "--name", "cxr-triage", "--version", "1.1.0",
-               "--abnormal", "pneumonia", "--seed", "0", "--epochs", "6",
-               "--public-key", str(REPO / "models" / "keys" / "wasla-dev-2.pub"), *argv]
+               "--work", str(REPO / "work-data" / "cxr-triage-1.2.0"), "--name", "cxr-triage", "--version", "1.2.0",
+               "--abnormal", "pneumonia", "--seed", "0", "--epochs", "10", "--samples-per-epoch", "2560",
+               "--urgent-specificity", "0.99", "--public-key", str(REPO / "models" / "keys" / "wasla-dev-3.pub"),
+               *argv]
     print("+", " ".join(command), flush=True)
     return subprocess.call(command, cwd=REPO)
 

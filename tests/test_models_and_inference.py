@@ -407,3 +407,50 @@ def test_malformed_per_backend_thresholds_are_refused(tmp_path, thresholds, mess
     folder, pub = make_tiny_package(tmp_path, key_dir=tmp_path / "keys", thresholds=thresholds)
     with pytest.raises(ModelError, match=message):
         load_package(folder, load_trusted_keys([pub]))
+
+
+# --- the same score on every CPU ------------------------------------------------------------------------------
+
+def test_openvino_compiles_float_layers_in_f32_even_where_the_cpu_offers_bf16(package_folder, trusted):
+    backend = create_backend(load_package(package_folder, trusted), "openvino", threads=1, providers=CPU)
+    assert backend.precision == "f32"
+    assert backend._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
+    assert create_backend(load_package(package_folder, trusted), "onnxruntime", 1, CPU).precision == "f32"
+
+
+def _auto_engine(tmp_path, pub, models):
+    from edge import config as config_mod
+    from edge.engine import Engine
+
+    cfg = config_mod.parse(f'[box]\ndata_dir = "{tmp_path / "data"}"\n[models]\ndir = "{models}"\n'
+                           f'trusted_keys = ["{pub}"]\n[inference]\nbackend = "auto"\n')
+    return cfg, Engine.load(cfg)
+
+
+def test_auto_backend_is_chosen_once_per_package_and_kept_across_restarts(tmp_path):
+    from edge.engine import check_models
+
+    models = tmp_path / "models"
+    _folder, pub = make_tiny_package(models, key_dir=tmp_path / "keys")
+    cfg, first = _auto_engine(tmp_path, pub, models)
+    record = json.loads(cfg.backend_choice_path.read_text())
+    chosen = record["tiny-cxr@1.0.0"]["backend"]
+    assert first.models[0].backend.TYPE_KEY == chosen and first.describe()[0]["backend_choice"].startswith("auto, chosen")
+    # A restart loads what was recorded, without timing: make the record name the other backend to prove it.
+    other = "openvino" if chosen == "onnxruntime" else "onnxruntime"
+    record["tiny-cxr@1.0.0"]["backend"] = other
+    cfg.backend_choice_path.write_text(json.dumps(record))
+    for _ in range(2):
+        _cfg, again = _auto_engine(tmp_path, pub, models)
+        assert again.models[0].backend.TYPE_KEY == other
+        assert again.describe()[0]["backend_choice"].startswith("auto, recorded")
+    assert check_models(cfg)[0][0]["backend"] == other  # what `wasla status` shows
+
+
+def test_unreadable_backend_record_is_chosen_again_not_fatal(tmp_path):
+    models = tmp_path / "models"
+    _folder, pub = make_tiny_package(models, key_dir=tmp_path / "keys")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "backend-choice.json").write_text("{not json")
+    cfg, engine = _auto_engine(tmp_path, pub, models)
+    assert engine.models and "tiny-cxr@1.0.0" in json.loads(cfg.backend_choice_path.read_text())

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import pkgutil
 import statistics
 import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 from edge.errors import ConfigError, ModelError
 from edge.inference.base import Backend, ramp_tensor
@@ -52,6 +56,59 @@ def create_backend(package: ModelPackage, kind: str, threads: int, providers: li
     return backend
 
 
+def create_recorded(package: ModelPackage, kind: str, threads: int, providers: list[str], warmup: int,
+                    record: Path | None) -> Backend:
+    """Like create_backend, but "auto" is decided once per package version and kept in `record` (a JSON file):
+    a restart loads the recorded backend without timing anything, so the thresholds in force never change
+    between reboots. A recorded backend that no longer loads (runtime removed) is chosen afresh, loudly."""
+    if kind != AUTO or record is None:
+        backend = create_backend(package, kind, threads, providers, warmup)
+        backend.choice = "configured" if kind != AUTO else "auto (not recorded)"
+        return backend
+    choices = read_choices(record)
+    entry = choices.get(package.id)
+    if isinstance(entry, dict) and entry.get("backend") in BACKENDS:
+        try:
+            backend = create_backend(package, entry["backend"], threads, providers, warmup)
+            backend.choice = f"auto, recorded {entry.get('chosen_at', '?')}"
+            return backend
+        except (ConfigError, ModelError) as err:
+            log.error("recorded backend %s for %s cannot run (%s): choosing again", entry["backend"], package.id, err)
+    backend = _fastest(package, threads, providers, warmup)
+    choices[package.id] = {"backend": backend.TYPE_KEY, "precision": backend.precision,
+                           "chosen_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           "median_ms": getattr(backend, "auto_medians", {})}
+    try:
+        _write_choices(record, choices)
+    except OSError as err:
+        log.error("cannot record the backend chosen for %s in %s: %s", package.id, record, err)
+    backend.choice = f"auto, chosen {choices[package.id]['chosen_at']}"
+    return backend
+
+
+def read_choices(record: Path) -> dict:
+    """The recorded backend choices ({package id: {...}}); an unreadable record counts as empty."""
+    try:
+        data = json.loads(Path(record).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        log.error("backend choice record %s unreadable (%s): choosing again", record, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_choices(record: Path, choices: dict) -> None:
+    record = Path(record)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_name(record.name + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(choices, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, record)
+
+
 def _fastest(package: ModelPackage, threads: int, providers: list[str], warmup: int = 3) -> Backend:
     candidates = [cls for key, cls in BACKENDS.items() if key in package.backend_files and cls.available()]
     if not candidates:
@@ -86,6 +143,7 @@ def _fastest(package: ModelPackage, threads: int, providers: list[str], warmup: 
     for key, backend in loaded.items():
         if key != choice:
             backend.close()
+    loaded[choice].auto_medians = {k: round(v, 3) for k, v in medians.items()}
     log.info("auto backend for %s: %s (median ms: %s)", package.id, choice,
              ", ".join(f"{k} {v:.2f}" for k, v in medians.items()))
     return loaded[choice]
@@ -99,4 +157,4 @@ def choose_auto(medians: dict[str, float]) -> str:
     return fastest
 
 
-__all__ = ["AUTO", "BACKENDS", "Backend", "choose_auto", "create_backend"]
+__all__ = ["AUTO", "BACKENDS", "Backend", "choose_auto", "create_backend", "create_recorded", "read_choices"]

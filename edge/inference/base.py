@@ -41,6 +41,9 @@ class Backend(ABC):
         self.input_shape = tuple(package.input_spec["shape"])
         self.input_name = package.input_spec["name"]
         self.load_ms: float | None = None
+        # Precision of the float layers as compiled (set by _load): the same on every CPU, or scores move.
+        self.precision: str | None = None
+        self.choice = "configured"  # how this backend was picked (create_recorded says)
         self._latencies: deque[float] = deque(maxlen=100)
         self._loaded = False
 

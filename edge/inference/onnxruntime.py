@@ -52,6 +52,8 @@ class OnnxRuntimeBackend(Backend):
         if len(declared) != len(self.input_shape) or any(
                 isinstance(d, int) and d != want for d, want in zip(declared, self.input_shape)):
             raise ModelError(f"{self.name}: model input shape {declared} does not fit manifest {list(self.input_shape)}")
+        # ONNX Runtime's CPU provider computes float nodes in f32 on every ISA; INT8 nodes are exact integers.
+        self.precision = "f32"
         self._session = session
         self._outputs = [self.package.output_name]
         log.info("%s: providers %s", self.name, session.get_providers())

@@ -10,6 +10,11 @@ from edge.inference.base import Backend
 from edge.modelpkg import backend_relpath, read_verified
 
 
+def _type_name(value) -> str:
+    """"f32" for ov.Type.f32 (whose str() is "<Type: 'float32'>"), the plain string for anything else."""
+    return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
+
+
 class OpenVinoBackend(Backend):
     """Compiled for "CPU"; `providers` (an ONNX Runtime notion) does not apply and is ignored."""
 
@@ -26,8 +31,11 @@ class OpenVinoBackend(Backend):
         # Read from bytes hashed as they were read, so the runtime sees exactly what was signed.
         model_bytes = read_verified(self.package, rel)
         weights = read_verified(self.package, rel[:-4] + ".bin") if rel.endswith(".xml") else b""
+        # f32 pinned: on CPUs with AVX-512 BF16 or AMX OpenVINO would otherwise run the float layers (stem,
+        # classifier, dequantised edges) in bf16, and a threshold calibrated on one CPU would move on the next.
         config = {props.inference_num_threads(): self.threads,
-                  hints.performance_mode(): hints.PerformanceMode.LATENCY}
+                  hints.performance_mode(): hints.PerformanceMode.LATENCY,
+                  hints.inference_precision(): ov.Type.f32}
         try:
             core = ov.Core()
             model = core.read_model(model=model_bytes, weights=weights)
@@ -44,6 +52,10 @@ class OpenVinoBackend(Backend):
         pshape = compiled.input(self.input_name).get_partial_shape()
         if not pshape.compatible(ov.PartialShape(list(self.input_shape))):
             raise ModelError(f"{self.name}: model input shape {pshape} does not fit manifest {list(self.input_shape)}")
+        precision = _type_name(compiled.get_property(hints.inference_precision()))
+        if precision != "f32":
+            raise ModelError(f"{self.name}: compiled with inference precision {precision}, not the f32 asked for")
+        self.precision = precision
         self._compiled = compiled
         self._request = compiled.create_infer_request()
 

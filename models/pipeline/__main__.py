@@ -73,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-size", type=int, default=224)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--val-fraction", type=float, default=0.12)
+        p.add_argument("--jpeg-quality", type=int, default=75,
+                       help="the JPEG round trip every picture gets at model size, box and training alike (the "
+                            "Kermany copy is quality 75); 0: none (default %(default)s)")
+        p.add_argument("--legacy-preprocess", action="store_true",
+                       help="float pictures, no 8-bit rounding or JPEG round trip (packages 1.0/1.1)")
+        p.add_argument("--review-sensitivity", type=float, default=0.98,
+                       help="review threshold: highest with validation sensitivity >= this (default %(default)s)")
+        p.add_argument("--urgent-specificity", type=float, default=0.95,
+                       help="urgent threshold: lowest with validation specificity >= this (default %(default)s)")
+        p.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
+                       help="OpenVINO INT8 from the ORT QDQ graph (one network, both backends) or NNCF (default "
+                            "%(default)s)")
+        p.add_argument("--no-device-like", action="store_true",
+                       help="augment at model size only, and calibrate on the clean validation split")
     for step in ("train", "all", "adapt"):
         p = parsers[step]
         p.add_argument("--epochs", type=int, default=5 if step != "adapt" else 8)
@@ -130,7 +144,11 @@ def _job_from_args(args):
                task="binary" if len(labels) == 2 else "multiclass", description=args.description,
                image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
                routing=json.loads(args.routing), training_data=training_data,
-               review_if_confidence_below=args.review_if_confidence_below)
+               review_if_confidence_below=args.review_if_confidence_below,
+               preprocess=None if args.legacy_preprocess else {
+                   "resample": "area", "bits": 8, **({"jpeg_quality": args.jpeg_quality} if args.jpeg_quality else {})},
+               device_like=not args.no_device_like, openvino_int8=args.openvino_int8,
+               review_sensitivity=args.review_sensitivity, urgent_specificity=args.urgent_specificity)
 
 
 def _train_options(args) -> dict:

@@ -69,6 +69,7 @@ def adapt(package: Path, checkpoint: Path | None, data_dir: Path, work_dir: Path
               description=manifest.get("description", ""), image_size=manifest["input"]["shape"][2], seed=seed,
               routing=manifest["routing"], training_data=manifest.get("training_data", {}),
               review_if_confidence_below=manifest.get("review_if_confidence_below"),
+              preprocess=manifest["input"].get("preprocess"),
               parent={"name": manifest["name"], "version": manifest["version"],
                       "manifest_sha256": sha256_file(package / "manifest.json")})
     work = Work(work_dir)
@@ -98,6 +99,7 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
     `probes` (local images: noise gives every input the same score and would hide a wrong layer mapping)."""
     import torch
 
+    from edge.preprocess import Preprocess
     from models.pipeline.data import load_images, normalise
     from models.pipeline.infer import OrtRunner, logits_for
     from models.pipeline.metrics import softmax
@@ -113,7 +115,7 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
     # The recovered FP32 model must score like the INT8 graph it came from: a wrong layer mapping or a
     # graph this code does not understand shows up here, before any training.
     mean, std = manifest["input"]["mean"], manifest["input"]["std"]
-    images = load_images(probes, shape[2])
+    images = load_images(probes, shape[2], Preprocess.from_manifest(manifest["input"].get("preprocess")))
     with torch.inference_mode():
         ours = model(torch.from_numpy(np.stack([normalise(image, mean, std) for image in images]))).numpy()
     theirs = logits_for(OrtRunner(onnx_path), images, mean, std)

@@ -50,10 +50,11 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         + ("; the same rule on each shipped model's own validation scores gives " + ", ".join(
             f"{k} review {v['review']:.6f} / urgent {v['urgent']:.6f}" for k, v in thresholds["by_backend"].items())
            + " (the box applies the one of the backend it runs)" if thresholds.get("by_backend") else "") + ".",
-        f"- Input: greyscale replicated to 3 channels, squash-resized to {meta['image_size']}x{meta['image_size']} "
-        f"(OpenCV INTER_AREA), scaled to [0, 1], then (x - {meta['mean'][0]}) / {meta['std'][0]}.",
+        _input_line(job, meta),
         f"- Architecture: {meta['arch']} fine-tuned from ImageNet weights; INT8 for ONNX Runtime (static QDQ, "
-        "u8 activations / s8 per-channel weights) and OpenVINO (NNCF).",
+        "u8 activations / s8 per-channel 7-bit weights) and OpenVINO ("
+        + ("the same QDQ graph converted to IR, so both backends run one quantised network" if job.openvino_int8 == "qdq"
+           else "NNCF") + "). OpenVINO float layers are pinned to f32 on every CPU (no bf16 on AVX-512 BF16 / AMX).",
         "",
         "## Data",
     ]
@@ -74,6 +75,7 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         f"Validation: patient-wise, class-stratified split carved from the training folder (seed {job.seed}); "
         "exact duplicate files removed by sha256 so no copy sits on both sides. "
         + (note or "The test set was used once, for the figures below."),
+        *_usage_lines(job, evaluation),
         "",
         f"## Metrics (held-out {evaluation['split']} set, ONNX Runtime INT8, n = {headline['n']}: "
         f"{headline['n_abnormal']} abnormal, {headline['n_normal']} normal)",
@@ -97,9 +99,10 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                      f"({evaluation['band_disagreements']} of {evaluation['n']} images differ)"
                      + (", INT8 AUC drop vs FP32 " + ", ".join(f"{drop[k]:+.4f} ({k})" for k in drop) if drop else "")
                      + ".")
-    lines += [
-        "",
-    ]
+    lines += [""]
+    lines += _band_lines(evaluation)
+    if "device_like" in evaluation:
+        lines += _robustness_lines(evaluation["device_like"])
     if before is not None:
         lines += ["## Before adaptation (same local held-out split, parent model and thresholds)",
                   _metrics_table(before) if before.get("auc") is not None else before.get("note", "n/a"), ""]
@@ -113,7 +116,9 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
             "- Paediatric patients only (1–5 years, one centre in Guangzhou); adult chest X-rays are out of scope "
             "and performance on them is unknown.",
             "- Trained on 224x224 JPEG copies whose aspect ratio was squashed; full-resolution DICOM from other "
-            "equipment, windowing and lossy compression differ from the training data.",
+            "equipment, windowing and lossy compression differ from the training data"
+            + (" — the device-like sets simulate that from the same copies, they are not real other devices."
+               if job.device_like else "."),
             "- Single source, single centre: no external validation; the test split comes from the same source.",
             "- Labels are normal vs pneumonia only (bacterial and viral pooled); other findings (effusion, TB, "
             "tubes and lines, fractures) are not recognised and may be scored either way.",
@@ -136,3 +141,83 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         "",
     ]
     return "\n".join(lines)
+
+
+def _input_line(job: Job, meta: dict) -> str:
+    size = meta["image_size"]
+    pre = job.preprocess or {}
+    steps = [f"squash-resized to {size}x{size} (OpenCV {pre.get('resample', 'area')})"]
+    if pre.get("bits") == 8:
+        steps.append("rounded to 8 bits")
+    if pre.get("jpeg_quality"):
+        steps.append(f"sent through a baseline JPEG round trip at quality {pre['jpeg_quality']} (the training "
+                     "copy's own compression, so a full-resolution radiograph reaches the model with the texture it "
+                     "learnt; a training picture is nearly a fixed point of it)")
+    return (f"- Input (manifest input.preprocess; box and pipeline share edge/preprocess.py): greyscale replicated to "
+            f"3 channels, {', '.join(steps)}, scaled to [0, 1], then (x - {meta['mean'][0]}) / {meta['std'][0]}.")
+
+
+def _usage_lines(job: Job, evaluation: dict) -> list[str]:
+    if not job.device_like:
+        return []
+    scored = evaluation.get("scored", {})
+    return [
+        "",
+        "How each split was used: *training* part — weights; *validation* (clean) — INT8 calibration images come "
+        "from training, validation scored for parity only; *device-like validation* (each validation image as a "
+        "full-resolution DICOM through the box's decoder) — the review/urgent thresholds and per-backend "
+        "thresholds; a fixed cheap device-like rendering of validation — checkpoint choice (log-loss per epoch); "
+        f"*test* (`../shared` test split, clean and device-like) — reporting only, scored {scored.get('count', 1)} "
+        "time(s) for this package; no decision of this build was taken on it. Earlier packages (1.0.0, 1.1.0) and "
+        "the development of this one's recipe looked at that split's figures, so they are not a clean external "
+        "estimate: patients held out from us score lower (issue 11 quotes AUC 0.955 for 1.1.0).",
+    ]
+
+
+def _band_lines(evaluation: dict) -> list[str]:
+    lines = ["## Bands: share of studies (held-out, ONNX Runtime INT8; 95 % Wilson intervals)",
+             "| set | normal | review | urgent |", "|---|---|---|---|"]
+    sets = [("test (clean)", evaluation)]
+    if "device_like" in evaluation:
+        sets.append(("test (device-like)", evaluation["device_like"]))
+    for name, report in sets:
+        shares = report.get("band_shares")
+        if not shares:
+            continue
+        lines.append(f"| {name} | " + " | ".join(
+            f"{_pct(shares[b]['share'])} ({_ci(shares[b]['share_ci95'])})" for b in ("normal", "review", "urgent"))
+            + " |")
+    lines += ["", "A radiologist reads *urgent* first, then *review*; *normal* studies can wait for the routine "
+              "list. The normal share is the reading volume triage can defer, never skip.", ""]
+    return lines
+
+
+def _robustness_lines(device: dict) -> list[str]:
+    info = device.get("set", {})
+    lines = [
+        "## Robustness: device-like test set",
+        f"Each test image re-rendered as a full-resolution CR instance ({info.get('rows')} rows x "
+        f"{info.get('columns')} columns): chains {info.get('chains')}, transfer syntaxes {info.get('syntaxes')} "
+        "(models/pipeline/devicesim.py: detector noise, gamma / window / VOI LUT, MONOCHROME1, no window, collimation, "
+        "burned-in text, small rotations, lossy JPEG 2000), then decoded and preprocessed by the box's own code.",
+        "",
+        "| backend | AUC | sensitivity at review | specificity at review | normal / review / urgent |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in device.get("by_backend", {}).items():
+        shares = r["band_shares"]
+        lines.append(f"| {name} | {r['auc']:.4f} | {_pct(r['sensitivity_at_review'])} "
+                     f"({_ci(r['sensitivity_at_review_ci95'])}) | {_pct(r['specificity_at_review'])} | "
+                     + " / ".join(_pct(shares[b]["share"]) for b in ("normal", "review", "urgent")) + " |")
+    if "band_agreement_ort_vs_openvino_int8" in device:
+        lines.append("")
+        lines.append(f"ORT INT8 vs OpenVINO INT8 band agreement: {_pct(device['band_agreement_ort_vs_openvino_int8'])} "
+                     f"({device['band_disagreements']} of {device['n']} differ).")
+    for field in ("chain", "syntax"):
+        rows = device.get("by_recipe", {}).get(field, {})
+        if rows:
+            lines.append(f"Sensitivity / specificity at review by {field} (ORT INT8): " + "; ".join(
+                f"{k} {_pct(v['sensitivity_at_review'])} / {_pct(v['specificity_at_review'])} (n {v['n']})"
+                for k, v in rows.items()) + ".")
+    lines.append("")
+    return lines

@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 
 from edge.errors import BadInputError, NotFoundError
+from edge.imaging import InputSpec, model_picture, to_tensor
+from edge.preprocess import Preprocess, to_u8, u8_to_frame
+from edge.preprocess import normalise as preprocess_normalise
 
 log = logging.getLogger(__name__)
 
@@ -192,28 +195,35 @@ def read_grey(path: str) -> np.ndarray:
     return image
 
 
-def resize_squash(grey: np.ndarray, size: int) -> np.ndarray:
-    """Aspect-ignoring resize with INTER_AREA, exactly as the box does."""
-    if grey.shape == (size, size):
-        return grey
-    return cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)
+def spec_for(size: int, mean: list[float] | None = None, std: list[float] | None = None,
+             pre: Preprocess | None = None) -> InputSpec:
+    """The box's InputSpec of a package built with these settings (what the manifest's input block says)."""
+    kwargs = {"shape": (1, 3, size, size), "preprocess": pre or Preprocess()}
+    if mean is not None:
+        kwargs.update(mean=tuple(mean), std=tuple(std))
+    return InputSpec(**kwargs)
+
+
+def picture(grey_u8: np.ndarray, size: int, pre: Preprocess | None = None) -> np.ndarray:
+    """An 8-bit training picture through the box's own preprocessing (edge.preprocess), up to normalisation."""
+    out = model_picture(u8_to_frame(grey_u8), spec_for(size, pre=pre))
+    # A 1.0/1.1 package keeps float pictures; from an 8-bit picture at model size those are exactly k / 255.
+    return out if out.dtype == np.uint8 else to_u8(out)
 
 
 def normalise(grey_u8: np.ndarray, mean: list[float], std: list[float]) -> np.ndarray:
-    """(H, W) uint8 -> (3, H, W) float32: replicate grey to 3 channels, scale to [0, 1], then (x - mean) / std."""
-    x = grey_u8.astype(np.float32) / 255.0
-    x = np.repeat(x[None], 3, axis=0)
-    return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+    """(H, W) uint8 -> (3, H, W) float32, the box's normalisation (edge.preprocess.normalise)."""
+    return preprocess_normalise(grey_u8, mean, std)[0]
 
 
-def box_input(path: str, size: int, mean: list[float], std: list[float]) -> np.ndarray:
-    """The (1, 3, size, size) float32 tensor the box feeds its models for this image."""
-    return normalise(resize_squash(read_grey(path), size), mean, std)[None]
+def box_input(path: str, size: int, mean: list[float], std: list[float], pre: Preprocess | None = None) -> np.ndarray:
+    """The (1, 3, size, size) float32 tensor the box feeds its models for this training image."""
+    return to_tensor(u8_to_frame(read_grey(path)), spec_for(size, mean, std, pre))
 
 
-def load_images(paths: list[str], size: int) -> np.ndarray:
+def load_images(paths: list[str], size: int, pre: Preprocess | None = None) -> np.ndarray:
     """All images as one (N, size, size) uint8 array, preprocessed up to (not including) normalisation."""
     out = np.empty((len(paths), size, size), np.uint8)
     for i, path in enumerate(paths):
-        out[i] = resize_squash(read_grey(path), size)
+        out[i] = picture(read_grey(path), size, pre)
     return out

@@ -47,12 +47,14 @@ def band_agreement(bands: dict) -> dict:
     return {"band_agreement_ort_vs_openvino_int8": float(agree.mean()), "band_disagreements": int((~agree).sum())}
 
 
-def parity(job: Job, val: list[list], paths: dict[str, Path], thresholds: dict, mean, std) -> dict:
-    """INT8 vs FP32 AUC and ORT-vs-OpenVINO INT8 triage-band agreement on the validation split."""
-    images = load_images([p for p, _ in val], job.image_size)
+def parity(job: Job, val: list[list], paths: dict[str, Path], thresholds: dict, mean, std,
+           images: np.ndarray | None = None, split_name: str = "validation") -> dict:
+    """INT8 vs FP32 AUC and ORT-vs-OpenVINO INT8 triage-band agreement on the validation split (or `images`)."""
+    if images is None:
+        images = load_images([p for p, _ in val], job.image_size, job.pre())
     y = np.array([label for _, label in val])
     abnormal = is_abnormal(y, job)
-    result = {"split": "validation", "n": len(val), "auc": {}, "accuracy": {}}
+    result = {"split": split_name, "n": len(val), "auc": {}, "accuracy": {}}
     band, score_of = {}, {}
     for name, runner in runners(paths).items():
         probs, score = scores(runner, images, job, mean, std)
@@ -81,10 +83,24 @@ def test_samples(job: Job, split: dict) -> tuple[list[list], str]:
     return [[s.path, s.label] for s in list_samples(Path(job.test_dir), job.labels)], "test"
 
 
+def band_shares(score: np.ndarray, review: float, urgent: float) -> dict:
+    """Share of studies in each band with its Wilson 95 % interval: the reading volume triage sorts."""
+    band = metrics.bands(score, review, urgent)
+    n = len(band)
+    return {name: {"n": int((band == k).sum()), "share": float((band == k).mean()) if n else float("nan"),
+                   "share_ci95": metrics.wilson_ci(int((band == k).sum()), n)}
+            for k, name in enumerate(("normal", "review", "urgent"))}
+
+
 def evaluate(job: Job, test: list[list], paths: dict[str, Path], thresholds: dict, mean, std,
-             resamples: int = 2000, split_name: str = "test") -> dict:
-    """The held-out report: primary model ORT INT8 (what the box runs by default), with 95 % bootstrap CIs."""
-    images = load_images([p for p, _ in test], job.image_size)
+             resamples: int = 2000, split_name: str = "test", images: np.ndarray | None = None,
+             recipes: list[dict] | None = None) -> dict:
+    """The held-out report: primary model ORT INT8 (what the box runs by default), with 95 % bootstrap CIs.
+
+    `images` (already preprocessed pictures, e.g. a device-like set) replaces loading the files of `test`;
+    `recipes` (one per image) adds sensitivity and specificity per device chain and transfer syntax."""
+    if images is None:
+        images = load_images([p for p, _ in test], job.image_size, job.pre())
     y = np.array([label for _, label in test])
     abnormal = is_abnormal(y, job)
     report = {"split": split_name, "n": len(test), "primary_backend": "onnxruntime",
@@ -93,10 +109,20 @@ def evaluate(job: Job, test: list[list], paths: dict[str, Path], thresholds: dic
               "models": {name: {"file": path.name, "sha256": sha256_file(path)} for name, path in paths.items()},
               "auc_by_backend": {}}
     primary, band = None, {}
+    report["by_backend"] = {}
     for name, runner in runners(paths).items():
         probs, score = scores(runner, images, job, mean, std)
         report["auc_by_backend"][name] = metrics.auc(abnormal, score)
-        band[name] = metrics.bands(score, *backend_thresholds(thresholds, name))
+        review, urgent = backend_thresholds(thresholds, name)
+        band[name] = metrics.bands(score, review, urgent)
+        sens, spec = metrics.sens_spec(abnormal, score, review)
+        report["by_backend"][name] = {
+            "auc": report["auc_by_backend"][name], "sensitivity_at_review": sens, "specificity_at_review": spec,
+            "sensitivity_at_review_ci95": metrics.wilson_ci(int(np.sum((score >= review) & abnormal)),
+                                                            int(abnormal.sum())),
+            "band_shares": band_shares(score, review, urgent)}
+        if isinstance(runner, OpenVinoRunner):
+            report["by_backend"][name]["inference_precision"] = runner.precision
         if name == "ort_int8":
             primary = (probs, score)
     # The issue's parity goals are on held-out images: INT8 vs FP32 AUC and ORT vs OpenVINO triage bands.
@@ -109,8 +135,27 @@ def evaluate(job: Job, test: list[list], paths: dict[str, Path], thresholds: dic
     binary = metrics.binary_report(abnormal, score, thresholds)
     binary.update(metrics.bootstrap_ci(abnormal, score, thresholds, resamples, job.seed))
     report["abnormal_vs_rest"] = binary
+    review, urgent = backend_thresholds(thresholds, "ort_int8")
+    report["band_shares"] = band_shares(score, review, urgent)
+    if recipes is not None:
+        report["by_recipe"] = by_recipe(abnormal, score, review, recipes)
     if job.task == "multiclass":
         report["multiclass"] = metrics.multiclass_report(y, probs, job.labels)
     log.info("test: AUC %.4f %s, sensitivity@review %.4f, specificity@review %.4f", binary["auc"],
              binary["auc_ci95"], binary["sensitivity_at_review"], binary["specificity_at_review"])
     return report
+
+
+def by_recipe(abnormal: np.ndarray, score: np.ndarray, review: float, recipes: list[dict]) -> dict:
+    """Sensitivity and specificity at review for each device chain and each transfer syntax of a device-like set."""
+    out: dict = {}
+    for field in ("chain", "syntax"):
+        out[field] = {}
+        for value in sorted({r[field] for r in recipes}):
+            idx = np.array([r[field] == value for r in recipes])
+            flagged = score[idx] >= review
+            pos, neg = abnormal[idx], ~abnormal[idx]
+            out[field][value] = {"n": int(idx.sum()), "n_abnormal": int(pos.sum()),
+                                 "sensitivity_at_review": float(flagged[pos].mean()) if pos.any() else None,
+                                 "specificity_at_review": float((~flagged[neg]).mean()) if neg.any() else None}
+    return out

@@ -30,7 +30,8 @@ class OrtRunner:
 
 
 class OpenVinoRunner:
-    def __init__(self, path: Path, threads: int = 2, precision: str | None = None):
+    def __init__(self, path: Path, threads: int = 2, precision: str | None = "f32"):
+        """`precision` f32 by default, as the box pins it: calibration on a bf16 CPU must not shift thresholds."""
         import openvino as ov
 
         if not Path(path).is_file():
@@ -41,7 +42,8 @@ class OpenVinoRunner:
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.array(self.request.infer({0: x})[self.compiled.output(0)])

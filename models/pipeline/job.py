@@ -35,6 +35,18 @@ class Job:
     urgent_specificity: float = 0.95
     review_if_confidence_below: float | None = None
     parent: dict | None = None  # for adapted models: the package it was adapted from
+    # The manifest's input.preprocess block (edge.preprocess.Preprocess); None: the 1.0/1.1 behaviour.
+    preprocess: dict | None = None
+    # Train on device-like renderings (models.pipeline.devicesim) and calibrate on a device-like validation set.
+    device_like: bool = False
+    # OpenVINO's INT8 model: "qdq" converts the ONNX Runtime QDQ graph (one quantised network for both backends),
+    # "nncf" quantises the FP32 model separately (1.0/1.1).
+    openvino_int8: str = "nncf"
+
+    def pre(self):
+        from edge.preprocess import Preprocess
+
+        return Preprocess.from_manifest(self.preprocess)
 
     def validate(self) -> None:
         if self.task not in ("binary", "multiclass"):
@@ -46,6 +58,8 @@ class Job:
             raise ConfigError(f"abnormal_labels {self.abnormal_labels} must be a non-empty subset of {self.labels}")
         if set(self.abnormal_labels) == set(self.labels):
             raise ConfigError("at least one label must be non-abnormal")
+        if self.openvino_int8 not in ("qdq", "nncf"):
+            raise ConfigError(f"openvino_int8 must be 'qdq' or 'nncf', not {self.openvino_int8!r}")
 
 
 class Work:

@@ -1,6 +1,7 @@
 """The pipeline steps, each reading and writing one work folder; `run_all` chains them."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def train(work: Work, **options) -> dict:
 
     job = work.job()
     meta = training.train(work.split, work.checkpoint, abnormal_labels=job.abnormal_labels,
-                          image_size=job.image_size, seed=job.seed, **options)
+                          image_size=job.image_size, seed=job.seed, pre=job.pre(), device_like=job.device_like,
+                          **options)
     return meta
 
 
@@ -50,7 +52,7 @@ def export(work: Work) -> dict:
     from models.pipeline.infer import OrtRunner, logits_for
     from models.pipeline.train import to_tensor
 
-    images = load_images([p for p, _ in val], meta["image_size"])
+    images = load_images([p for p, _ in val], meta["image_size"], work.job().pre())
     with torch.inference_mode():
         expected = model(to_tensor(images, meta["mean"], meta["std"])).numpy()
     got = logits_for(OrtRunner(work.fp32), images, meta["mean"], meta["std"])
@@ -66,9 +68,13 @@ def quantise(work: Work, calibration_images: int = 200) -> None:
     from models.pipeline import quantise as q
 
     job, meta = work.job(), work.read(meta_path(work), "export")
-    images = q.calibration_images(load_split(work.split)["train"], calibration_images, meta["image_size"], job.seed)
+    images = q.calibration_images(load_split(work.split)["train"], calibration_images, meta["image_size"], job.seed,
+                                  job.pre())
     q.quantise_ort(work.fp32, work.ort_int8, images, meta["mean"], meta["std"])
-    q.quantise_openvino(work.fp32, work.ov_int8, images, meta["mean"], meta["std"])
+    if job.openvino_int8 == "qdq":
+        q.openvino_from_qdq(work.ort_int8, work.ov_int8)
+    else:
+        q.quantise_openvino(work.fp32, work.ov_int8, images, meta["mean"], meta["std"])
 
 
 # The runner each shipped backend uses, and the manifest key the box knows it by.
@@ -83,7 +89,14 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
 
     job, meta = work.job(), work.read(meta_path(work), "export")
     val = load_split(work.split)["val"]
-    images = load_images([p for p, _ in val], meta["image_size"])
+    if job.device_like:
+        from models.pipeline import deviceset
+
+        # The clean validation split is saturated (AUC ~0.9998): every threshold rule lands in the same gap and
+        # the review band comes out empty. Its device-like rendering is what a box sees, and is not saturated.
+        images = deviceset.build(work, "validation", val, job)["images"]
+    else:
+        images = load_images([p for p, _ in val], meta["image_size"], job.pre())
     y = np.array([label for _, label in val])
     paths = model_paths(work)
     chosen = {}
@@ -93,6 +106,8 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
         chosen[name]["urgent"] = min(chosen[name]["urgent"], 1.0)
     result = dict(chosen[backend])
     result["scored_with"] = backend
+    result["validation_set"] = "device-like validation (models.pipeline.deviceset)" if job.device_like \
+        else "validation"
     result["by_backend"] = {key: {"review": chosen[name]["review"], "urgent": chosen[name]["urgent"]}
                             for name, key in SHIPPED.items()}
     write_json(work.thresholds, result)
@@ -106,7 +121,14 @@ def parity(work: Work) -> dict:
 
     job, meta = work.job(), work.read(meta_path(work), "export")
     thresholds = work.read(work.thresholds, "calibrate")
-    result = check(job, load_split(work.split)["val"], model_paths(work), thresholds, meta["mean"], meta["std"])
+    val = load_split(work.split)["val"]
+    result = check(job, val, model_paths(work), thresholds, meta["mean"], meta["std"])
+    if job.device_like:
+        from models.pipeline import deviceset
+
+        images = deviceset.build(work, "validation", val, job)["images"]
+        result["device_like"] = check(job, val, model_paths(work), thresholds, meta["mean"], meta["std"],
+                                      images=images, split_name="device-like validation")
     write_json(work.parity, result)
     log.info("parity: AUC %s, ORT/OpenVINO band agreement %.4f", result["auc"],
              result["band_agreement_ort_vs_openvino_int8"])
@@ -122,7 +144,20 @@ def evaluate(work: Work, resamples: int = 2000) -> dict:
         log.warning("%s exists: the test set is being scored again (thresholds must not be re-tuned on it)",
                     work.evaluation)
     test, name = test_samples(job, load_split(work.split))
+    # Every scoring of the held-out set is counted, and the count goes into the card.
+    ledger = work.root / "scored.json"
+    scored = json.loads(ledger.read_text()) if ledger.is_file() else {"count": 0}
+    scored["count"] += 1
+    write_json(ledger, scored)
     report = run(job, test, model_paths(work), thresholds, meta["mean"], meta["std"], resamples, name)
+    if job.device_like:
+        from models.pipeline import deviceset
+
+        device = deviceset.build(work, name, test, job)
+        report["device_like"] = run(job, test, model_paths(work), thresholds, meta["mean"], meta["std"], resamples,
+                                    f"{name} (device-like)", images=device["images"], recipes=device["recipes"])
+        report["device_like"]["set"] = deviceset.describe(device["recipes"])
+    report["scored"] = scored
     write_json(work.evaluation, report)
     return report
 

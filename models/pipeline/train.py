@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from models.pipeline import metrics
-from models.pipeline.data import load_images, load_split, normalise
+from edge.imaging import model_picture
+from edge.preprocess import Preprocess
+from models.pipeline.data import load_images, load_split, normalise, spec_for
+from models.pipeline.devicesim import device_frame
 from models.pipeline.model import ARCH, DEFAULT_MEAN, DEFAULT_STD, build_model, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,12 @@ def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             warped = warped + rng.normal(0.0, rng.uniform(2, 8), warped.shape).astype(np.float32)
         out[i] = np.clip(warped, 0, 255).astype(np.uint8)
     return out
+
+
+def render_device_like(sources: np.ndarray, rng: np.random.Generator, size: int, pre: Preprocess) -> np.ndarray:
+    """Each source picture as another device would send it, through the box's own preprocessing; uint8 out."""
+    spec = spec_for(size, pre=pre)
+    return np.stack([model_picture(device_frame(src, rng), spec) for src in sources]).astype(np.uint8)
 
 
 def to_tensor(images: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
@@ -107,7 +116,8 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
           samples_per_epoch: int | None = None, batch_size: int = 32, lr: float = 6e-4,
           weight_decay: float = 1e-4, image_size: int = 224, seed: int = 0, threads: int = 2,
           pretrained: bool = True, max_minutes: float | None = None, init_checkpoint: Path | None = None,
-          mean: list[float] | None = None, std: list[float] | None = None) -> dict:
+          mean: list[float] | None = None, std: list[float] | None = None, pre: Preprocess | None = None,
+          device_like: bool = False) -> dict:
     """Train, keep the epoch with the best validation AUC in `out` (a checkpoint), and return its metadata."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -132,10 +142,17 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
     model = model.to(memory_format=torch.channels_last)
 
     t0 = time.monotonic()
-    train_x = load_images([p for p, _ in split["train"]], image_size)
+    pre = pre or Preprocess()
+    # Device-like training keeps the source pictures and renders each draw afresh (devicesim), then runs the
+    # box's preprocessing; otherwise the preprocessed pictures are augmented at model size as in 1.0/1.1.
+    source = Preprocess() if device_like else pre
+    train_x = load_images([p for p, _ in split["train"]], image_size, source)
     train_y = np.array([y for _, y in split["train"]])
-    val_x = load_images([p for p, _ in split["val"]], image_size)
+    val_x = load_images([p for p, _ in split["val"]], image_size, source)
     val_y = np.array([y for _, y in split["val"]])
+    if device_like:
+        # Checkpoints are chosen on a fixed device-like rendering of validation: the clean one is saturated.
+        val_x = render_device_like(val_x, np.random.default_rng(seed + 1), image_size, pre)
     log.info("loaded %d train / %d val images in %.1fs", len(train_x), len(val_x), time.monotonic() - t0)
 
     samples_per_epoch = samples_per_epoch or len(train_x)
@@ -164,7 +181,8 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
         running = 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            x = to_tensor(augment(train_x[idx], rng), mean, std)
+            batch = render_device_like(train_x[idx], rng, image_size, pre) if device_like else augment(train_x[idx], rng)
+            x = to_tensor(batch, mean, std)
             y = torch.from_numpy(train_y[idx]).long()
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
@@ -194,6 +212,7 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
                     "seed": seed, "pretrained": "imagenet" if pretrained or init_checkpoint else None,
                     "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
             meta["val_nll"], meta["weights"], meta["bn_folded"] = val_nll, "ema", bn_folded
+            meta["preprocess"], meta["device_like"] = pre.to_manifest(), device_like
             save_checkpoint(out, ema, meta)
         total = time.monotonic() - t_start
         if max_minutes is not None and epoch < epochs and total + elapsed > max_minutes * 60:
