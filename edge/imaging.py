@@ -21,8 +21,8 @@ from edge.errors import (
     UnsupportedTransferSyntaxError,
 )
 from edge.j2k_reduced import decode_reduced as _decode_j2k_reduced
-from edge.preprocess import Preprocess, normalise, prepare
 from edge.j2k_reduced import decomposition_levels as _j2k_decomposition_levels
+from edge.preprocess import Preprocess, normalise, prepare
 
 log = logging.getLogger(__name__)
 

@@ -81,3 +81,21 @@ def test_shipped_model_bands_are_the_same_with_onednn_capped_at_avx2_and_avx512(
             np.testing.assert_allclose(capped[kind]["scores"], native[kind]["scores"], atol=0.02)
     agree = np.mean(np.array(native["onnxruntime"]["bands"]) == np.array(native["openvino"]["bands"]))
     assert agree >= 0.9, native
+
+
+def test_every_shipped_package_verifies_and_loads_on_both_backends():
+    from edge import modelpkg
+    from edge.imaging import InputSpec, to_tensor
+    from edge.inference import create_backend
+
+    keys = modelpkg.load_trusted_keys(sorted((REPO / "models" / "keys").glob("*.pub")))
+    versions = modelpkg.versions(REPO / "models", "cxr-triage")
+    assert {"1.0.0", "1.1.0", "1.2.0"} <= set(versions)
+    frame = np.linspace(0.0, 1.0, 300 * 260, dtype=np.float32).reshape(300, 260)
+    for version in versions:
+        pkg = modelpkg.load_package(REPO / "models" / "cxr-triage" / version, keys)
+        tensor = to_tensor(frame, InputSpec.from_manifest(pkg.input_spec))
+        for kind in ("onnxruntime", "openvino"):
+            probs = create_backend(pkg, kind, 1, ["CPUExecutionProvider"]).predict(tensor)
+            assert probs.shape == (2,) and np.isclose(probs.sum(), 1.0)
+    assert modelpkg.active_version(REPO / "models", "cxr-triage") == "1.2.0"

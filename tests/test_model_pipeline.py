@@ -303,6 +303,21 @@ def test_thresholds_meet_sensitivity_and_specificity_targets_on_validation():
     assert metrics.sens_spec(y, score, np.nextafter(t["urgent"], 0))[1] < 0.95
 
 
+def test_lower_bound_review_rule_keeps_the_target_with_95_percent_confidence_not_just_on_average():
+    from models.pipeline.calibrate import choose_thresholds
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(460), np.zeros(160)].astype(bool)
+    score = np.r_[rng.beta(8, 1.5, 460), rng.beta(1.5, 8, 160)]
+    plain = choose_thresholds(y, score, 0.98, 0.99)
+    bound = choose_thresholds(y, score, 0.98, 0.99, review_rule="lower_bound")
+    assert bound["review"] < plain["review"] and "Wilson lower bound" in bound["rule"]["review"]
+    caught = int(np.sum(score[y] >= bound["review"]))
+    assert metrics.wilson_ci(caught, 460)[0] >= 0.98 > metrics.wilson_ci(caught - 1, 460)[0]
+    # and the bands stay ordered with a real review band between them
+    assert bound["review"] < bound["urgent"] and not bound["rule"]["urgent_raised_to_review"]
+
+
 def test_review_threshold_is_extrapolated_below_the_lowest_case_when_few_abnormal_cases():
     from models.pipeline.calibrate import choose_thresholds
 

@@ -36,7 +36,7 @@ EXAMPLES = {
     "all": "--data ../shared/datasets/cxr-pneumonia-kermany --abnormal pneumonia --work work-data/cxr-triage",
     "train": "--epochs 5 --work work-data/cxr-triage",
     "package": "--signing-key .keys/model-signing.key --work work-data/cxr-triage",
-    "adapt": "--package models/cxr-triage/1.1.0 --data /srv/local-cxr --version 1.1.1",
+    "adapt": "--package models/cxr-triage/1.2.0 --data /srv/local-cxr --version 1.2.1",
 }
 
 
@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="float pictures, no 8-bit rounding or JPEG round trip (packages 1.0/1.1)")
         p.add_argument("--review-sensitivity", type=float, default=0.98,
                        help="review threshold: highest with validation sensitivity >= this (default %(default)s)")
+        p.add_argument("--review-rule", choices=("lower_bound", "empirical"), default="lower_bound",
+                       help="lower_bound: the 95 %% Wilson lower bound of validation sensitivity must reach the "
+                            "target; empirical: the observed rate (1.0/1.1) (default %(default)s)")
+        p.add_argument("--at-case", action="store_true",
+                       help="thresholds exactly at the deciding validation case (1.0/1.1), not mid-gap")
         p.add_argument("--urgent-specificity", type=float, default=0.95,
                        help="urgent threshold: lowest with validation specificity >= this (default %(default)s)")
         p.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
@@ -148,7 +153,8 @@ def _job_from_args(args):
                preprocess=None if args.legacy_preprocess else {
                    "resample": "area", "bits": 8, **({"jpeg_quality": args.jpeg_quality} if args.jpeg_quality else {})},
                device_like=not args.no_device_like, openvino_int8=args.openvino_int8,
-               review_sensitivity=args.review_sensitivity, urgent_specificity=args.urgent_specificity)
+               review_sensitivity=args.review_sensitivity, urgent_specificity=args.urgent_specificity,
+               review_rule=args.review_rule, mid_gap=not args.at_case)
 
 
 def _train_options(args) -> dict:

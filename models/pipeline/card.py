@@ -45,16 +45,22 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         f"{', '.join(job.abnormal_labels)}.",
         "- Score: sum of the softmax probabilities of the abnormal labels. Bands: score >= urgent -> urgent; "
         ">= review -> review; else normal.",
-        f"- Thresholds (chosen on the validation split only): review = {thresholds['review']:.6f} "
+        f"- Thresholds (chosen on the {thresholds.get('validation_set', 'validation split')} only"
+        + (", each moved to the middle of the gap between the validation scores around it" if
+           thresholds["rule"].get("placement", "").startswith("middle") else "") + f"): review = {thresholds['review']:.6f} "
         f"({thresholds['rule']['review']}), urgent = {thresholds['urgent']:.6f} ({thresholds['rule']['urgent']})"
         + ("; the same rule on each shipped model's own validation scores gives " + ", ".join(
             f"{k} review {v['review']:.6f} / urgent {v['urgent']:.6f}" for k, v in thresholds["by_backend"].items())
-           + " (the box applies the one of the backend it runs)" if thresholds.get("by_backend") else "") + ".",
+           + " (the box applies the one of the backend it runs)" if thresholds.get("by_backend")
+           and "shared" not in thresholds["rule"] else "")
+        + ("; ONNX Runtime and OpenVINO share them (one QDQ network; each backend's own pick hinged on single "
+           "extreme validation cases)" if "shared" in thresholds["rule"] else "") + ".",
         _input_line(job, meta),
         f"- Architecture: {meta['arch']} fine-tuned from ImageNet weights; INT8 for ONNX Runtime (static QDQ, "
         "u8 activations / s8 per-channel 7-bit weights) and OpenVINO ("
         + ("the same QDQ graph converted to IR, so both backends run one quantised network" if job.openvino_int8 == "qdq"
-           else "NNCF") + "). OpenVINO float layers are pinned to f32 on every CPU (no bf16 on AVX-512 BF16 / AMX).",
+           else "NNCF") + "). OpenVINO float layers are pinned to f32 and its oneDNN is capped below AMX on every CPU (no bf16, no AMX int8 "
+        "rounding), so an AVX2, AVX-512 or AMX box computes the same scores.",
         "",
         "## Data",
     ]
@@ -100,7 +106,10 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                      + (", INT8 AUC drop vs FP32 " + ", ".join(f"{drop[k]:+.4f} ({k})" for k in drop) if drop else "")
                      + ".")
     lines += [""]
-    lines += _band_lines(evaluation)
+    lines += _band_lines(evaluation, thresholds)
+    lines += [f"Figures computed on: {_cpu()}; ONNX Runtime CPU provider (f32 float nodes), OpenVINO with "
+              "INFERENCE_PRECISION_HINT f32 and ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI. tests/test_cpu_parity.py checks the bands with oneDNN capped at AVX2 and "
+              "AVX-512.", ""]
     if "device_like" in evaluation:
         lines += _robustness_lines(evaluation["device_like"])
     if before is not None:
@@ -123,6 +132,10 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
             "- Labels are normal vs pneumonia only (bacterial and viral pooled); other findings (effusion, TB, "
             "tubes and lines, fractures) are not recognised and may be scored either way.",
             "- Anterior-posterior views; lateral views are not handled.",
+            "- Heavy lossy compression still moves scores: an adult chest CR (pydicom-data RG1) scores 0.36 "
+            "uncompressed, 0.60 as JPEG 2000 at PSNR 38 dB and 0.96 at 31 dB (scripts/check_robustness.py). Keep "
+            "modalities on lossless or mild lossy settings; training does not yet simulate low-PSNR wavelet "
+            "compression.",
         ]
     by_backend = evaluation["auc_by_backend"]
     if "fp32" in by_backend and abs(by_backend["ort_int8"] - by_backend["fp32"]) > 0.005:
@@ -168,15 +181,20 @@ def _usage_lines(job: Job, evaluation: dict) -> list[str]:
         "full-resolution DICOM through the box's decoder) — the review/urgent thresholds and per-backend "
         "thresholds; a fixed cheap device-like rendering of validation — checkpoint choice (log-loss per epoch); "
         f"*test* (`../shared` test split, clean and device-like) — reporting only, scored {scored.get('count', 1)} "
-        "time(s) for this package; no decision of this build was taken on it. Earlier packages (1.0.0, 1.1.0) and "
+        "time(s) for this package; no weights, preprocessing or threshold rule were chosen on it (see the note "
+        "above for what followed a scoring). Earlier packages (1.0.0, 1.1.0) and "
         "the development of this one's recipe looked at that split's figures, so they are not a clean external "
         "estimate: patients held out from us score lower (issue 11 quotes AUC 0.955 for 1.1.0).",
     ]
 
 
-def _band_lines(evaluation: dict) -> list[str]:
-    lines = ["## Bands: share of studies (held-out, ONNX Runtime INT8; 95 % Wilson intervals)",
+def _band_lines(evaluation: dict, thresholds: dict | None = None) -> list[str]:
+    lines = ["## Bands: share of studies (ONNX Runtime INT8; held-out sets with 95 % Wilson intervals)",
              "| set | normal | review | urgent |", "|---|---|---|---|"]
+    val = (thresholds or {}).get("validation_band_shares")
+    if val:
+        lines.append(f"| {thresholds.get('validation_set', 'validation')} (thresholds chosen here) | "
+                     + " | ".join(_pct(val[b]) for b in ("normal", "review", "urgent")) + " |")
     sets = [("test (clean)", evaluation)]
     if "device_like" in evaluation:
         sets.append(("test (device-like)", evaluation["device_like"]))
@@ -221,3 +239,22 @@ def _robustness_lines(device: dict) -> list[str]:
                 for k, v in rows.items()) + ".")
     lines.append("")
     return lines
+
+
+def _cpu() -> str:
+    """The build machine's CPU model and the ISA flags that change inference kernels."""
+    import platform
+    from pathlib import Path
+
+    name, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == platform.machine():
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    isa = [f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"

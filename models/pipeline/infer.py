@@ -36,6 +36,9 @@ class OpenVinoRunner:
 
         if not Path(path).is_file():
             raise NotFoundError(f"OpenVINO model {path} does not exist")
+        from edge.inference.openvino import pin_isa
+
+        self.isa_cap = pin_isa()  # as the box does: AMX int8 kernels would give other scores
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision

@@ -42,6 +42,11 @@ class Job:
     # OpenVINO's INT8 model: "qdq" converts the ONNX Runtime QDQ graph (one quantised network for both backends),
     # "nncf" quantises the FP32 model separately (1.0/1.1).
     openvino_int8: str = "nncf"
+    # "empirical": the highest threshold with validation sensitivity >= target (1.0/1.1); "lower_bound": the
+    # highest whose 95 % Wilson lower bound is >= target (models.pipeline.metrics.review_threshold_lower_bound).
+    review_rule: str = "empirical"
+    # Move each threshold to the middle of the gap between the validation scores around it (metrics.mid_gap).
+    mid_gap: bool = False
 
     def pre(self):
         from edge.preprocess import Preprocess
@@ -58,6 +63,8 @@ class Job:
             raise ConfigError(f"abnormal_labels {self.abnormal_labels} must be a non-empty subset of {self.labels}")
         if set(self.abnormal_labels) == set(self.labels):
             raise ConfigError("at least one label must be non-abnormal")
+        if self.review_rule not in ("empirical", "lower_bound"):
+            raise ConfigError(f"review_rule must be 'empirical' or 'lower_bound', not {self.review_rule!r}")
         if self.openvino_int8 not in ("qdq", "nncf"):
             raise ConfigError(f"openvino_int8 must be 'qdq' or 'nncf', not {self.openvino_int8!r}")
 

@@ -53,6 +53,39 @@ def review_threshold(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -
     return float(pos[max(needed, 1) - 1])
 
 
+def review_threshold_lower_bound(y: np.ndarray, score: np.ndarray, min_sensitivity: float) -> float:
+    """Highest threshold t whose sensitivity's 95 % Wilson lower bound is >= min_sensitivity.
+
+    The plain rule stops at the observed rate, so half of all validation draws would overstate it; requiring
+    the lower bound keeps the target for new patients with 95 % confidence (sampling error only, not shift).
+    Falls back to the lowest abnormal score when even catching every case cannot show the target.
+    """
+    pos = np.sort(np.asarray(score)[np.asarray(y).astype(bool)])
+    if len(pos) == 0:
+        raise ValueError("no abnormal cases to choose the review threshold on")
+    n, misses = len(pos), 0
+    while misses + 1 < n and wilson_ci(n - misses - 1, n)[0] >= min_sensitivity:
+        misses += 1
+    return float(pos[misses])
+
+
+def mid_gap(threshold: float, score: np.ndarray) -> float:
+    """The threshold moved to the middle (in logit space) of the gap of validation scores it sits in.
+
+    A rule's threshold lands on one case's score (or just above it); any value between that score and its
+    neighbour gives every validation case the same band. The middle keeps the largest margin to both, so score
+    noise between backends or CPUs (about 0.003 here, INT8 on ONNX Runtime vs OpenVINO) flips the fewest bands.
+    """
+    score = np.asarray(score, dtype=np.float64)
+    below, above = score[score < threshold], score[score >= threshold]
+    if len(below) == 0 or len(above) == 0:
+        return float(threshold)
+    lo, hi = (np.clip(v, 1e-7, 1 - 1e-7) for v in (below.max(), above.min()))
+    mid = (math.log(lo / (1 - lo)) + math.log(hi / (1 - hi))) / 2
+    value = 1 / (1 + math.exp(-mid))
+    return float(min(max(value, np.nextafter(below.max(), np.inf)), above.min()))
+
+
 def resolvable(n: int, rate: float) -> bool:
     """Whether n cases can show a rate of `rate` at all: below 1/(1 - rate) cases one miss already breaks it."""
     if rate >= 1.0:
