@@ -49,6 +49,16 @@ def cpu_isa() -> str:
     return " ".join(found) + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def peak_rss_mb() -> float:
     """VmHWM of this process: unlike ru_maxrss it starts afresh at exec, so a large parent does not leak into it."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -166,7 +176,7 @@ def main() -> int:
         return 1
     scratch = Path(tempfile.mkdtemp(prefix="wasla-bench-models-"))
     fp32, fp32_note = find_fp32(args.fp32, args.work, int8_onnx, scratch)
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, ISA flags: {cpu_isa()}")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, ISA flags: {cpu_isa()}")
     print(f"package: {args.package}")
     print(f"FP32 ONNX: {fp32_note}" + ("" if fp32 else " -> FP32 rows SKIPPED"))
     configs = []
