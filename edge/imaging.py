@@ -20,11 +20,13 @@ from edge.errors import (
     NoPixelDataError,
     UnsupportedTransferSyntaxError,
 )
+from edge import j2k_guard
 from edge.j2k_reduced import decode_reduced as _decode_j2k_reduced
 from edge.j2k_reduced import decomposition_levels as _j2k_decomposition_levels
 from edge.preprocess import Preprocess, normalise, prepare
 
 log = logging.getLogger(__name__)
+j2k_guard.install()  # before any JPEG 2000 decode: pydicom's own JP2 box walk can loop forever
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _J2K_SYNTAXES = frozenset(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -56,10 +57,38 @@ def limits_from_config(cfg) -> dict[str, int]:
     return {"max_pixels": cfg.storage.max_pixels, "max_file_bytes": cfg.storage.max_file_mb * 1_000_000}
 
 
+# PS3.5 9.1: components of digits, no leading zero but "0" itself, dot-separated, at most 64 characters.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_MAX_INT = 2 ** 31 - 1  # anything a header can claim beyond this is no real image size, and SQLite stops at 2**63
+
+
+def valid_uid(value: str) -> bool:
+    return 0 < len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+def _uid(ds, keyword: str) -> str:
+    """A UID element as text ('' when absent); BadInputError when present but not a DICOM UID. Such values would
+    otherwise reach SQLite, file names and protocol ids (a space or NUL in a Study UID stopped every upload)."""
+    value = _text(ds, keyword).rstrip("\x00 ")
+    if value and not valid_uid(value):
+        raise BadInputError(f"{keyword} is not a valid DICOM UID ({len(value)} characters)")
+    return value
+
+
 def meta_from_dataset(ds) -> InstanceMeta:
-    """Header facts for the store row; raises BadInputError when the UIDs that identify the instance are missing."""
-    sop = str(ds.get("SOPInstanceUID", "") or "").strip()
-    study = str(ds.get("StudyInstanceUID", "") or "").strip()
+    """Header facts for the store row; raises BadInputError when the UIDs that identify the instance are missing
+    or malformed, or when any header element cannot be read (unknown VR, odd length...)."""
+    try:
+        return _meta(ds)
+    except BadInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - pydicom raises anything from KeyError to OverflowError on bad headers
+        raise BadInputError(f"header cannot be read: {type(err).__name__}: {str(err)[:200]}") from err
+
+
+def _meta(ds) -> InstanceMeta:
+    sop = _uid(ds, "SOPInstanceUID")
+    study = _uid(ds, "StudyInstanceUID")
     if not sop:
         raise BadInputError("dataset has no SOP Instance UID")
     if not study:
@@ -69,7 +98,7 @@ def meta_from_dataset(ds) -> InstanceMeta:
     return InstanceMeta(
         sop_instance_uid=sop,
         study_uid=study,
-        series_uid=_text(ds, "SeriesInstanceUID"),
+        series_uid=_uid(ds, "SeriesInstanceUID"),
         sop_class_uid=_text(ds, "SOPClassUID") or (_text(file_meta, "MediaStorageSOPClassUID") if file_meta else ""),
         modality=_text(ds, "Modality"),
         body_part=_text(ds, "BodyPartExamined"),
@@ -81,21 +110,23 @@ def meta_from_dataset(ds) -> InstanceMeta:
     )
 
 
-def _text(ds, keyword: str) -> str:
+def _text(ds, keyword: str, limit: int = 256) -> str:
     value = ds.get(keyword, "")
     if value is None:
         return ""
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+        return "\\".join(str(v) for v in value)[:limit]
+    return str(value).strip()[:limit]
 
 
 def _int(ds, keyword: str, default: int) -> int:
+    """An integer attribute within 0..2**31-1; `default` when absent, malformed or absurd."""
     try:
         value = ds.get(keyword, default)
-        return int(value) if value not in (None, "") else default
-    except (TypeError, ValueError):
+        number = int(value) if value not in (None, "") else default
+    except (TypeError, ValueError, OverflowError):
         return default
+    return number if 0 <= number <= _MAX_INT else default
 
 
 # --- reading and judging one written file ----------------------------------------------------------------------
@@ -197,6 +228,9 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
             raise NoPixelDataError("dataset has no Pixel Data element")
     except BadInputError as err:
         return meta, err
+    except Exception as err:  # noqa: BLE001 - one file must never stop a scan, an association or `wasla ingest`
+        log.exception("judging %s failed", path.name)
+        return meta, BadInputError(f"file could not be checked: {type(err).__name__}: {str(err)[:200]}")
     return meta, None
 
 

@@ -17,9 +17,11 @@ from pydicom.encaps import encapsulate
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 
+from edge import j2k_guard
 from edge.errors import BadInputError, UnsupportedTransferSyntaxError
 
 log = logging.getLogger(__name__)
+j2k_guard.install()  # the hub decodes and the uploader re-encodes untrusted JPEG 2000 too
 
 # Supplement 232 (2024). pydicom 3.0 does not know the UID, so it would refuse to write or parse a file in it
 # (UID.is_transfer_syntax is a dictionary look-up); registering it is additive and a no-op once pydicom has it.

@@ -25,7 +25,12 @@ def transfer_id(device: str, sop_instance_uid: str, sha256: str) -> str:
 
 
 def flag_id(study_uid: str, label: str) -> str:
-    return f"{label}-{study_uid}"
+    """`label-studyuid`, or `label-h<sha256 prefix>` for a UID the protocol's id pattern cannot carry (rows from
+    before ingest checked UIDs): a flag that cannot be encoded would block every flag and study behind it."""
+    fid = f"{label}-{study_uid}"
+    if protocol.valid_id(fid):
+        return fid
+    return f"{label}-h{hashlib.sha256(study_uid.encode('utf-8', 'replace')).hexdigest()[:40]}"
 
 
 class Outbox:
@@ -196,6 +201,13 @@ class Outbox:
             self._advance(db, row[3], ACKNOWLEDGED)
         (self.wire_dir / row[4]).unlink(missing_ok=True)
         return True
+
+    def row_failed(self, row_id: int, reason: str) -> None:
+        """Take a row that can never be sent out of the queue, with its reason (shown by `wasla sync`)."""
+        with self.store.transaction() as db:
+            db.execute("UPDATE outbox SET state = ?, reason = ?, updated_at = ? WHERE id = ?",
+                       [FAILED, reason[:500], time.time(), row_id])
+        log.error("outbox row %s failed for good: %s", row_id, reason)
 
     def failed(self, transfer: str, reason: str) -> None:
         with self.store.transaction() as db:

@@ -121,6 +121,11 @@ _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
+def valid_id(value: str) -> bool:
+    """Whether `value` may travel as a transfer, flag or read id."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+
+
 @dataclass
 class Message:
     """A validated message: its kind, the device from the topic, its JSON fields and (chunks only) its bytes."""
@@ -223,6 +228,8 @@ def decode(topic: str, payload: bytes, *, direction: str, max_bytes: int, expect
         head_raw = payload
     try:
         obj = json.loads(head_raw)
+    except RecursionError as err:  # 2 KB of "[" nests deeper than the interpreter allows
+        raise ProtocolError(f"{kind}: JSON nested too deeply") from err
     except (ValueError, UnicodeDecodeError) as err:
         raise ProtocolError(f"{kind}: not JSON: {err}") from err
     if not isinstance(obj, dict):

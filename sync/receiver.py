@@ -83,6 +83,10 @@ class Receiver:
         except ProtocolError as err:
             self._dead(topic, device, str(err), payload)
             return
+        except Exception as err:  # noqa: BLE001 - returning lets paho PUBACK it: a poison message never comes back
+            log.exception("decoding %s failed", topic)
+            self._dead(topic, device, f"decode error: {type(err).__name__}: {str(err)[:200]}", payload)
+            return
         try:
             getattr(self, f"_on_{msg.kind}")(msg)
             self.handled += 1

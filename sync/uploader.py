@@ -173,8 +173,12 @@ class Uploader:
         try:
             msg = protocol.decode(message.topic, message.payload, direction="down", max_bytes=MAX_DOWN_BYTES,
                                   expect_device=self.device)
-        except ProtocolError as err:
-            self.outbox.dead_letter(message.topic, str(err), message.payload)
+        except Exception as err:  # noqa: BLE001 - paho's network thread must outlive any message
+            reason = str(err) if isinstance(err, ProtocolError) else f"decode error: {type(err).__name__}: {err}"
+            try:
+                self.outbox.dead_letter(message.topic, reason, bytes(message.payload))
+            except Exception:  # noqa: BLE001 - a full disk must not kill the thread either
+                log.exception("could not record a dead letter for %s", message.topic)
             return
         try:
             if msg.kind == "ack":
@@ -329,8 +333,13 @@ class Uploader:
                     self._manifest_conn.pop(tid, None)
 
     def _send_flag(self, row: dict) -> bool:
-        payload = json.loads(row["payload"])
-        data = protocol.encode("flag", self.device, flag_id=row["flag_id"], **payload)
+        try:
+            payload = json.loads(row["payload"])
+            data = protocol.encode("flag", self.device, flag_id=row["flag_id"], **payload)
+        except (ProtocolError, ValueError, TypeError) as err:
+            # A row that can never be encoded must not block every flag and study queued behind it.
+            self.outbox.row_failed(row["id"], f"cannot encode flag: {err}")
+            return True
         if self._publish_flag(data):
             self._flag_sent[row["flag_id"]] = time.monotonic()
             self.budget.charge(FLAG_BYTES, len(data))

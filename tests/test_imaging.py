@@ -402,3 +402,33 @@ def test_thumbnail_is_uint8_and_fits_max_side():
     assert thumb.dtype == np.uint8 and thumb.shape == (192, 256, 3)
     grey = thumbnail(np.full((50, 40), 1.0, np.float32))
     assert grey.shape == (50, 40) and grey.min() == 255
+
+
+def _jp2_with_box_of_length_zero() -> pydicom.Dataset:
+    """A JPEG 2000 instance whose frame is a JP2 file with a zero-length box before jp2c (pydicom spins on it)."""
+    ds = read("RG1_J2KR.dcm")
+    frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    jp2 = b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x00" + b"ftyp" + b"\0" * 12 + b"\x00\x00\x00\x00jp2c" + frame
+    ds.PixelData = encapsulate([jp2])
+    return ds
+
+
+@pytest.mark.timeout(30)
+def test_jp2_box_of_length_zero_is_refused_quickly_instead_of_looping_forever():
+    from edge.j2k_guard import jp2_boxes_sane
+
+    ds = _jp2_with_box_of_length_zero()
+    assert not jp2_boxes_sane(get_frame(ds.PixelData, 0, number_of_frames=1))
+    try:
+        render(ds, min_side=224)
+    except BadInputError:
+        pass  # refused by the decoder: the point is that it returns at all
+    # the hub's and the uploader's codecs go through the same guard
+    from sync import codecs
+
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    try:
+        codecs.decode_wire(buffer.getvalue())
+    except Exception as err:  # noqa: BLE001 - any clear error will do; hanging is the failure
+        assert str(err)

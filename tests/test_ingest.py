@@ -156,3 +156,67 @@ def test_adopt_orphans_registers_a_spool_file_whose_row_never_committed_and_drop
     assert not leftover.exists()
     assert adopt_orphans(store) == 0
     assert len(store.query("SELECT * FROM instances")) == 1
+
+
+def _poison(tmp_path, name, mutate):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CR"
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(64)
+    mutate(ds)
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=False)
+    return path
+
+
+POISON = {
+    "study_uid_with_space": lambda ds: setattr(ds, "StudyInstanceUID", "1.2.3 4"),
+    "study_uid_with_nul_inside": lambda ds: setattr(ds, "StudyInstanceUID", "1.2\x003"),
+    "study_uid_of_200_chars": lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 200),
+    "sop_uid_with_letters": lambda ds: setattr(ds, "SOPInstanceUID", "1.2.abc"),
+    "frames_beyond_sqlite_integer": lambda ds: setattr(ds, "NumberOfFrames", "99999999999999999999999"),
+    "sop_class_as_FD": lambda ds: (ds.__delitem__(0x00080016), ds.add_new(0x00080016, "FD", 1.5)),
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_poison_headers_are_quarantined_with_a_reason_and_the_next_file_is_still_stored(store, sample, limits,
+                                                                                       tmp_path):
+    poison = [_poison(tmp_path, name, mutate) for name, mutate in POISON.items()]
+    good = tmp_path / "zz-good.dcm"
+    good_uid = _copy_with_new_uid(sample("RG1_UNCR.dcm"), good)
+    outcomes = ingest_paths(store, [*poison, good], source="cli", **limits)
+    assert len(outcomes) == len(poison) + 1
+    assert outcomes[-1].status == "stored", outcomes
+    for outcome, name in zip(outcomes, POISON):
+        if name == "sop_class_as_FD":
+            continue  # a readable, if odd, class UID: stored, never triaged as anything it is not
+        assert outcome.status == "quarantined" and outcome.reason, name
+    reasons = {r["reason"] for r in store.query("SELECT reason FROM instances WHERE state = 'quarantined'")}
+    assert any("not a valid DICOM UID" in r for r in reasons)
+    assert store.query("SELECT state FROM instances WHERE sop_instance_uid = ?", [good_uid])[0]["state"] == "received"
+    # Every stored row's identifiers fit the protocol's ids, so the uploader can never choke on them.
+    from sync import protocol
+    from sync.outbox import flag_id
+
+    for row in store.query("SELECT study_uid FROM instances WHERE study_uid IS NOT NULL"):
+        assert protocol.valid_id(flag_id(row["study_uid"], "urgent"))
+
+
+def test_flag_id_of_a_uid_the_protocol_cannot_carry_is_a_stable_hash():
+    from sync import protocol
+    from sync.outbox import flag_id
+
+    assert flag_id("1.2.3", "review") == "review-1.2.3"
+    odd = flag_id("1.2.3 4\x00" + "9" * 300, "urgent")
+    assert protocol.valid_id(odd) and odd == flag_id("1.2.3 4\x00" + "9" * 300, "urgent") and odd.startswith("urgent-h")

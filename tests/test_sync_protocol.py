@@ -43,6 +43,7 @@ def test_every_message_kind_round_trips_through_its_topic():
     ("wasla/v1/box-1/up/status", json.dumps({"v": 1, "type": "status", "device": "box-1", "online": "yes",
                                              "at": 1}).encode(), "wrong type"),
     ("wasla/v1/box-1/up/chunk", b"XXXX\0\0\0\x02{}", "magic"),
+    ("wasla/v1/box-1/up/flag", b"[" * 1000, "nested too deeply"),
 ])
 def test_malformed_oversized_unknown_version_and_wrong_device_messages_are_refused(topic, payload, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -251,6 +251,7 @@ def test_malformed_messages_go_to_dead_letters_and_the_receiver_keeps_going(tmp_
         ("chunk", b"\0" * 20),
         ("chunk", b"WSC1" + (3_000_000).to_bytes(4, "big") + b"{}"),
         ("heartbeat", b"x" * (3 * 1024 * 1024)),
+        ("flag", b"[" * 2048),  # once killed paho's network thread with RecursionError; never PUBACKed, so forever
     ]
     for kind, payload in bad:
         raw.pub(kind, payload)
@@ -262,7 +263,7 @@ def test_malformed_messages_go_to_dead_letters_and_the_receiver_keeps_going(tmp_
     wait_until(lambda: len(view.dead_letters()) == len(bad) + 1, timeout=10, what="dead letters")
     reasons = " | ".join(r["reason"] for r in view.dead_letters())
     for part in ("not JSON", "unknown protocol version", "differs from topic device", "missing field",
-                 "frame magic", "bad header length", "exceeds", "unknown message kind"):
+                 "frame magic", "bad header length", "exceeds", "unknown message kind", "nested too deeply"):
         assert part in reasons
     assert view.worklist()[0]["study_uid"] == "1.2.3"
     raw.c.loop_stop()
