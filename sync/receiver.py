@@ -195,8 +195,8 @@ class Receiver:
         try:
             ds = decode_wire(data)
             sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
-        except (BadInputError, AttributeError) as err:
-            reason = f"not a usable DICOM instance: {err}"
+        except Exception as err:  # noqa: BLE001 - any decode failure is this transfer's, never the receiver's
+            reason = f"not a usable DICOM instance: {type(err).__name__}: {str(err)[:300]}"
             self.store.fail_transfer(tid, reason)
             self.store.dead_letter(protocol.up_topic(device, "chunk"), device, f"transfer {tid}: {reason}", b"")
             self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason[:300])

@@ -324,3 +324,54 @@ def test_worklist_boxes_and_a_read_sent_back_to_the_box(tmp_path, broker, parts,
     assert box_cli.main(["--config", str(box_toml), "sync", "--json", "--now"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["queue_depth"] == 0 and info["counts"]["transfer_done"] == 4 and info["wire_ratio"] > 1.0
+
+
+def _deflated_with_corrupt_stream(src, tmp_path) -> bytes:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(src)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    path = tmp_path / "deflated.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    data = bytearray(path.read_bytes())
+    assert data[132:136] == b"\x02\x00\x00\x00"  # (0002,0000) file meta group length comes first
+    body = 132 + 12 + int.from_bytes(data[140:144], "little")
+    for i in range(body + 2, body + 66):  # the deflate stream itself: zlib.error, no pydicom error class
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
+def test_instances_that_fail_to_decode_in_any_way_get_a_final_failed_ack_and_the_next_one_completes(
+        tmp_path, broker, parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    raw = RawBox(broker.port)
+    good_src = make_cr(tmp_path / "in" / "good.dcm", seed=31)
+    base = codecs.encode_for_wire(good_src, codecs=["jpegls"]).data
+    flipped = bytearray(base)
+    for i in range(len(flipped) - 400, len(flipped) - 40):  # the JPEG-LS scan data
+        flipped[i] ^= 0xFF
+    bad = {"b-deflate": _deflated_with_corrupt_stream(make_cr(tmp_path / "in" / "d.dcm", seed=32), tmp_path),
+           "b-jpegls": bytes(flipped),
+           "b-garbage": b"\0" * 128 + b"DICM" + bytes(range(256)) * 8}
+    cs = 4096
+
+    def send(tid, data, study):
+        pieces = _chunks(data, cs)
+        raw.pub("manifest", protocol.encode("manifest", raw.device, transfer=tid, study_uid=study,
+                                            sop_instance_uid="1.2.3", size=len(data),
+                                            sha256=hashlib.sha256(data).hexdigest(), chunk_size=cs,
+                                            count=len(pieces)))
+        for i, piece in enumerate(pieces):
+            raw.pub("chunk", protocol.encode_chunk(tid, i, piece))
+
+    for tid, data in bad.items():
+        send(tid, data, "")
+    good = pydicom.dcmread(good_src, stop_before_pixels=True)
+    send("g-1", codecs.encode_for_wire(good_src, codecs=["jpegls"]).data, str(good.StudyInstanceUID))
+    wait_until(lambda: raw.last("g-1") and raw.last("g-1")["status"] == "complete", timeout=15, what="good one")
+    wait_until(lambda: all(raw.last(t) and raw.last(t)["status"] == "failed" for t in bad), timeout=15,
+               what="a final 'failed' ack for every bad transfer")
+    assert all("not a usable DICOM instance" in raw.last(t)["reason"] for t in bad)
+    assert stored_sops(tmp_path) == [str(good.SOPInstanceUID)]
+    raw.c.loop_stop()
