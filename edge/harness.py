@@ -73,8 +73,11 @@ class Mosquitto:
 
     def write_conf(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
+        # Started as root, Mosquitto drops to its own user, which cannot write this root-owned folder: every
+        # autosave failed ("Permission denied") and no test exercised persistence. This broker stays the caller's.
+        user = "user root\n" if os.geteuid() == 0 else ""
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"{user}listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {self.workdir}/\nautosave_interval 1\nset_tcp_nodelay true\n"
             f"max_queued_messages 10000\n{self.extra_conf}\n")
         return conf
