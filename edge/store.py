@@ -28,7 +28,7 @@ STATES = (RECEIVED, PROCESSING, TRIAGED, QUEUED, SENT, ACKNOWLEDGED, PURGED, QUA
 TRANSITIONS: dict[str, set[str]] = {
     RECEIVED: {PROCESSING, QUARANTINED},
     PROCESSING: {TRIAGED, QUARANTINED, RECEIVED},
-    TRIAGED: {QUEUED, RECEIVED},
+    TRIAGED: {QUEUED, RECEIVED, QUARANTINED},  # -> quarantined: its spool file no longer matches its sha256
     QUEUED: {SENT, QUEUED, TRIAGED},   # -> triaged: its wire copy was lost, pack it again from the spool
     SENT: {ACKNOWLEDGED, QUEUED, TRIAGED},
     ACKNOWLEDGED: {PURGED},

@@ -375,3 +375,27 @@ def test_instances_that_fail_to_decode_in_any_way_get_a_final_failed_ack_and_the
     assert all("not a usable DICOM instance" in raw.last(t)["reason"] for t in bad)
     assert stored_sops(tmp_path) == [str(good.SOPInstanceUID)]
     raw.c.loop_stop()
+
+
+def test_spool_files_damaged_on_disk_are_quarantined_not_sent_and_the_rest_still_goes(tmp_path, broker, parts):
+    from test_sync_support import triage
+
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    box = Box(tmp_path, broker.port)
+    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=40 + i, side=120) for i in range(3)]
+    for f in files:
+        triage(box.store, f, "review")
+    rows = box.store.query("SELECT * FROM instances ORDER BY id")
+    flipped, cut = (box.store.instance_path(r) for r in rows[:2])
+    data = bytearray(flipped.read_bytes())
+    data[-10] ^= 0xFF  # one pixel byte: same size, other bytes
+    flipped.write_bytes(bytes(data))
+    cut.write_bytes(cut.read_bytes()[:-100])
+    box.start()
+    parts.append(box)
+    wait_until(lambda: box.states().get("acknowledged", 0) == 1, timeout=30, what="the intact one acknowledged")
+    wait_until(lambda: box.states().get("quarantined", 0) == 2, timeout=10, what="both damaged ones quarantined")
+    reasons = {r["id"]: r["reason"] for r in box.store.query("SELECT id, reason FROM instances")}
+    assert "sha256 differs" in reasons[rows[0]["id"]] and "bytes" in reasons[rows[1]["id"]]
+    assert stored_sops(tmp_path) == [rows[2]["sop_instance_uid"]]
