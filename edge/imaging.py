@@ -122,6 +122,10 @@ def _number_of_frames(ds) -> int:
 
 
 MAX_FRAMES = 10_000
+# All frames of one instance, decoded (rows x columns x samples x frames x bytes per sample): the uploader and the
+# hub decode every frame, so a 19 KB JPEG-LS claiming 16 frames of 8000 x 8000 must be refused from its header.
+# 400 MB holds a 300-frame 640 x 480 RGB cine loop (276 MB) and any radiograph.
+MAX_DECODED_BYTES = 400 * 1024 * 1024
 
 # Storage classes that carry no image by design (structured reports incl. dose reports and key objects,
 # presentation states, encapsulated documents, waveforms, raw data): stored and forwarded with their study, never
@@ -143,6 +147,30 @@ def is_non_image(sop_class_uid) -> bool:
     return uid.startswith(NON_IMAGE_SOP_PREFIXES)
 
 
+def check_dimensions(ds, max_pixels: int = 100_000_000) -> None:
+    """The header's size claims against the per-frame and per-instance budgets, before any decode (box and hub)."""
+    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+    frames, samples = _number_of_frames(ds), _int_attr(ds, "SamplesPerPixel", 1)
+    if rows <= 0 or cols <= 0 or samples not in (1, 3, 4):
+        raise BadInputError(f"invalid image dimensions {rows}x{cols} with {samples} samples per pixel")
+    # Per frame: triage decodes one frame at a time, so a single absurd frame (a forged 60000x60000 claim) is the
+    # risk there; the uploader and the hub decode them all, hence the per-instance budget below.
+    per_frame = rows * cols * samples
+    if per_frame > max_pixels or frames > MAX_FRAMES:
+        raise ImageTooLargeError(
+            f"image of {rows}x{cols}x{samples} samples per frame ({per_frame} values), {frames} frames, exceeds the "
+            f"limit of {max_pixels} values per frame and {MAX_FRAMES} frames"
+        )
+    bits = _int_attr(ds, "BitsAllocated", 8)
+    if bits not in (1, 8, 16, 32, 64):
+        raise BadInputError(f"invalid Bits Allocated {bits}")
+    decoded = per_frame * frames * max(bits // 8, 1)
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageTooLargeError(
+            f"{frames} frame(s) of {rows}x{cols}x{samples} at {bits} bits would decode to {decoded / 2**20:.0f} MiB, "
+            f"over the limit of {MAX_DECODED_BYTES / 2**20:.0f} MiB per instance")
+
+
 def check_header(ds, max_pixels: int = 100_000_000) -> None:
     """Refuse what cannot or should not be decoded, without touching the pixel data.
 
@@ -152,18 +180,7 @@ def check_header(ds, max_pixels: int = 100_000_000) -> None:
     has_pixels = any(kw in ds for kw in _PIXEL_KEYWORDS)
     if not has_pixels and "Rows" not in ds and "Columns" not in ds:
         raise NoPixelDataError("dataset has no pixel data and no image attributes")
-    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
-    frames, samples = _number_of_frames(ds), _int_attr(ds, "SamplesPerPixel", 1)
-    if rows <= 0 or cols <= 0 or samples not in (1, 3, 4):
-        raise BadInputError(f"invalid image dimensions {rows}x{cols} with {samples} samples per pixel")
-    # Per frame: a cine loop is only ever decoded a frame at a time, so its length is no memory risk;
-    # a single absurd frame (a forged 60000x60000 claim) is.
-    per_frame = rows * cols * samples
-    if per_frame > max_pixels or frames > MAX_FRAMES:
-        raise ImageTooLargeError(
-            f"image of {rows}x{cols}x{samples} samples per frame ({per_frame} values), {frames} frames, exceeds the "
-            f"limit of {max_pixels} values per frame and {MAX_FRAMES} frames"
-        )
+    check_dimensions(ds, max_pixels)
     uid = _transfer_syntax(ds)
     try:
         decoder = get_decoder(uid)

@@ -325,6 +325,9 @@ def _decode_checked(data: bytes) -> tuple[Dataset, np.ndarray | None]:
     ds, _ = _read(data)
     if "PixelData" not in ds:
         return ds, None
+    from edge.imaging import check_dimensions
+
+    check_dimensions(ds)  # the header's size claims, before a byte is decoded: bombs are refused here
     syntax = _syntax(ds)
     if syntax not in NATIVE_SYNTAXES | LOSSLESS_COMPRESSED_SYNTAXES | LOSSY_SYNTAXES:
         raise UnsupportedTransferSyntaxError(f"unknown transfer syntax {syntax}")

@@ -432,3 +432,22 @@ def test_jp2_box_of_length_zero_is_refused_quickly_instead_of_looping_forever():
         codecs.decode_wire(buffer.getvalue())
     except Exception as err:  # noqa: BLE001 - any clear error will do; hanging is the failure
         assert str(err)
+
+
+def test_header_claiming_16_frames_of_8000_squared_is_refused_by_box_and_hub_before_decoding():
+    from pydicom.uid import JPEGLSLossless
+
+    from sync import codecs
+
+    ds = read("RG1_UNCR.dcm")
+    ds.Rows = ds.Columns = 8000
+    ds.NumberOfFrames = 16
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([b"\xff\xd8" + b"\0" * 64] * 16)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    with pytest.raises(ImageTooLargeError, match="MiB"):
+        check_header(ds)
+    buffer = __import__("io").BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    with pytest.raises(ImageTooLargeError, match="would decode"):
+        codecs.decode_wire(buffer.getvalue())
