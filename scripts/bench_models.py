@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -32,31 +31,6 @@ REPO = Path(__file__).resolve().parent.parent
 GOAL_INT8_MS = 5.0
 GOAL_OV_SPEEDUP = 1.4
 BOX_MAX_ISA = "AVX512_CORE_VNNI"  # edge.inference.openvino.MAX_ISA (not imported: the workers stay light)
-
-
-def cpu_isa() -> str:
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "avx512_bf16")
-    found = [f for f in wanted if f in flags]
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return " ".join(found) + (f" (ONEDNN_MAX_CPU_ISA={cap})" if cap else "")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_mb() -> float:
@@ -176,7 +150,10 @@ def main() -> int:
         return 1
     scratch = Path(tempfile.mkdtemp(prefix="wasla-bench-models-"))
     fp32, fp32_note = find_fp32(args.fp32, args.work, int8_onnx, scratch)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, ISA flags: {cpu_isa()}")
+    sys.path.insert(0, str(REPO))
+    from edge import cpuinfo
+
+    print(f"CPU: {cpuinfo.describe()}, {os.cpu_count()} logical cores")
     print(f"package: {args.package}")
     print(f"FP32 ONNX: {fp32_note}" + ("" if fp32 else " -> FP32 rows SKIPPED"))
     configs = []

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import sys
 from pathlib import Path
 
@@ -76,29 +75,10 @@ def variants(ds):
     return out
 
 
-def cpu_name() -> str:
-    """Model name and the ISA flags that change OpenVINO's kernels (and ONEDNN_MAX_CPU_ISA when set)."""
-    import os
-
-    name, flags = platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == platform.machine():
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{name} ({' '.join(isa)})" + (f", ONEDNN_MAX_CPU_ISA={cap}" if cap else "")
-
-
 def main() -> int:
     from pydicom.data import get_testdata_file
 
-    from edge import modelpkg, triage
+    from edge import cpuinfo, modelpkg, triage
     from edge.imaging import InputSpec, render, to_tensor
     from edge.inference import create_backend
 
@@ -117,7 +97,7 @@ def main() -> int:
     pkg = modelpkg.load_package(args.package, keys)
     spec = InputSpec.from_manifest(pkg.input_spec)
     backends = {kind: create_backend(pkg, kind, 2, ["CPUExecutionProvider"]) for kind in ("onnxruntime", "openvino")}
-    print(f"CPU: {cpu_name()}; package {pkg.id}; precision "
+    print(f"CPU: {cpuinfo.describe()}; package {pkg.id}; precision "
           + ", ".join(f"{k} {b.precision}" for k, b in backends.items()))
     print(f"{'variant':30} " + " ".join(f"{k:>22}" for k in backends))
     scores = {k: [] for k in backends}

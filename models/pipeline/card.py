@@ -1,6 +1,7 @@
 """MODEL_CARD.md text built from the job, the checkpoint metadata and the evaluation reports."""
 from __future__ import annotations
 
+from edge import cpuinfo
 from models.pipeline.job import Job
 
 
@@ -107,7 +108,7 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
                      + ".")
     lines += [""]
     lines += _band_lines(evaluation, thresholds)
-    lines += [f"Figures computed on: {_cpu()}; ONNX Runtime CPU provider (f32 float nodes), OpenVINO with "
+    lines += [f"Figures computed on: {cpuinfo.describe()}; ONNX Runtime CPU provider (f32 float nodes), OpenVINO with "
               "INFERENCE_PRECISION_HINT f32 and ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI. tests/test_cpu_parity.py checks the bands with oneDNN capped at AVX2 and "
               "AVX-512.", ""]
     if "device_like" in evaluation:
@@ -240,21 +241,3 @@ def _robustness_lines(device: dict) -> list[str]:
     lines.append("")
     return lines
 
-
-def _cpu() -> str:
-    """The build machine's CPU model and the ISA flags that change inference kernels."""
-    import platform
-    from pathlib import Path
-
-    name, flags = platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == platform.machine():
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no AVX2'})"
