@@ -17,6 +17,7 @@ from pydicom.tag import Tag
 
 from edge.config import StorageConfig
 from edge.errors import BadInputError, NoPixelDataError, NotFoundError, OutOfResourcesError
+from edge import deflate_guard
 from edge.imaging import check_header, is_non_image
 from edge.store import InstanceMeta, Store
 
@@ -154,6 +155,11 @@ def _check_part10(path: Path, size: int) -> None:
     raise BadInputError("not a DICOM file (no 'DICM' marker at byte 128)")
 
 
+def _deflated_size(path: Path, limit: int) -> int | None:
+    with open(path, "rb") as fh:
+        return deflate_guard.inflated_size(fh, limit)
+
+
 def _read_header(path: Path):
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
@@ -205,6 +211,8 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
         _check_part10(path, size)
         if size > max_file_bytes:
             raise BadInputError(f"file too large: {size / 1e6:.0f} MB exceeds the limit of {max_file_bytes / 1e6:.0f} MB")
+        # Deflate is inflated once, bounded, before pydicom inflates it whole; offsets then count inflated bytes.
+        inflated = _deflated_size(path, deflate_guard.MAX_INFLATED_BYTES)
         header = _read_header(path)
         try:
             meta = meta_from_dataset(header)  # early, so even a cut file's quarantine row names its study
@@ -213,7 +221,7 @@ def _judge(path: Path, max_pixels: int, max_file_bytes: int) -> tuple[InstanceMe
         else:
             missing_uid = None
         # Structure before content: a cut file would otherwise be reported by whichever attribute it lost.
-        has_pixels = _read_structure(path, size, header)
+        has_pixels = _read_structure(path, size if inflated is None else inflated, header)
         if missing_uid is not None:
             raise missing_uid
         if is_non_image(header.get("SOPClassUID")):

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
-from edge import j2k_guard
+from edge import deflate_guard, j2k_guard
 from edge.errors import BadInputError, UnsupportedTransferSyntaxError
 
 log = logging.getLogger(__name__)
@@ -276,6 +276,7 @@ class WireEncoding:
 
 def _read(source: bytes | str | Path) -> tuple[Dataset, bytes]:
     raw = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    deflate_guard.inflated_size(io.BytesIO(raw))  # a deflate bomb is refused before pydicom inflates it whole
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

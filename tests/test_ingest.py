@@ -220,3 +220,67 @@ def test_flag_id_of_a_uid_the_protocol_cannot_carry_is_a_stable_hash():
     assert flag_id("1.2.3", "review") == "review-1.2.3"
     odd = flag_id("1.2.3 4\x00" + "9" * 300, "urgent")
     assert protocol.valid_id(odd) and odd == flag_id("1.2.3 4\x00" + "9" * 300, "urgent") and odd.startswith("urgent-h")
+
+
+def test_valid_deflated_file_is_stored_not_called_truncated(store, limits):
+    from pydicom.data import get_testdata_file
+
+    outcome = ingest_file(store, get_testdata_file("image_dfl.dcm"), source="cli", **limits)
+    assert outcome.status == "stored", outcome.reason
+
+
+BOMB_PROBE = r"""
+import json, struct, sys, zlib
+from pathlib import Path
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info, write_dataset
+from pydicom.uid import generate_uid
+from edge import ingest
+
+path = Path(sys.argv[1])
+meta = FileMetaDataset()
+meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
+meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+ds = Dataset()
+ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+ds.StudyInstanceUID, ds.Modality = generate_uid(), "OT"
+def explicit_le():
+    fp = pydicom.filebase.DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    return fp
+body = explicit_le()
+write_dataset(body, ds)
+head = explicit_le()
+write_file_meta_info(head, meta, enforce_standard=True)
+size = 600 * 2**20  # one private OB element of zeros: a ~600 KB file that inflates to 600 MiB
+with open(path, "wb") as fh:
+    fh.write(b"\0" * 128 + b"DICM" + head.getvalue())
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    fh.write(deflater.compress(body.getvalue()))
+    fh.write(deflater.compress(struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, size)))
+    zeros = b"\0" * (1 << 20)
+    for _ in range(size // len(zeros)):
+        fh.write(deflater.compress(zeros))
+    fh.write(deflater.flush())
+meta_, bad = ingest._judge(path, 100_000_000, 2 * 2**30)
+rss = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
+print(json.dumps({"reason": str(bad) if bad else None, "file_bytes": path.stat().st_size, "peak_rss_mb": rss}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_deflate_bomb_is_refused_before_pydicom_inflates_it_with_memory_to_spare(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(tmp_path / "bomb.dcm")], cwd=repo,
+                         capture_output=True, text=True, timeout=170)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["file_bytes"] < 2 * 2**20
+    assert got["reason"] and "decompression bomb" in got["reason"]
+    assert got["peak_rss_mb"] < 300, got
