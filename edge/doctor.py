@@ -54,6 +54,21 @@ def run_checks(cfg: Config) -> list[dict]:
         finally:
             s.close()
 
+    def spool():
+        from edge.store import ACKNOWLEDGED, PURGED, QUARANTINED, Store
+
+        s = Store.from_config(cfg)
+        try:
+            rows = s.query("SELECT * FROM instances WHERE state NOT IN (?, ?, ?) AND path != ''",
+                           [QUARANTINED, ACKNOWLEDGED, PURGED])
+            bad = [f"#{r['id']}" for r in rows if s.spool_damage(r)]
+        finally:
+            s.close()
+        if bad:
+            return False, N_("{bad} of {checked} spool files damaged ({ids}): ask the modality to resend them"), \
+                {"bad": len(bad), "checked": len(rows), "ids": ", ".join(bad[:10])}
+        return True, N_("{checked} spool files match what was received"), {"checked": len(rows)}
+
     def disk():
         free = shutil.disk_usage(cfg.box.data_dir).free / 1e6
         return free >= cfg.storage.min_free_mb, N_("{free} MB free (reserve {reserve} MB)"), \
@@ -103,7 +118,8 @@ def run_checks(cfg: Config) -> list[dict]:
             {"value": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
     return [_check(n, f) for n, f in (
-        (N_("config"), config_ok), (N_("data folder"), data_dir), (N_("store"), store), (N_("disk"), disk),
+        (N_("config"), config_ok), (N_("data folder"), data_dir), (N_("store"), store), (N_("spool"), spool),
+        (N_("disk"), disk),
         (N_("models"), models), (N_("runtimes"), runtimes), (N_("DICOM port"), dicom_port), (N_("broker"), broker),
         (N_("clock"), clock))]
 

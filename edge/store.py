@@ -451,6 +451,20 @@ class Store:
         return len(rows)
 
     # --- reads -----------------------------------------------------------------------------------------------
+    def spool_damage(self, row: dict) -> str | None:
+        """Why the spool file of instance `row` no longer is what was received (missing, other size, other
+        sha256), or None. The uploader checks before packing; `wasla doctor` checks every file still to send."""
+        path = self.instance_path(row)
+        try:
+            size = path.stat().st_size
+        except OSError as err:
+            return f"spool file unreadable: {type(err).__name__}"
+        if row.get("size") and size != row["size"]:
+            return f"spool file is {size} bytes, {row['size']} were received: damaged on disk, ask the modality to resend"
+        if row.get("sha256") and file_sha256(path) != row["sha256"]:
+            return "spool file sha256 differs from the one recorded at receipt: damaged on disk, ask the modality to resend"
+        return None
+
     def instance_path(self, row: dict) -> Path:
         return self.spool_dir / row["path"]
 

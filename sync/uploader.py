@@ -7,7 +7,6 @@ import logging
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 
@@ -22,21 +21,6 @@ log = logging.getLogger(__name__)
 # resends from what the box last knew: long enough for one GEO round trip plus a busy hub, short enough not to stall.
 RESUME_WAIT_S = 8.0
 MAX_DOWN_BYTES = 64 * 1024
-
-
-def spool_damage(path: Path, inst: dict) -> str | None:
-    """Why the spool file of `inst` may not be sent (missing, shorter or longer, other bytes), or None."""
-    from edge.store import file_sha256
-
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        return f"spool file unreadable before upload: {type(err).__name__}"
-    if inst.get("size") and size != inst["size"]:
-        return f"spool file is {size} bytes, {inst['size']} were received: damaged on disk, ask the modality to resend"
-    if inst.get("sha256") and file_sha256(path) != inst["sha256"]:
-        return "spool file sha256 differs from the one recorded at receipt: damaged on disk, ask the modality to resend"
-    return None
 
 
 class Uploader:
@@ -481,7 +465,7 @@ class Uploader:
                 continue
             try:
                 source = self.outbox.store.instance_path(inst)
-                damage = spool_damage(source, inst)
+                damage = self.outbox.store.spool_damage(inst)
                 if damage:
                     # What left the modality is not what is on disk (bit rot, a cut copy): never send it as if it
                     # were; the technician sees why in the quarantine and can ask the modality to send it again.

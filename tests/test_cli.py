@@ -120,3 +120,24 @@ def test_models_show_gives_test_figures_and_not_for_clinical_use_and_refuses_a_t
     card.write_text(card.read_text().replace("Not for clinical use", "Cleared for clinical use"))
     refused = run(f, "models", "show", "cxr-triage")
     assert refused.returncode != 0 and "MODEL_CARD.md" in refused.stdout + refused.stderr
+
+
+def test_doctor_finds_a_spool_file_damaged_on_disk_and_names_the_instance(cfg, tmp_path):
+    from edge import samples
+    from edge.config import load
+    from edge.store import Store
+
+    for i in range(2):
+        samples.fresh_copy(samples.sample_path("US1_UNCR.dcm"), tmp_path / "in" / f"us{i}.dcm")
+    assert run(cfg, "ingest", str(tmp_path / "in")).returncode == 0
+    checks = {c["check"]: c for c in json.loads(run(cfg, "doctor", "--json").stdout)}
+    assert checks["spool"]["ok"] and checks["spool"]["detail"].startswith("2 spool files"), checks["spool"]
+    store = Store.from_config(load(cfg))
+    row = store.query("SELECT * FROM instances ORDER BY id")[1]
+    path = store.instance_path(row)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    store.close()
+    checks = {c["check"]: c for c in json.loads(run(cfg, "doctor", "--json").stdout)}
+    assert checks["spool"]["ok"] is False and f"#{row['id']}" in checks["spool"]["detail"]
