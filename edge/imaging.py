@@ -417,6 +417,16 @@ def _colour(ds, uid: UID, arr: np.ndarray, photometric: str, min_side: int | Non
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _display(ds, uid: UID, arr: np.ndarray, index: int, photometric: str, min_side: int | None) -> np.ndarray:
+    if arr.ndim == 2 and photometric != "PALETTE COLOR":
+        if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            raise BadInputError(f"single-sample photometric interpretation {photometric} is not supported")
+        return _grey(ds, arr, index, photometric, min_side)
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
+        return _colour(ds, uid, arr, photometric, min_side)
+    raise BadInputError(f"decoded frame has an unexpected shape {arr.shape}")
+
+
 def render(
     ds, *, min_side: int | None = None, frames: str = "middle", max_pixels: int = 100_000_000
 ) -> list[np.ndarray]:
@@ -434,14 +444,12 @@ def render(
     # Frames arrive in index order and are rendered one by one, so "all" never holds every full-size frame at once.
     for index, arr, photometric in _decode(ds, uid, indices, min_side):
         photometric = str(photometric).strip().upper()
-        if arr.ndim == 2 and photometric != "PALETTE COLOR":
-            if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-                raise BadInputError(f"single-sample photometric interpretation {photometric} is not supported")
-            img = _grey(ds, arr, index, photometric, min_side)
-        elif arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4)):
-            img = _colour(ds, uid, arr, photometric, min_side)
-        else:
-            raise BadInputError(f"decoded frame has an unexpected shape {arr.shape}")
+        try:
+            img = _display(ds, uid, arr, index, photometric, min_side)
+        except BadInputError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a malformed palette, VOI or modality LUT is the file's fault
+            raise BadInputError(f"pixel transform failed ({photometric}): {_reason(err)}") from err
         if not np.isfinite(img).all():
             raise BadInputError("rendered image contains NaN or infinite values")
         out.append(img)

@@ -451,3 +451,19 @@ def test_header_claiming_16_frames_of_8000_squared_is_refused_by_box_and_hub_bef
     ds.save_as(buffer, enforce_file_format=True)
     with pytest.raises(ImageTooLargeError, match="would decode"):
         codecs.decode_wire(buffer.getvalue())
+
+
+@pytest.mark.parametrize("descriptor, data", [
+    ([4096, 0, 12], b"\x00\x01" * 10),       # fewer entries than the descriptor claims
+    ([0, 0, 40], b"\x00\x01" * 8),           # 40-bit output
+])
+def test_malformed_voi_lut_is_bad_input_with_a_reason_not_an_internal_error(descriptor, data):
+    from pydicom.dataset import Dataset
+
+    ds = read("RG1_UNCR.dcm")
+    item = Dataset()
+    item.LUTDescriptor = descriptor
+    item.LUTData = data
+    ds.VOILUTSequence = [item]
+    with pytest.raises(BadInputError):
+        render(ds, min_side=224)
