@@ -6,7 +6,6 @@ sees in the clinic and what it saw in training differ only by what the device di
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import cv2
@@ -135,9 +134,3 @@ def u8_to_frame(u8: np.ndarray) -> np.ndarray:
     """An 8-bit picture as the [0, 1] float frame `imaging.render` would make of it."""
     return u8.astype(np.float32) / np.float32(255.0)
 
-
-def check_spec_numbers(mean, std) -> None:
-    if len(mean) != 3 or len(std) != 3:
-        raise ModelError("input.mean and input.std must have 3 values each")
-    if not all(math.isfinite(v) for v in (*mean, *std)) or min(abs(s) for s in std) == 0:
-        raise ModelError("input.mean and input.std must be finite and std non-zero")

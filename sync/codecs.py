@@ -282,7 +282,7 @@ def _read(source: bytes | str | Path) -> tuple[Dataset, bytes]:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(raw))
     except Exception as err:  # noqa: BLE001 - mutated files raise OSError, RecursionError, zlib/struct errors, ...
-        raise BadInputError(f"not a readable DICOM file: {type(err).__name__}: {str(err)[:200]}") from err
+        raise BadInputError(f"not a readable DICOM file ({type(err).__name__})") from err  # no quoted values
     # pydicom only warns on a file cut short inside encapsulated pixel data, and CharLS then decodes what is
     # left without complaint: a truncated transfer must not pass as a good one.
     if truncated := [str(w.message) for w in caught if "End of file" in str(w.message)]:

@@ -196,7 +196,9 @@ class Receiver:
             ds = decode_wire(data)
             sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
         except Exception as err:  # noqa: BLE001 - any decode failure is this transfer's, never the receiver's
-            reason = f"not a usable DICOM instance: {type(err).__name__}: {str(err)[:300]}"
+            # Our own errors say what is wrong without quoting values; a library's message may quote one.
+            detail = str(err)[:300] if isinstance(err, BadInputError) else type(err).__name__
+            reason = f"not a usable DICOM instance: {detail}"
             self.store.fail_transfer(tid, reason)
             self.store.dead_letter(protocol.up_topic(device, "chunk"), device, f"transfer {tid}: {reason}", b"")
             self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason[:300])

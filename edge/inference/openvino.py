@@ -23,7 +23,7 @@ def pin_isa() -> str:
     return os.environ.setdefault("ONEDNN_MAX_CPU_ISA", MAX_ISA)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     """"f32" for ov.Type.f32 (whose str() is "<Type: 'float32'>"), the plain string for anything else."""
     return value.get_type_name() if hasattr(value, "get_type_name") else str(value)
 
@@ -66,7 +66,7 @@ class OpenVinoBackend(Backend):
         pshape = compiled.input(self.input_name).get_partial_shape()
         if not pshape.compatible(ov.PartialShape(list(self.input_shape))):
             raise ModelError(f"{self.name}: model input shape {pshape} does not fit manifest {list(self.input_shape)}")
-        precision = _type_name(compiled.get_property(hints.inference_precision()))
+        precision = type_name(compiled.get_property(hints.inference_precision()))
         if precision != "f32":
             raise ModelError(f"{self.name}: compiled with inference precision {precision}, not the f32 asked for")
         self.precision = precision

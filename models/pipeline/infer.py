@@ -36,7 +36,7 @@ class OpenVinoRunner:
 
         if not Path(path).is_file():
             raise NotFoundError(f"OpenVINO model {path} does not exist")
-        from edge.inference.openvino import pin_isa
+        from edge.inference.openvino import pin_isa, type_name
 
         self.isa_cap = pin_isa()  # as the box does: AMX int8 kernels would give other scores
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
@@ -45,8 +45,7 @@ class OpenVinoRunner:
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
-        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.precision = type_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return np.array(self.request.infer({0: x})[self.compiled.output(0)])
