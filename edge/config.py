@@ -45,14 +45,18 @@ class DicomConfig:
     """TCP port (above 1024 so the daemon needs no privilege)."""
     allowed_calling_aes: list[str] = field(default_factory=list)
     """Calling AE titles allowed to store; empty list = any."""
+    request_timeout: float = 5.0
+    """Seconds a new connection may stay silent before its association request (junk or stalled peers are dropped)."""
     acse_timeout: float = 30.0
-    """Seconds to wait for association messages."""
+    """Seconds to wait for association messages once a peer has asked for an association (release)."""
     dimse_timeout: float = 60.0
     """Seconds to wait for DIMSE messages."""
     network_timeout: float = 60.0
     """Seconds of network silence before an association is dropped."""
     max_associations: int = 4
-    """Concurrent associations accepted."""
+    """Concurrent associations accepted (exactly; a silent socket holds none)."""
+    max_associations_per_peer: int = 0
+    """Concurrent associations from one address; 0 = up to max_associations."""
 
 
 @dataclass(frozen=True)
@@ -305,7 +309,7 @@ def _validate(cfg: Config) -> None:
     if not 0 < cfg.sync.broker_port <= 65535:
         raise ConfigError(f"sync.broker_port: {cfg.sync.broker_port} is not a TCP port")
     _validate_sync(cfg.sync)
-    for key, val in (("dicom.acse_timeout", cfg.dicom.acse_timeout), ("dicom.dimse_timeout", cfg.dicom.dimse_timeout),
+    for key, val in (("dicom.request_timeout", cfg.dicom.request_timeout), ("dicom.acse_timeout", cfg.dicom.acse_timeout), ("dicom.dimse_timeout", cfg.dicom.dimse_timeout),
                      ("dicom.network_timeout", cfg.dicom.network_timeout), ("watch.poll_seconds", cfg.watch.poll_seconds)):
         if val <= 0:
             raise ConfigError(f"{key}: must be > 0, got {val}")
@@ -313,6 +317,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"watch.settle_seconds: must be >= 0, got {cfg.watch.settle_seconds}")
     if cfg.dicom.max_associations < 1:
         raise ConfigError(f"dicom.max_associations: must be >= 1, got {cfg.dicom.max_associations}")
+    if not 0 <= cfg.dicom.max_associations_per_peer <= cfg.dicom.max_associations:
+        raise ConfigError(f"dicom.max_associations_per_peer: must be 0-{cfg.dicom.max_associations}, "
+                          f"got {cfg.dicom.max_associations_per_peer}")
     if cfg.inference.backend not in ("auto", "onnxruntime", "openvino"):
         raise ConfigError(f"inference.backend: {cfg.inference.backend!r} is not one of auto, onnxruntime, openvino")
     if not 1 <= cfg.inference.threads <= 64:

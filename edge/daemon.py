@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from edge import metrics
+from edge import liveness, metrics
 from edge.config import Config
 from edge.engine import Engine
 from edge.results_dicom import ResultsWriter
@@ -140,9 +140,17 @@ class Daemon:
         interval = watchdog_interval()
         tick = min(interval, 5.0) if interval else 5.0
         next_purge = time.monotonic() + 60
+        reported: list[str] = []
         while not self.stop_event.wait(tick):
-            # Feed the watchdog only while the worker is really alive: a hung worker should get us restarted.
-            if interval and self.worker.alive():
+            # Feed the watchdog only while every loop proves progress: a dead or stuck thread gets us restarted
+            # (systemd's WatchdogSec) instead of a process that looks healthy and does nothing.
+            found = liveness.problems(self.parts)
+            if found != reported:
+                for p in found:
+                    log.error("not healthy: %s", p)
+                sd_notify("STATUS=" + ("; ".join(found) if found else "triage running"))
+                reported = found
+            if interval and not found:
                 sd_notify("WATCHDOG=1")
             if self.cfg.storage.keep_days and time.monotonic() >= next_purge:
                 next_purge = time.monotonic() + 3600

@@ -31,6 +31,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, Secondar
 
 from edge import imaging, triage
 from edge.errors import BadInputError, NotFoundError, StateError, WaslaError
+from edge.liveness import Beat
 from edge.store import PROCESSING, QUARANTINED, QUEUED, RECEIVED, TRIAGED, Store
 
 log = logging.getLogger(__name__)
@@ -485,6 +486,7 @@ class ResultsWriter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.beat = Beat("results writer", max_silence=600.0)
         self.written = 0
 
     def notify(self, study_uid: str) -> None:
@@ -516,6 +518,7 @@ class ResultsWriter:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.beat.tick()
             try:
                 self.run_once()
             except Exception:  # noqa: BLE001 - a bad study must not stop the others' results
@@ -544,6 +547,10 @@ class ResultsWriter:
             log.info("%d triaged study(ies) still need their results document", missing)
         self._thread = threading.Thread(target=self._run, name="results-writer", daemon=True)
         self._thread.start()
+
+    def problems(self) -> list[str]:
+        problem = self.beat.problem(self._thread)
+        return [problem] if problem else []
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -14,6 +15,7 @@ from pynetdicom.sop_class import Verification
 from edge.config import Config
 from edge.errors import NoPixelDataError, OutOfResourcesError, WaslaError
 from edge.ingest import DUPLICATE, QUARANTINED, STORED, ingest_tmp, limits_from_config, write_fsynced
+from edge.scp_slots import BoundedServer, Slots
 from edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -109,14 +111,20 @@ class StoreSCP:
         self.on_stored = on_stored
         self._ae: AE | None = None
         self._server = None
+        self._thread: threading.Thread | None = None
+        d = cfg.dicom
+        self.slots = Slots(d.max_associations, d.max_associations_per_peer or d.max_associations)
 
     def _make_ae(self) -> AE:
         d = self.cfg.dicom
         ae = AE(ae_title=d.ae_title)
-        ae.acse_timeout = d.acse_timeout
+        # Until a peer has sent its association request it gets the short timeout (Slots restores the normal one).
+        ae.acse_timeout = min(d.request_timeout, d.acse_timeout)
         ae.dimse_timeout = d.dimse_timeout
         ae.network_timeout = d.network_timeout
-        ae.maximum_associations = d.max_associations
+        # Slots enforces the real limit; pynetdicom's own count includes threads still winding down, so it only
+        # backs ours up.
+        ae.maximum_associations = d.max_associations * 4 + 16
         # Empty list = any calling AE (pynetdicom's own convention, same as our config's).
         ae.require_calling_aet = list(d.allowed_calling_aes)
         for context in AllStoragePresentationContexts:
@@ -129,14 +137,19 @@ class StoreSCP:
         if self._server is not None:
             return
         self._ae = self._make_ae()
+        d = self.cfg.dicom
         handlers = [
+            *self.slots.handlers(min(d.request_timeout, d.acse_timeout), d.acse_timeout),
             (evt.EVT_C_STORE, handle_store, [self.store, self.cfg, self.on_stored]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_REJECTED, _handle_rejected),
         ]
         try:
-            self._server = self._ae.start_server((self.cfg.dicom.bind, self.cfg.dicom.port), block=False,
-                                                 evt_handlers=handlers)
+            # start_server(block=False) without its fixed server class: ours bounds connections per address.
+            self._server = self._ae.make_server((d.bind, d.port), evt_handlers=handlers, server_class=BoundedServer)
+            self._ae._servers.append(self._server)  # as start_server does: its shutdown() removes it from there
+            self._thread = threading.Thread(target=self._server.serve_forever, name="dicom-acceptor", daemon=True)
+            self._thread.start()
         except OSError as err:  # typically: the daemon is already running on this port
             raise WaslaError(f"cannot listen for DICOM on {self.cfg.dicom.bind}:{self.cfg.dicom.port}: "
                              f"{err.strerror or err} (is another wasla run active?)") from err
@@ -147,6 +160,11 @@ class StoreSCP:
         if self._server is None:
             return self.cfg.dicom.port
         return self._server.server_address[1]
+
+    def problems(self) -> list[str]:
+        if self._thread is not None and not self._thread.is_alive():
+            return ["DICOM listener: thread has stopped"]
+        return []
 
     def stop(self) -> None:
         """Stop listening and close open associations."""

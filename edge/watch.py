@@ -17,6 +17,8 @@ from pathlib import Path
 from edge.config import Config
 from edge.errors import NotFoundError, OutOfResourcesError
 from edge.ingest import QUARANTINED, STORED, IngestOutcome, ingest_file, limits_from_config
+from edge.liveness import Beat
+from edge.store import Store
 
 # Quarantine reasons after which the original stays in the folder: we hold no usable copy (unreadable file), or the
 # copy may simply have stalled longer than settle_seconds (truncated); a later change makes us take it again.
@@ -26,7 +28,7 @@ _KEEP_ORIGINAL = ("cannot read file", "truncated DICOM")
 def _ref(path: Path) -> str:
     # Modalities and USB exports often name files after the patient: logs get a stable short hash, never the name.
     return "f-" + hashlib.sha256(path.name.encode("utf-8", "replace")).hexdigest()[:10]
-from edge.store import Store
+
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ class FolderWatcher:
         self._stuck: dict[Path, _Signature] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.beat = Beat("watch folder", max_silence=max(600.0, 20 * self.poll_seconds))
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _candidates(self) -> dict[Path, _Signature]:
@@ -98,6 +101,7 @@ class FolderWatcher:
             del self._stuck[gone]
         outcomes = []
         for path, sig in found.items():
+            self.beat.tick()
             if self._stuck.get(path) == sig or not self._settled(path, sig, now):
                 continue
             try:
@@ -111,6 +115,12 @@ class FolderWatcher:
                 break
             except OSError as err:
                 log.warning("cannot take watch-folder file %s, will retry: %s", _ref(path), err.strerror or type(err).__name__)
+                continue
+            except Exception as err:  # noqa: BLE001 - one file must never stop the scan of the others
+                # Left in place and skipped until it changes: the next poll must not hit the same wall.
+                self._stuck[path] = sig
+                log.error("watch-folder file %s could not be taken (%s); skipped until it changes", _ref(path),
+                          type(err).__name__)
                 continue
             outcomes.append(outcome)
             self._pending.pop(path, None)
@@ -135,6 +145,7 @@ class FolderWatcher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self.beat.tick()
             try:
                 self.scan_once()
             except Exception:  # noqa: BLE001 - a bad scan must not end the watcher; the next poll retries
@@ -147,6 +158,10 @@ class FolderWatcher:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="wasla-watch", daemon=True)
         self._thread.start()
+
+    def problems(self) -> list[str]:
+        problem = self.beat.problem(self._thread)
+        return [problem] if problem else []
 
     def stop(self) -> None:
         self._stop.set()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from edge import results_dicom
 from edge.engine import Engine
 from edge.errors import BadInputError, StoreError, WaslaError
+from edge.liveness import Beat
 from edge.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,8 @@ class Worker:
         self.idle_wait = idle_wait
         self.wake = threading.Event()
         self.stop_event = threading.Event()
-        self.last_beat = time.monotonic()
+        # A triage of one image takes well under a minute even on a Jetson; a loop silent for 10 min is stuck.
+        self.beat = Beat("triage worker", max_silence=600.0)
         self.processed = 0
         self._thread: threading.Thread | None = None
 
@@ -73,7 +75,7 @@ class Worker:
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self.last_beat = time.monotonic()
+            self.beat.tick()
             try:
                 busy = self.process_one()
             except StoreError as err:
@@ -97,5 +99,6 @@ class Worker:
         if self._thread:
             self._thread.join(timeout)
 
-    def alive(self, max_silence: float = 120.0) -> bool:
-        return self._thread is not None and self._thread.is_alive() and time.monotonic() - self.last_beat < max_silence
+    def problems(self) -> list[str]:
+        problem = self.beat.problem(self._thread)
+        return [problem] if problem else []

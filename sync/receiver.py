@@ -11,6 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from edge.errors import BadInputError, ProtocolError, StoreError
+from edge.liveness import Beat, paho_thread, problems
 from sync import protocol
 from sync.hub_store import HubStore
 
@@ -27,6 +28,9 @@ class Receiver:
         self.connected = threading.Event()
         self.client = None
         self.handled = 0
+        self._mqtt_thread = None
+        # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
+        self.beat = Beat("hub receiver", max_busy=300.0)
 
     # --- MQTT -------------------------------------------------------------------------------------------------
     def _make_client(self):
@@ -50,7 +54,12 @@ class Receiver:
         self.connected.set()
 
     def _on_message(self, _client, _userdata, message) -> None:
-        self.handle(message.topic, bytes(message.payload))
+        with self.beat.busy():
+            self.handle(message.topic, bytes(message.payload))
+
+    def problems(self) -> list[str]:
+        problem = self.beat.problem(self._mqtt_thread, idle_ok=True)
+        return [problem] if problem else []
 
     def start(self) -> "Receiver":
         b = self.cfg.broker
@@ -58,6 +67,7 @@ class Receiver:
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive_seconds, clean_start=False,
                                   properties=protocol.connect_properties(int(b.session_expiry_hours * 3600)))
         self.client.loop_start()
+        self._mqtt_thread = paho_thread(self.client)
         return self
 
     def stop(self) -> None:
@@ -267,8 +277,17 @@ def run(cfg) -> int:
     exporter = metrics.start(cfg.metrics, metrics.hub_collector(receiver.store, hub_id=cfg.hub.id, receiver=receiver))
     sd_notify("READY=1\nSTATUS=receiving")
     log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
+    reported: list[str] = []
     while not stop.wait(5.0):
-        sd_notify("WATCHDOG=1")
+        # Fed only while paho's thread lives and no message has hung it: systemd restarts a receiver that stalled.
+        found = problems([receiver])
+        if found != reported:
+            for p in found:
+                log.error("not healthy: %s", p)
+            sd_notify("STATUS=" + ("; ".join(found) if found else "receiving"))
+            reported = found
+        if not found:
+            sd_notify("WATCHDOG=1")
     if exporter is not None:
         exporter.stop()
     receiver.stop()

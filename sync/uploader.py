@@ -11,6 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from edge.errors import ProtocolError
+from edge.liveness import Beat, paho_thread
 from sync import protocol
 from sync.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
 from sync.outbox import CONFIRMED, FLAG, Outbox
@@ -64,6 +65,11 @@ class Uploader:
         self.lane = self._make_lane() if self.sc.flag_lane else None
         self.lane_connected = False
         self._threads: list[threading.Thread] = []
+        self._mqtt_threads: dict[str, threading.Thread | None] = {}
+        # Send and pack loops wake at least every 0.5 s; a message handler is busy for milliseconds.
+        self.beats = {"sync-pack": Beat("upload packing", max_silence=600.0),
+                      "sync-send": Beat("upload sending", max_silence=300.0),
+                      "mqtt": Beat("upload messages", max_busy=300.0)}
 
     # --- MQTT plumbing --------------------------------------------------------------------------------------------
     def _make_client(self):
@@ -170,6 +176,10 @@ class Uploader:
 
     # --- messages from the hub ------------------------------------------------------------------------------------
     def _on_message(self, _client, _userdata, message) -> None:
+        with self.beats["mqtt"].busy():
+            self._on_message_inner(message)
+
+    def _on_message_inner(self, message) -> None:
         try:
             msg = protocol.decode(message.topic, message.payload, direction="down", max_bytes=MAX_DOWN_BYTES,
                                   expect_device=self.device)
@@ -196,7 +206,10 @@ class Uploader:
             self.wake.set()
         except Exception as err:  # noqa: BLE001 - one bad message must not stop the link
             log.exception("handling %s failed", message.topic)
-            self.outbox.dead_letter(message.topic, f"handler error: {type(err).__name__}: {err}", message.payload)
+            try:
+                self.outbox.dead_letter(message.topic, f"handler error: {type(err).__name__}", bytes(message.payload))
+            except Exception:  # noqa: BLE001 - a full disk must not kill paho's thread either
+                log.exception("could not record a dead letter for %s", message.topic)
 
     def _handle_ack(self, msg: protocol.Message) -> None:
         if msg.get("flag_id"):
@@ -246,6 +259,7 @@ class Uploader:
     # --- the send loop --------------------------------------------------------------------------------------------
     def _send_loop(self) -> None:
         while not self.stop_event.is_set():
+            self.beats["sync-send"].tick()
             try:
                 busy = self.step()
             except Exception:  # noqa: BLE001 - keep the link alive; the outbox is intact in SQLite
@@ -437,6 +451,7 @@ class Uploader:
     # --- the pack loop --------------------------------------------------------------------------------------------
     def _pack_loop(self) -> None:
         while not self.stop_event.is_set():
+            self.beats["sync-pack"].tick()
             try:
                 busy = self.pack_once()
             except Exception:  # noqa: BLE001 - a bad instance must not stop packing the others
@@ -514,15 +529,25 @@ class Uploader:
         self.client.connect_async(self.sc.broker_host, self.sc.broker_port, keepalive=self.sc.keepalive_seconds,
                                   clean_start=False, properties=props)
         self.client.loop_start()
+        self._mqtt_threads = {"mqtt": paho_thread(self.client)}
         if self.lane is not None:
             self.lane.connect_async(self.sc.broker_host, self.sc.broker_port, keepalive=self.sc.keepalive_seconds,
                                     clean_start=True)
             self.lane.loop_start()
+            self._mqtt_threads["lane"] = paho_thread(self.lane)
         for name, target in (("sync-pack", self._pack_loop), ("sync-send", self._send_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
         log.info("uploader started for box %s -> %s:%s", self.device, self.sc.broker_host, self.sc.broker_port)
+
+    def problems(self) -> list[str]:
+        threads = {t.name: t for t in self._threads}
+        found = [self.beats[name].problem(threads.get(name)) for name in ("sync-pack", "sync-send")]
+        found.append(self.beats["mqtt"].problem(self._mqtt_threads.get("mqtt"), idle_ok=True))
+        if self._mqtt_threads.get("lane") is not None:
+            found.append(Beat("flag lane").problem(self._mqtt_threads["lane"], idle_ok=True))
+        return [p for p in found if p]
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_event.set()
