@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 
-from edge import liveness, metrics
+from edge import diskguard, liveness, metrics
 from edge.config import Config
 from edge.engine import Engine
 from edge.results_dicom import ResultsWriter
@@ -69,11 +69,22 @@ class Daemon:
         from edge.watch import FolderWatcher
 
         cfg = self.cfg
-        self.store = Store.from_config(cfg)
-        back = self.store.recover()
+
+        def open_store():
+            store = Store.from_config(cfg)
+            try:
+                return store, store.recover(), ingest.adopt_orphans(store, **ingest.limits_from_config(cfg))
+            except BaseException:
+                store.close()
+                raise
+
+        # A box that starts on a full disk waits for space (and says so), instead of exiting and being restarted
+        # in a loop by systemd until it gives up.
+        self.store, back, adopted = diskguard.open_when_space(
+            open_store, cfg.box.data_dir, "the box", stop=self.stop_event.is_set,
+            on_wait=lambda message: sd_notify(f"READY=1\nSTATUS={message}\nWATCHDOG=1"))
         if back:
             log.info("%d interrupted instance(s) returned to the queue", back)
-        adopted = ingest.adopt_orphans(self.store, **ingest.limits_from_config(cfg))
         if adopted:
             log.info("%d orphan spool file(s) re-registered", adopted)
         self.engine = Engine.load(cfg)

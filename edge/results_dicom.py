@@ -31,6 +31,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, Secondar
 
 from edge import imaging, triage
 from edge.errors import BadInputError, NotFoundError, StateError, WaslaError
+from edge.diskguard import Pause, is_disk_full
 from edge.liveness import Beat
 from edge.store import PROCESSING, QUARANTINED, QUEUED, RECEIVED, TRIAGED, Store
 
@@ -487,6 +488,7 @@ class ResultsWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beat = Beat("results writer", max_silence=600.0)
+        self.disk = Pause("results documents", store.spool_dir, store.own_reserve_bytes)
         self.written = 0
 
     def notify(self, study_uid: str) -> None:
@@ -501,6 +503,8 @@ class ResultsWriter:
             due = [uid for uid, t in self._dirty.items() if now - t >= self.settle_seconds]
         done = 0
         for uid in due:
+            if not self.disk.room():
+                return done  # the studies stay due; written once space returns
             try:
                 ensure_results(self.store, uid, box_id=self.box_id, kinds=self.kinds, max_pixels=self.max_pixels)
                 self.written += 1
@@ -508,8 +512,12 @@ class ResultsWriter:
                 continue  # more images came in: the worker notifies again when they are done
             except NotFoundError as err:
                 log.info("no results document for study %s: %s", uid, err)
-            except (WaslaError, OSError, ValueError) as err:
-                log.error("results for study %s could not be written: %s", uid, err)
+            except Exception as err:  # noqa: BLE001 - one study's document must not stop the others'
+                if is_disk_full(err, self.store.spool_dir):
+                    self.disk.hit()
+                    return done  # still due: written once space returns
+                log.error("results for study %s could not be written: %s", uid, type(err).__name__
+                          if not isinstance(err, WaslaError) else err)
             with self._lock:
                 if self._dirty.get(uid, now + 1) <= now:
                     del self._dirty[uid]

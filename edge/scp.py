@@ -1,7 +1,6 @@
 """The DICOM C-STORE / C-ECHO service: a pynetdicom server whose handlers hand every instance to edge.ingest."""
 from __future__ import annotations
 
-import errno
 import logging
 import threading
 import time
@@ -13,6 +12,7 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from edge.config import Config
+from edge.diskguard import is_disk_full
 from edge.errors import NoPixelDataError, OutOfResourcesError, WaslaError
 from edge.ingest import DUPLICATE, QUARANTINED, STORED, ingest_tmp, limits_from_config, write_fsynced
 from edge.scp_slots import BoundedServer, Slots
@@ -72,13 +72,13 @@ def handle_store(event, store: Store, cfg: Config, on_stored: Callable[[], None]
     except OutOfResourcesError as err:
         log.warning("C-STORE %s from %s refused: %s", sop_uid, calling_ae, err)
         return _status(OUT_OF_RESOURCES, "disk full on the triage box")
-    except OSError as err:
-        if err.errno == errno.ENOSPC:  # the disk filled between our check and the write
+    except Exception as err:  # noqa: BLE001 - one bad instance must never take the server down
+        if is_disk_full(err, store.spool_dir):  # the disk filled between our check and the write (file or SQLite)
             log.warning("C-STORE %s from %s refused: disk full", sop_uid, calling_ae)
             return _status(OUT_OF_RESOURCES, "disk full on the triage box")
-        log.exception("C-STORE %s from %s failed", sop_uid, calling_ae)
-        return _status(PROCESSING_FAILURE, "storage error on the triage box")
-    except Exception:  # noqa: BLE001 - one bad instance must never take the server down
+        if isinstance(err, OSError):
+            log.exception("C-STORE %s from %s failed", sop_uid, calling_ae)
+            return _status(PROCESSING_FAILURE, "storage error on the triage box")
         log.exception("C-STORE %s from %s failed", sop_uid, calling_ae)
         return _status(PROCESSING_FAILURE, "internal error on the triage box")
     if outcome.status == QUARANTINED:

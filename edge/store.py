@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from edge.diskguard import describe_store_error
 from edge.errors import NotFoundError, OutOfResourcesError, StateError, StoreError
 from edge.triage import most_severe
 
@@ -164,12 +165,26 @@ def write_transaction(lock, conn, *, durable: bool = True):
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (SQLITE_FULL on a full disk) can leave the transaction open: every later
+                # BEGIN would then fail too, long after space has returned.
+                _rollback(conn)
+                raise
         finally:
             if not durable:
                 conn.execute("PRAGMA synchronous=FULL")
+
+
+def _rollback(conn) -> None:
+    if getattr(conn, "conn", conn).in_transaction:  # a sqlite_utils Database wraps the connection
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite rolled back by itself (it does on some I/O errors)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,6 +211,9 @@ class Store:
         self.spool_dir = Path(spool_dir)
         self.quarantine_dir = Path(quarantine_dir)
         self.min_free_mb = min_free_mb
+        # Incoming studies stop at min_free_mb; the box's own writes (triage rows, SRs, wire copies, WAL) go on down
+        # to a quarter of it, so what was accepted can still be triaged and sent, and SQLite never hits the wall.
+        self.own_reserve_bytes = int(min_free_mb * 1e6 / 4)
         for d in (self.db_path.parent, self.spool_dir, self.tmp_dir, self.quarantine_dir):
             d.mkdir(parents=True, exist_ok=True)
         try:
@@ -205,14 +223,14 @@ class Store:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.Error as err:
-            raise StoreError(f"cannot open store {self.db_path}: {err}") from err
+            raise StoreError(f"cannot open store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.RLock()
         with self._lock:
             try:
                 migrate(self.db)
             except sqlite3.Error as err:
-                raise StoreError(f"cannot migrate store {self.db_path}: {err}") from err
+                raise StoreError(f"cannot migrate store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
 
     @classmethod
     def from_config(cls, cfg) -> "Store":

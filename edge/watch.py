@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge.config import Config
+from edge.diskguard import is_disk_full
 from edge.errors import NotFoundError, OutOfResourcesError
 from edge.ingest import QUARANTINED, STORED, IngestOutcome, ingest_file, limits_from_config
 from edge.liveness import Beat
@@ -117,6 +118,9 @@ class FolderWatcher:
                 log.warning("cannot take watch-folder file %s, will retry: %s", _ref(path), err.strerror or type(err).__name__)
                 continue
             except Exception as err:  # noqa: BLE001 - one file must never stop the scan of the others
+                if is_disk_full(err, self.store.spool_dir):
+                    log.warning("watch folder paused: disk full")
+                    break  # the file stays here, the only copy, and is taken once there is room
                 # Left in place and skipped until it changes: the next poll must not hit the same wall.
                 self._stuck[path] = sig
                 log.error("watch-folder file %s could not be taken (%s); skipped until it changes", _ref(path),

@@ -9,8 +9,9 @@ from collections.abc import Callable
 from edge import results_dicom
 from edge.engine import Engine
 from edge.errors import BadInputError, StoreError, WaslaError
+from edge.diskguard import Pause, is_disk_full
 from edge.liveness import Beat
-from edge.store import Store
+from edge.store import PROCESSING, RECEIVED, Store
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,37 @@ class Worker:
         self.beat = Beat("triage worker", max_silence=600.0)
         self.processed = 0
         self._thread: threading.Thread | None = None
+        self.disk = Pause("triage", store.spool_dir, store.own_reserve_bytes) if store is not None else None
+        self._unclaimed: set[int] = set()
 
     def process_one(self) -> bool:
         """Triage the oldest received instance; False when the queue is empty."""
+        self._give_back_claims()
+        if self.disk is not None and not self.disk.room():
+            return False
         row = self.store.claim_next()
         if row is None:
             return False
         iid = row["id"]
+        try:
+            return self._process(row, iid)
+        except Exception:
+            # Not committed (a full disk, a locked file): the instance must not sit in `processing` until restart.
+            self._unclaimed.add(iid)
+            self._give_back_claims()
+            raise
+
+    def _give_back_claims(self) -> None:
+        for iid in list(self._unclaimed):
+            try:
+                with self.store.transaction() as db:
+                    db.execute("UPDATE instances SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
+                               [RECEIVED, time.time(), iid, PROCESSING])
+                self._unclaimed.discard(iid)
+            except Exception:  # noqa: BLE001 - still no room: tried again on the next pass
+                return
+
+    def _process(self, row: dict, iid: int) -> bool:
         if results_dicom.is_derived(row):
             # Our own SR/SC, put back in the queue by a requeue: triaging it would label the study "review".
             results_dicom.skip_triage(self.store, iid)
@@ -78,11 +103,13 @@ class Worker:
             self.beat.tick()
             try:
                 busy = self.process_one()
-            except StoreError as err:
-                log.error("store error in worker: %s", err)
-                busy = False
-            except Exception:  # noqa: BLE001 - a locked database or a failing hook must not end triage for good
-                log.exception("unexpected error in the triage worker; going on")
+            except Exception as err:  # noqa: BLE001 - a locked database, a full disk or a failing hook must not end triage
+                if self.disk is not None and is_disk_full(err, self.store.spool_dir):
+                    self.disk.hit()  # logged once; room() resumes by itself when space returns
+                elif isinstance(err, StoreError):
+                    log.error("store error in worker: %s", err)
+                else:
+                    log.exception("unexpected error in the triage worker; going on")
                 busy = False
             if not busy:
                 self.wake.wait(self.idle_wait)

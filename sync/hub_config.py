@@ -57,6 +57,8 @@ class HubReceiverConfig:
     """Largest message accepted (a chunk plus its header); bigger ones go to the dead-letter table."""
     read_resend_seconds: float = 300.0
     """A read the box has not confirmed (in its heartbeat) this long after publishing is published again."""
+    min_free_mb: int = 1024
+    """Below this much free disk the receiver pauses (messages wait at the broker) and resumes when space returns."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def _validate(cfg: HubConfig) -> None:
         raise ConfigError("broker.tls_cert_file and broker.tls_key_file go together")
     if not 4096 <= cfg.receiver.max_message_bytes <= 64 * 1024 * 1024:
         raise ConfigError(f"receiver.max_message_bytes: must be 4096-67108864, got {cfg.receiver.max_message_bytes}")
+    if cfg.receiver.min_free_mb < 0:
+        raise ConfigError(f"receiver.min_free_mb: must be >= 0, got {cfg.receiver.min_free_mb}")
     if cfg.receiver.read_resend_seconds <= 0:
         raise ConfigError(f"receiver.read_resend_seconds: must be > 0, got {cfg.receiver.read_resend_seconds}")
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from edge.diskguard import describe_store_error
 from edge.errors import StoreError
 from edge.store import find_study, write_transaction
 
@@ -86,7 +87,7 @@ class SqliteIndex:
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
         except sqlite3.Error as err:
-            raise StoreError(f"cannot open hub store {self.db_path}: {err}") from err
+            raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self._lock = threading.RLock()
 
     def close(self) -> None:

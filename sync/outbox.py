@@ -81,10 +81,14 @@ class Outbox:
         tid = transfer_id(self.device, inst["sop_instance_uid"], sha)
         path = self.wire_dir / f"{tid}.dcm"
         tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as fh:
-            fh.write(enc.data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(enc.data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not also leak half a wire copy
+            raise
         os.replace(tmp, path)
         now = time.time()
         size = len(enc.data)

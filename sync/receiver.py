@@ -11,6 +11,7 @@ import time
 import paho.mqtt.client as mqtt
 
 from edge.errors import BadInputError, ProtocolError, StoreError
+from edge.diskguard import Pause, is_disk_full, open_when_space
 from edge.liveness import Beat, paho_thread, problems
 from sync import protocol
 from sync.hub_store import HubStore
@@ -31,6 +32,8 @@ class Receiver:
         self._mqtt_thread = None
         # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
         self.beat = Beat("hub receiver", max_busy=300.0)
+        self.disk = Pause("receiving", cfg.studies_dir, cfg.receiver.min_free_mb * 1_000_000)
+        self._disk_paused = False
 
     # --- MQTT -------------------------------------------------------------------------------------------------
     def _make_client(self):
@@ -58,6 +61,8 @@ class Receiver:
             self.handle(message.topic, bytes(message.payload))
 
     def problems(self) -> list[str]:
+        if self._disk_paused:
+            return []  # paused on purpose; `run` reports it in the status line
         problem = self.beat.problem(self._mqtt_thread, idle_ok=True)
         return [problem] if problem else []
 
@@ -103,8 +108,35 @@ class Receiver:
         except (ProtocolError, StoreError, BadInputError) as err:
             self._dead(topic, device, str(err), payload)
         except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
+            if is_disk_full(err, self.cfg.studies_dir):
+                # Not the message's fault, and a dead letter would not fit either: stop taking messages (they wait
+                # at the broker, and the box resends whatever was not confirmed) until space returns.
+                self.disk.hit()
+                self.pause_for_disk()
+                return
             log.exception("handling %s failed", topic)
-            self._dead(topic, device, f"handler error: {type(err).__name__}: {err}", payload)
+            self._dead(topic, device, f"handler error: {type(err).__name__}", payload)
+
+    # --- a full disk ----------------------------------------------------------------------------------------------
+    def pause_for_disk(self) -> None:
+        """Disconnect from the broker (our persistent session keeps queueing); tend_disk() reconnects."""
+        if self._disk_paused or self.client is None:
+            return
+        self._disk_paused = True
+        self.client.disconnect()
+
+    def tend_disk(self) -> str | None:
+        """Called every few seconds by `run`: pause while the disk is full, resume when space returns; the status."""
+        room = self.disk.room()
+        if not room and not self._disk_paused:
+            self.pause_for_disk()
+        elif room and self._disk_paused and self.client is not None:
+            self.client.loop_stop()  # paho's thread ended with the disconnect
+            self.client.reconnect()
+            self.client.loop_start()
+            self._mqtt_thread = paho_thread(self.client)
+            self._disk_paused = False
+        return "disk full: receiving paused until space returns" if self._disk_paused else None
 
     def _dead(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
         try:
@@ -271,7 +303,10 @@ def run(cfg) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_a: stop.set())
-    receiver = Receiver(cfg).start()
+    # A hub that starts on a full disk waits for space (and says so) instead of exiting "disk I/O error" in a loop.
+    store = open_when_space(lambda: HubStore.from_config(cfg), cfg.studies_dir, "the hub receiver",
+                            stop=stop.is_set, on_wait=lambda m: sd_notify(f"READY=1\nSTATUS={m}\nWATCHDOG=1"))
+    receiver = Receiver(cfg, store).start()
     from edge import metrics
 
     exporter = metrics.start(cfg.metrics, metrics.hub_collector(receiver.store, hub_id=cfg.hub.id, receiver=receiver))
@@ -280,13 +315,20 @@ def run(cfg) -> int:
     reported: list[str] = []
     while not stop.wait(5.0):
         # Fed only while paho's thread lives and no message has hung it: systemd restarts a receiver that stalled.
+        try:
+            paused = receiver.tend_disk()
+        except Exception as err:  # noqa: BLE001 - the check itself must not end the receiver
+            log.error("disk check failed: %s", type(err).__name__)
+            paused = None
         found = problems([receiver])
+        if paused:
+            found = [*found, paused]
         if found != reported:
             for p in found:
                 log.error("not healthy: %s", p)
             sd_notify("STATUS=" + ("; ".join(found) if found else "receiving"))
             reported = found
-        if not found:
+        if not found or found == [paused]:
             sd_notify("WATCHDOG=1")
     if exporter is not None:
         exporter.stop()

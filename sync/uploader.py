@@ -10,6 +10,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
+from edge.diskguard import Pause, is_disk_full
 from edge.errors import ProtocolError
 from edge.liveness import Beat, paho_thread
 from sync import protocol
@@ -66,6 +67,7 @@ class Uploader:
         self.lane_connected = False
         self._threads: list[threading.Thread] = []
         self._mqtt_threads: dict[str, threading.Thread | None] = {}
+        self.disk = Pause("upload packing", store.spool_dir, store.own_reserve_bytes)
         # Send and pack loops wake at least every 0.5 s; a message handler is busy for milliseconds.
         self.beats = {"sync-pack": Beat("upload packing", max_silence=600.0),
                       "sync-send": Beat("upload sending", max_silence=300.0),
@@ -205,6 +207,10 @@ class Uploader:
                         self._manifest_conn.clear()
             self.wake.set()
         except Exception as err:  # noqa: BLE001 - one bad message must not stop the link
+            if is_disk_full(err, self.outbox.store.spool_dir):
+                # Nothing was recorded; the hub's answer comes again (the box asks again, the hub re-acks).
+                log.warning("hub message %s not recorded: disk full", message.topic)
+                return
             log.exception("handling %s failed", message.topic)
             try:
                 self.outbox.dead_letter(message.topic, f"handler error: {type(err).__name__}", bytes(message.payload))
@@ -262,8 +268,12 @@ class Uploader:
             self.beats["sync-send"].tick()
             try:
                 busy = self.step()
-            except Exception:  # noqa: BLE001 - keep the link alive; the outbox is intact in SQLite
-                log.exception("send step failed")
+            except Exception as err:  # noqa: BLE001 - keep the link alive; the outbox is intact in SQLite
+                if is_disk_full(err, self.outbox.store.spool_dir):
+                    log.warning("send step: disk full (%s); retrying", type(err).__name__)
+                    self.stop_event.wait(5.0)
+                else:
+                    log.exception("send step failed")
                 busy = False
             if not busy:
                 self.wake.wait(0.5)
@@ -475,6 +485,8 @@ class Uploader:
             self.outbox.add_flag(s["study_uid"], s["label"], payload)
             log.info("flag queued for study %s (%s)", s["study_uid"], s["label"])
             self.wake.set()
+        if not self.disk.room():
+            return False  # wire copies wait for space; flags (rows only) went out above
         for inst in self.outbox.instances_to_pack(limit=len(self._skip) + 1):
             if inst["id"] in self._skip:
                 continue
@@ -493,10 +505,19 @@ class Uploader:
                 enc = codecs.encode_for_wire(source, codecs=self.sc.codecs or None,
                                              frames_limit=self.sc.frames_limit)
             except Exception as err:  # noqa: BLE001 - e.g. the spool file vanished: report, keep going
+                if is_disk_full(err, self.outbox.store.spool_dir):
+                    self.disk.hit()  # not the instance's fault: packed again once space returns
+                    return False
                 log.error("instance #%s cannot be packed for the wire: %s", inst["id"], err)
                 self._skip.add(inst["id"])
                 return True
-            self.outbox.add_transfer(inst, enc, inst["study_label"], self.sc.chunk_bytes)
+            try:
+                self.outbox.add_transfer(inst, enc, inst["study_label"], self.sc.chunk_bytes)
+            except Exception as err:
+                if is_disk_full(err, self.outbox.store.spool_dir):
+                    self.disk.hit()
+                    return False
+                raise
             self.wake.set()
             return True
         return False

@@ -11,7 +11,9 @@ from edge.liveness import Beat, problems
 from edge.watch import FolderWatcher
 from test_sync_support import Box, RawBox, make_cr, start_hub, triage
 
-pytestmark = pytest.mark.timeout(120)
+# The two tests that break paho's thread on purpose leave pytest's "unhandled thread exception" behind.
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")]
 
 
 def test_a_beat_reports_a_dead_thread_a_silent_loop_and_a_step_that_never_returns():
