@@ -92,7 +92,11 @@ class Engine:
         attrs = routing.instance_attrs(ds)
         chosen = [m for m in self.models if m.package in routing.select_models(attrs, [m.package for m in self.models])]
         if not chosen:
-            return Outcome(triage.NO_MODEL.label, list(triage.NO_MODEL.reasons), [], t)
+            if not self.models:
+                return Outcome(triage.NO_MODEL.label, list(triage.NO_MODEL.reasons), [], t)
+            # Models are installed, none is meant for this image (an ultrasound on a chest X-ray box): say that.
+            modality = attrs.get("Modality", "")[:16]
+            return Outcome("review", [{"code": "no_matching_model", "modality": modality or "?"}], [], t)
         imaging.check_header(ds, self.cfg.storage.max_pixels)
         rendered: dict[str, list[np.ndarray]] = {}
         results, labels, reasons = [], [], []

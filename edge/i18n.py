@@ -135,6 +135,7 @@ REASON_TEXTS = {
     "score_below_review": N_("score {score} below the review threshold {threshold}"),
     "low_confidence": N_("low confidence: most likely {label} at {confidence}, below {threshold}"),
     "no_model": N_("no model installed: every study goes to review"),
+    "no_matching_model": N_("no installed model reads this kind of image ({modality}): a person must look"),
     "instance_quarantined": N_("an image could not be read (quarantined): a person must look"),
     "not_an_image": N_("not an image (a report or key object): kept and forwarded, not triaged"),
 }

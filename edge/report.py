@@ -48,6 +48,7 @@ TEXT: dict[str, dict[str, str]] = {
         "score_below_review": "Score {score} is below the review threshold {threshold}.",
         "low_confidence": "Low confidence: the most likely finding ({label}) is at {confidence}, below {threshold}.",
         "no_model": "No installed model reads this kind of image: a person must look at it.",
+        "no_matching_model": "No installed model reads this kind of image ({modality}): a person must look at it.",
         "instance_quarantined": "An image could not be read by the box: a person must look at it.",
         "disp_normal": "Normal", "disp_abnormal": "Abnormal", "disp_urgent-referral": "Urgent referral",
         "disp_repeat-image": "Repeat the image",
@@ -71,6 +72,8 @@ TEXT: dict[str, dict[str, str]] = {
         "low_confidence": "Confiance faible : le résultat le plus probable ({label}) est à {confidence}, "
                           "sous le seuil {threshold}.",
         "no_model": "Aucun modèle installé ne lit ce type d'image : une personne doit la regarder.",
+        "no_matching_model": "Aucun modèle installé ne lit ce type d'image ({modality}) : une personne doit la "
+                             "regarder.",
         "instance_quarantined": "Une image n'a pas pu être lue par le boîtier : une personne doit la regarder.",
         "disp_normal": "Normal", "disp_abnormal": "Anormal", "disp_urgent-referral": "Transfert urgent",
         "disp_repeat-image": "Refaire l'image",
@@ -92,6 +95,7 @@ TEXT: dict[str, dict[str, str]] = {
         "score_below_review": "الدرجة {score} أقل من عتبة المراجعة {threshold}.",
         "low_confidence": "ثقة منخفضة: النتيجة الأرجح ({label}) بنسبة {confidence}، أقل من {threshold}.",
         "no_model": "لا يوجد نموذج مثبّت يقرأ هذا النوع من الصور: يجب أن يطّلع عليها شخص.",
+        "no_matching_model": "لا يوجد نموذج مثبّت يقرأ هذا النوع من الصور ({modality}): يجب أن يطّلع عليها شخص.",
         "instance_quarantined": "تعذّر على الجهاز قراءة إحدى الصور: يجب أن يطّلع عليها شخص.",
         "disp_normal": "طبيعي", "disp_abnormal": "غير طبيعي", "disp_urgent-referral": "إحالة عاجلة",
         "disp_repeat-image": "إعادة التصوير",

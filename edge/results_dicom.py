@@ -64,6 +64,21 @@ def is_wasla_result(ds: Dataset) -> bool:
     return ds.get("Manufacturer") == _MANUFACTURER and str(ds.get("SeriesDescription", "")).startswith("Wasla AI triage")
 
 
+def predecessor_uids(ds: Dataset) -> tuple[str, ...]:
+    """SOP Instance UIDs an SR names as its predecessors (the versions it replaces); () when none or malformed."""
+    out = []
+    try:
+        for st in ds.get("PredecessorDocumentsSequence", []) or []:
+            for se in st.get("ReferencedSeriesSequence", []) or []:
+                for ref in se.get("ReferencedSOPSequence", []) or []:
+                    uid = str(ref.get("ReferencedSOPInstanceUID", "") or "")
+                    if uid:
+                        out.append(uid)
+    except Exception:  # noqa: BLE001 - arrived from a box: a malformed sequence hides nothing
+        return ()
+    return tuple(dict.fromkeys(out))[:64]
+
+
 def is_derived(row: dict) -> bool:
     return row.get("source") == SOURCE
 

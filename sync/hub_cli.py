@@ -135,9 +135,15 @@ def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
     _echo(_("Study: {study} from {box}, {label}").format(
         study=ltr(s["study_uid"]), box=ltr(s["device"]),
         label=label_name(s["label"]) if s["label"] else _("not flagged")))
+    # Only the latest result document: an SR written before the study's last image arrived is superseded.
     for i in s["instances"]:
+        if i.get("superseded_by"):
+            continue
         _echo("- " + _("{uid} {codec} {size} bytes ({path})").format(
             uid=ltr(i["sop_instance_uid"]), codec=ltr(i["codec"]), size=ltr(i["size"]), path=ltr(i["path"])))
+    hidden = sum(1 for i in s["instances"] if i.get("superseded_by"))
+    if hidden:
+        _echo(_("({n} earlier result document(s) superseded by a later one)").format(n=hidden))
     if s["read_disposition"]:
         _echo(f"{_('Read')}: {s['read_disposition']} — {s['read_note'] or ''} "
                    f"({s['read_by'] or ''}, {_ts(s['read_at'])})")

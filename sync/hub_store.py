@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS reads (read_id TEXT PRIMARY KEY, study_uid TEXT NOT N
   disposition TEXT NOT NULL, note TEXT, by TEXT, at REAL NOT NULL, published_at REAL, delivered_at REAL);
 CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, at REAL, topic TEXT, device TEXT, reason TEXT,
   size INTEGER, head TEXT);
+CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
+  at REAL);
 """
 LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
 SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
@@ -286,8 +288,12 @@ class HubStore:
                        [reason, time.time(), tid])
         self.part_path(tid).unlink(missing_ok=True)
 
-    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes, counts_as_image: bool = True) -> bool:
-        """File first (temp, fsync, rename), then its row; exactly one copy per SOP Instance UID. True if new."""
+    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes, counts_as_image: bool = True,
+                        supersedes: tuple[str, ...] = ()) -> bool:
+        """File first (temp, fsync, rename), then its row; exactly one copy per SOP Instance UID. True if new.
+
+        `supersedes`: the result documents this one replaces (its PredecessorDocumentsSequence). Recorded whether or
+        not they have arrived yet, so an older SR that comes in after its successor is hidden as well."""
         now = time.time()
         folder = self.studies_dir / safe_name(study_uid)
         dest = folder / f"{safe_name(sop_uid)}.dcm"
@@ -322,6 +328,11 @@ class HubStore:
                            "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
                                                                                    t["transfer_id"]])
                 db.execute("DELETE FROM chunks WHERE transfer_id = ?", [t["transfer_id"]])
+                for old in supersedes:
+                    if old != sop_uid:
+                        db.execute(f"{self.index.insert_or_ignore} INTO superseded (sop_instance_uid, by_sop, "
+                                   f"study_uid, at) VALUES (?, ?, ?, ?){self.index.on_conflict_ignore}",
+                                   [old, sop_uid, study_uid, now])
         self.part_path(t["transfer_id"]).unlink(missing_ok=True)
         return new
 
@@ -331,7 +342,10 @@ class HubStore:
     # --- reads, worklist, boxes ---------------------------------------------------------------------------------
     def study(self, study_uid: str) -> dict:
         s = find_study(self.query, study_uid)
-        s["instances"] = self.query("SELECT * FROM instances WHERE study_uid = ? ORDER BY stored_at", [s["study_uid"]])
+        # A result document replaced by a later one (an image arrived after the first SR) carries superseded_by.
+        s["instances"] = self.query("SELECT i.*, x.by_sop AS superseded_by FROM instances i LEFT JOIN superseded x "
+                                    "ON x.sop_instance_uid = i.sop_instance_uid WHERE i.study_uid = ? "
+                                    "ORDER BY i.stored_at", [s["study_uid"]])
         return s
 
     def add_read(self, study_uid: str, disposition: str, note: str | None, by: str | None) -> dict:

@@ -251,9 +251,11 @@ class Receiver:
             self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason)
             return
         # The box's own result objects (SR/SC) travel with the study but are not images the radiologist waits for.
-        from edge.results_dicom import is_wasla_result
+        from edge.results_dicom import is_wasla_result, predecessor_uids
 
-        new = self.store.commit_instance(t, sop, study, data, counts_as_image=not is_wasla_result(ds))
+        ours = is_wasla_result(ds)
+        new = self.store.commit_instance(t, sop, study, data, counts_as_image=not ours,
+                                         supersedes=predecessor_uids(ds) if ours else ())
         log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
                  "stored" if new else "already stored", t["size"], t["codec"] or "?")
         self._ack_complete(device, tid, t["count"])

@@ -37,10 +37,11 @@ def test_storescu_studies_are_triaged_and_shown_by_the_cli(box, tmp_path):
     chest = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     us = pydicom.dcmread(files[2], stop_before_pixels=True).StudyInstanceUID
     assert studies[chest]["label"] in ("normal", "review", "urgent")
-    # no model routes ultrasound: kept and flagged for a human with the reason
+    # no model routes ultrasound: kept and flagged for a human with the true reason (a model is installed)
     assert studies[us]["label"] == "review"
     shown = box.cli_json("show", us)
-    assert shown["instances"][0]["results"][0]["reasons"][0]["code"] == "no_model"
+    assert shown["instances"][0]["results"][0]["reasons"][0] == {"code": "no_matching_model", "modality": "US"}
+    assert "no installed model reads this kind of image (US)" in box.cli("--lang", "en", "show", us).stdout
     detail = box.cli_json("show", chest)
     res = detail["instances"][0]["results"][0]
     assert res["model"] == "tiny-cxr" and res["backend"].startswith("onnxruntime")

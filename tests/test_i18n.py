@@ -66,7 +66,7 @@ def test_help_texts_and_table_words_are_in_the_catalogue(msgids):
 
 def test_every_reason_code_the_library_emits_has_a_sentence():
     codes = set()
-    for name in ("triage.py", "store.py"):
+    for name in ("triage.py", "store.py", "engine.py"):
         tree = ast.parse((ROOT / "edge" / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Dict):
@@ -76,7 +76,7 @@ def test_every_reason_code_the_library_emits_has_a_sentence():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_reason":
                 codes.add(node.args[0].value)
     assert {"score_above_urgent", "score_above_review", "score_below_review", "low_confidence", "no_model",
-            "instance_quarantined"} <= codes
+            "no_matching_model", "instance_quarantined"} <= codes
     assert codes <= set(i18n.REASON_TEXTS)
 
 

@@ -91,6 +91,7 @@ def test_every_reason_code_and_label_has_a_sentence_in_every_language():
     from edge import triage
 
     codes = {"score_above_urgent", "score_above_review", "score_below_review", "low_confidence", "no_model",
+             "no_matching_model",
              "instance_quarantined"}
     for lang in report.LANGUAGES:
         assert set(report.TEXT[lang]) == set(report.TEXT["en"]), lang
