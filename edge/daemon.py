@@ -53,7 +53,9 @@ def setup_logging(level: str) -> None:
     import pydicom.config
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    # Its decoders also log every failure with a traceback before raising; we catch, quarantine and log the
+    # reason ourselves, once, without the noise.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 
 
 class Daemon:

@@ -1,4 +1,4 @@
-"""Test helper: a real `wasla run` process with its own config, data folder, ports and a tiny signed model."""
+"""Test helpers: real `wasla run` and `wasla-hub run` processes with their own config, data folder, ports, model."""
 from __future__ import annotations
 
 import json
@@ -87,3 +87,36 @@ class BoxProcess:
 
     def daemon_log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class Stopping:
+    """Anything with a stop function, for the `parts` fixture's teardown."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+
+class HubProcess:
+    """`wasla-hub run` as a real process."""
+
+    def __init__(self, root: Path, data_dir: Path, broker_port: int, min_free_mb: int = 8):
+        self.root = root
+        self.cfg = root / "hub.toml"
+        self.cfg.write_text(f'[hub]\nid = "hub-1"\ndata_dir = "{data_dir}"\n[broker]\nport = {broker_port}\n'
+                            f'keepalive_seconds = 10\n[receiver]\nmin_free_mb = {min_free_mb}\n')
+        self.log_path = root / "hub.log"
+        self.proc = None
+
+    def start(self) -> "HubProcess":
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sync.hub_cli", "--config", str(self.cfg), "run"],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
+        return self
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)

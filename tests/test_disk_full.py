@@ -4,12 +4,11 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from boxproc import REPO, BoxProcess, tiny_models, write_box_config
+from boxproc import BoxProcess, HubProcess, Stopping, tiny_models, write_box_config
 from edge import harness
 from edge.harness import wait_until
 from test_scp import storescu
@@ -61,37 +60,6 @@ def _states(db: Path) -> dict[str, int]:
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
         return dict(c.execute("SELECT state, COUNT(*) FROM instances WHERE COALESCE(source, '') != 'wasla' "
                               "GROUP BY state").fetchall())
-
-
-class Stopping:
-    def __init__(self, stop):
-        self.stop = stop
-
-
-class HubProcess:
-    """`wasla-hub run` as a real process."""
-
-    def __init__(self, root: Path, data_dir: Path, broker_port: int, min_free_mb: int = 8):
-        self.root = root
-        self.cfg = root / "hub.toml"
-        self.cfg.write_text(f'[hub]\nid = "hub-1"\ndata_dir = "{data_dir}"\n[broker]\nport = {broker_port}\n'
-                            f'keepalive_seconds = 10\n[receiver]\nmin_free_mb = {min_free_mb}\n')
-        self.log_path = root / "hub.log"
-        self.proc = None
-
-    def start(self) -> "HubProcess":
-        self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sync.hub_cli", "--config", str(self.cfg), "run"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
-        return self
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
 
 
 def test_box_on_a_full_disk_refuses_new_studies_keeps_running_and_sends_everything_once_space_returns(
