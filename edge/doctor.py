@@ -69,6 +69,20 @@ def run_checks(cfg: Config) -> list[dict]:
                 {"bad": len(bad), "checked": len(rows), "ids": ", ".join(bad[:10])}
         return True, N_("{checked} spool files match what was received"), {"checked": len(rows)}
 
+    def refused():
+        from edge.store import Store
+
+        s = Store.from_config(cfg)
+        try:
+            tables = {r["name"] for r in s.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            rows = s.query("SELECT kind, reason FROM outbox WHERE state = 'failed'") if "outbox" in tables else []
+        finally:
+            s.close()
+        if rows:
+            return False, N_("{n} upload(s) refused by the hub for good (`wasla sync` shows why), e.g.: {reason}"), \
+                {"n": len(rows), "reason": (rows[0]["reason"] or "")[:120]}
+        return True, N_("no upload refused by the hub"), {}
+
     def disk():
         free = shutil.disk_usage(cfg.box.data_dir).free / 1e6
         return free >= cfg.storage.min_free_mb, N_("{free} MB free (reserve {reserve} MB)"), \
@@ -119,7 +133,7 @@ def run_checks(cfg: Config) -> list[dict]:
 
     return [_check(n, f) for n, f in (
         (N_("config"), config_ok), (N_("data folder"), data_dir), (N_("store"), store), (N_("spool"), spool),
-        (N_("disk"), disk),
+        (N_("uploads"), refused), (N_("disk"), disk),
         (N_("models"), models), (N_("runtimes"), runtimes), (N_("DICOM port"), dicom_port), (N_("broker"), broker),
         (N_("clock"), clock))]
 

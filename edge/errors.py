@@ -58,6 +58,14 @@ class StoreError(WaslaError):
     exit_code = 6
 
 
+class UidCollisionError(StoreError):
+    """A box sent a study or instance UID the hub already holds for another box: refused, never merged."""
+
+    def __init__(self, kind: str, uid: str, owner: str, claimant: str):
+        super().__init__(f"UID collision: {kind} {uid} belongs to another box")
+        self.kind, self.uid, self.owner, self.claimant = kind, uid, owner, claimant
+
+
 class OutOfResourcesError(StoreError):
     """Not enough free disk (or another resource) to accept new data safely."""
 

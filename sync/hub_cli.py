@@ -25,6 +25,7 @@ def _root(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="
         raise typer.BadParameter(_("{value} is not one of: en, fr, ar").format(value=repr(lang)), param_hint="--lang")
     set_language(pick_language(lang))
     _state["config_path"] = config
+    _state.pop("cfg", None)  # loaded once per invocation, not once per process (main() may run many times)
 
 
 def _cfg():
@@ -200,6 +201,20 @@ def dead_letters(as_json: bool = typer.Option(False, "--json", help="Machine-rea
         r["when"] = _ts(r["at"])
     _table(rows, [("when", _("when")), ("device", _("box")), ("topic", _("topic")), ("reason", _("reason"))],
            ltr_cols=("device", "topic", "reason"))
+
+
+@app.command()
+def collisions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """UIDs refused because another box holds them. Example: wasla-hub collisions"""
+    rows = _store().collisions()
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["when"] = _ts(r["last_at"])
+    _table(rows, [("when", _("when")), ("kind", _("kind")), ("uid", _("UID")), ("owner", _("held by")),
+                  ("claimant", _("refused from")), ("times", _("times"))],
+           ltr_cols=("uid", "owner", "claimant", "times"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from edge.diskguard import describe_store_error
-from edge.errors import StoreError
+from edge.errors import StoreError, UidCollisionError
 from edge.store import find_study, write_transaction
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS reads (read_id TEXT PRIMARY KEY, study_uid TEXT NOT N
   disposition TEXT NOT NULL, note TEXT, by TEXT, at REAL NOT NULL, published_at REAL, delivered_at REAL);
 CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, at REAL, topic TEXT, device TEXT, reason TEXT,
   size INTEGER, head TEXT);
+CREATE TABLE IF NOT EXISTS uid_collisions (kind TEXT NOT NULL, uid TEXT NOT NULL, owner TEXT NOT NULL,
+  claimant TEXT NOT NULL, first_at REAL, last_at REAL, times INTEGER NOT NULL DEFAULT 1,
+  PRIMARY KEY (kind, uid, claimant));
 CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
   at REAL);
 """
@@ -60,8 +63,11 @@ CLAIM_STALE_S = 120.0
 
 
 def safe_name(uid: str) -> str:
-    # DICOM UIDs are digits and dots; anything else never becomes a path component.
-    return uid if re.fullmatch(r"[0-9.]{1,64}", uid or "") else hashlib.sha256((uid or "").encode()).hexdigest()[:32]
+    # A DICOM UID (digits in dot-separated groups) becomes a path component as it is; anything else (".." included)
+    # only as a hash.
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid or "") and len(uid) <= 64:
+        return uid
+    return hashlib.sha256((uid or "").encode()).hexdigest()[:32]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,9 +182,35 @@ class HubStore:
                            [time.time(), str(rid), device])
 
     # --- flags --------------------------------------------------------------------------------------------------
+    def study_owner(self, study_uid: str) -> str | None:
+        rows = self.query("SELECT device FROM studies WHERE study_uid = ?", [study_uid])
+        return rows[0]["device"] if rows else None
+
+    def check_owner(self, device: str, study_uid: str | None, sop_uid: str | None = None) -> None:
+        """UidCollisionError when the study or instance is already held for another box (the first box keeps it)."""
+        owner = self.study_owner(study_uid) if study_uid else None
+        if owner is not None and owner != device:
+            raise UidCollisionError("study", study_uid, owner, device)
+        copy = self.stored_copy(sop_uid)
+        if copy is not None and copy["device"] != device:
+            raise UidCollisionError("instance", sop_uid, copy["device"], device)
+
+    def record_collision(self, err: UidCollisionError) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO uid_collisions (kind, uid, owner, claimant, first_at, last_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(kind, uid, claimant) DO UPDATE SET "
+                       "last_at = excluded.last_at, times = uid_collisions.times + 1",
+                       [err.kind, err.uid[:128], err.owner, err.claimant, now, now])
+
+    def collisions(self) -> list[dict]:
+        return self.query("SELECT * FROM uid_collisions ORDER BY last_at DESC")
+
     def record_flag(self, device: str, f: dict, preview: bytes | None) -> None:
         now = time.time()
         preview_path = None
+        # Before anything is written: another box's study keeps its preview, reasons and label.
+        self.check_owner(device, f["study_uid"])
         if preview:
             folder = self.studies_dir / safe_name(f["study_uid"])
             folder.mkdir(parents=True, exist_ok=True)
@@ -199,7 +231,10 @@ class HubStore:
 
     @staticmethod
     def _touch_study(db, device: str, study_uid: str, label: str | None, now: float) -> None:
-        row = db.execute("SELECT label FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+        row = db.execute("SELECT label, device FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+        if row is not None and row["device"] != device:
+            # Checked again inside the transaction: two boxes racing for one study UID cannot both win.
+            raise UidCollisionError("study", study_uid, row["device"], device)
         if row is None:
             db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?)",
                        [study_uid, device, label, now, now])
@@ -301,6 +336,8 @@ class HubStore:
         # even when two receivers file one SOP instance (two transfers of it) at the same moment.
         with self.index.instance_lock(sop_uid):
             existing = self.stored_copy(sop_uid)
+            if existing is not None and existing["device"] != t["device"]:
+                raise UidCollisionError("instance", sop_uid, existing["device"], t["device"])
             if existing is None:
                 folder.mkdir(parents=True, exist_ok=True)
                 tmp = folder / f".{uuid.uuid4().hex}.tmp"

@@ -147,6 +147,12 @@ class Outbox:
                              [DONE, time.time(), time.time(), fid, PENDING])
             return cur.rowcount > 0
 
+    def flag_failed(self, fid: str, reason: str) -> bool:
+        with self.store.transaction() as db:
+            cur = db.execute("UPDATE outbox SET state = ?, reason = ?, updated_at = ? WHERE flag_id = ? AND state = ?",
+                             [FAILED, reason[:500], time.time(), fid, PENDING])
+            return cur.rowcount > 0
+
     def record_have(self, transfer: str, have: set[int]) -> set[int] | None:
         """Merge chunks the hub confirmed; all of them -> state confirmed, instance queued -> sent. Returns the union."""
         with self.store.transaction() as db:

@@ -10,7 +10,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from edge.errors import BadInputError, ProtocolError, StoreError
+from edge.errors import BadInputError, ProtocolError, StoreError, UidCollisionError
 from edge.diskguard import Pause, is_disk_full, open_when_space
 from edge.liveness import Beat, paho_thread, problems
 from sync import protocol
@@ -105,6 +105,8 @@ class Receiver:
         try:
             getattr(self, f"_on_{msg.kind}")(msg)
             self.handled += 1
+        except UidCollisionError as err:
+            self._collision(topic, msg, err, payload)
         except (ProtocolError, StoreError, BadInputError) as err:
             self._dead(topic, device, str(err), payload)
         except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
@@ -137,6 +139,21 @@ class Receiver:
             self._mqtt_thread = paho_thread(self.client)
             self._disk_paused = False
         return "disk full: receiving paused until space returns" if self._disk_paused else None
+
+    def _collision(self, topic: str, msg: protocol.Message, err: UidCollisionError, payload: bytes) -> None:
+        """Kept for the operator (`wasla-hub collisions`), dead-lettered, and a final refusal to the claimant box,
+        so it stops resending and its technician sees why; the owner's data is untouched."""
+        self.store.record_collision(err)
+        self._dead(topic, msg.device, str(err), payload)
+        reason = f"{err}: ask the clinic's technician to check the modality's UID settings"
+        if msg.kind == "flag":
+            self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="failed", reason=reason)
+        elif msg.get("transfer"):
+            t = self.store.transfer(msg["transfer"])
+            if t is not None and t["device"] == msg.device:
+                self.store.fail_transfer(t["transfer_id"], reason)
+            extra = {"count": t["count"]} if t else {}
+            self._reply(msg.device, "ack", transfer=msg["transfer"], status="failed", reason=reason, **extra)
 
     def _dead(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
         try:
@@ -172,6 +189,8 @@ class Receiver:
 
     def _on_manifest(self, msg: protocol.Message) -> None:
         self.store.seen(msg.device)
+        # Another box's study or instance is never "already stored" for this one: it is refused as a collision.
+        self.store.check_owner(msg.device, msg["study_uid"], msg["sop_instance_uid"])
         t = self.store.upsert_transfer(msg.device, msg.fields)
         copy = self.store.stored_copy(msg["sop_instance_uid"])
         if t["state"] != "complete" and copy is not None:

@@ -219,7 +219,11 @@ class Uploader:
 
     def _handle_ack(self, msg: protocol.Message) -> None:
         if msg.get("flag_id"):
-            if self.outbox.flag_done(msg["flag_id"]):
+            if msg["status"] == "failed":
+                # Refused for good (a UID another clinic's box already sent): shown by `wasla sync`, not resent.
+                if self.outbox.flag_failed(msg["flag_id"], msg.get("reason") or "refused by the hub"):
+                    log.error("hub refused flag %s: %s", msg["flag_id"], msg.get("reason"))
+            elif self.outbox.flag_done(msg["flag_id"]):
                 log.info("hub confirmed flag %s", msg["flag_id"])
             return
         tid, status = msg["transfer"], msg["status"]

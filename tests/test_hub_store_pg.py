@@ -244,8 +244,8 @@ def test_two_receivers_sharing_one_postgresql_database_file_each_study_once(tmp_
 def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path, pg_url):
     """Four receivers' stores on one database, released together on the same work: a new study and a new transfer
     created by all four at once (a manifest and its first chunk on two receivers), one of them verifying the
-    transfer, and of four transfers of one SOP instance (four devices, four encodings) exactly one filed, its file
-    matching its row."""
+    transfer, and of four transfers of one SOP instance (one box's four encodings, e.g. re-encoded after crashes)
+    exactly one filed, its file matching its row."""
     stores = [_store(tmp_path, pg_url) for _ in range(4)]
     try:
         rounds = 6
@@ -263,7 +263,7 @@ def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path,
             def work(k):
                 try:
                     barrier.wait(10)
-                    transfers[k] = stores[k].upsert_transfer(f"box-{k}", mine[k])
+                    transfers[k] = stores[k].upsert_transfer("box-0", mine[k])
                     stores[k].upsert_transfer("box-0", shared)
                     barrier.wait(10)
                     claims[k] = stores[k].claim_for_verify(f"shared{r}")
@@ -283,6 +283,7 @@ def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path,
             assert commits.count(True) == 1, commits
             row = stores[0].stored_copy(sop)
             assert row["transfer_id"] == f"t{r}-{commits.index(True)}"
+            assert row["device"] == "box-0"
             assert hashlib.sha256(stores[0].instance_file(row).read_bytes()).hexdigest() == row["sha256"]
             s = stores[0].study(study)
             assert s["n_instances"] == 1 and s["label"] == "urgent"
@@ -291,6 +292,39 @@ def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path,
         assert stores[0].query("SELECT COUNT(*) AS n FROM transfers")[0]["n"] == rounds * 5
         assert sum(1 for _ in (tmp_path / "hub" / "studies").rglob("*.dcm")) == rounds
         assert not list((tmp_path / "hub" / "studies").rglob("*.tmp"))
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_four_boxes_racing_for_one_new_study_uid_leave_it_to_exactly_one(tmp_path, pg_url):
+    """The ownership check sits inside the write transaction: no interleaving lets two boxes both own a study."""
+    from edge.errors import UidCollisionError
+
+    stores = [_store(tmp_path, pg_url) for _ in range(4)]
+    try:
+        for r in range(5):
+            study = f"1.2.826.0.2.{r}"
+            barrier = threading.Barrier(4)
+            won, lost = [], []
+
+            def work(k):
+                barrier.wait(10)
+                try:
+                    stores[k].upsert_transfer(f"box-{k}", {"transfer": f"race{r}-{k}", "study_uid": study,
+                                                           "size": 1, "sha256": "0" * 64, "chunk_size": 4096,
+                                                           "count": 1})
+                    won.append(k)
+                except UidCollisionError:
+                    lost.append(k)
+
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(won) == 1 and len(lost) == 3, (won, lost)
+            assert stores[0].study(study)["device"] == f"box-{won[0]}"
     finally:
         for s in stores:
             s.close()
