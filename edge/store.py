@@ -261,9 +261,11 @@ class Store:
 
     def check_space(self, incoming_bytes: int = 0) -> None:
         """Refuse new data before the disk is so full that SQLite or the spool could be corrupted."""
-        free = self.free_mb() - incoming_bytes / 1e6
-        if free < self.min_free_mb:
-            raise OutOfResourcesError(f"disk nearly full: {free:.0f} MB free, {self.min_free_mb} MB kept in reserve")
+        free = self.free_mb()
+        if free - incoming_bytes / 1e6 < self.min_free_mb:
+            need = f" ({incoming_bytes / 1e6:.0f} MB incoming)" if incoming_bytes >= 1e6 else ""
+            raise OutOfResourcesError(f"disk nearly full: {max(free, 0):.0f} MB free{need}, {self.min_free_mb} MB "
+                                      "kept in reserve")
 
     def new_tmp_path(self) -> Path:
         return self.tmp_dir / f"{time.time_ns()}-{os.getpid()}-{threading.get_ident()}.part"

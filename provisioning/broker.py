@@ -8,6 +8,16 @@ from provisioning import ca
 
 ROOT = "wasla/v1"  # sync.protocol's topic root; provisioning does not import the wire code
 
+# The largest message a box or hub needs: a chunk (sync.chunk_bytes is at most 1 MiB) or a flag with its preview,
+# both refused by the hub above receiver.max_message_bytes (2 MiB by default), plus MQTT headers.
+MAX_PACKET_BYTES = 2 * 1024 * 1024 + 64 * 1024
+# What the broker holds for one offline client (a box's down/ acks, or the hub's up/ backlog) before it drops QoS 1
+# messages: boxes resend anything the hub has not confirmed, so dropping costs time, never data.
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+# TLS 1.2 with forward secrecy and AEAD only (our certificates are ECDSA); TLS 1.3 suites are AEAD by definition.
+TLS12_CIPHERS = ":".join(["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                          "ECDHE-ECDSA-CHACHA20-POLY1305"])
+
 
 def acl_text(boxes: list[str], hub_identities: list[str]) -> str:
     """Per-identity topic rules. The broker takes the identity from the client certificate's CN.
@@ -37,9 +47,14 @@ def conf_text(*, port: int, bind: str, conf_dir: Path, persistence_dir: Path, us
         "persistence true",
         f"persistence_location {Path(persistence_dir)}/",
         "autosave_interval 60",
-        # QoS 1 chunks of an offline hub wait in the broker; bound them instead of letting memory grow.
+        # QoS 1 chunks of an offline hub wait in the broker; bound them, in messages and in bytes, per client.
         "max_queued_messages 100000",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
         "max_inflight_messages 20",
+        f"max_packet_size {MAX_PACKET_BYTES}",
+        # No client may park a message in the broker (a box filling it with retained data, or leaving a stale
+        # status for the next reader): the protocol never needs retained messages.
+        "retain_available false",
         "",
         f"listener {port} {bind}",
         "protocol mqtt",
@@ -52,6 +67,7 @@ def conf_text(*, port: int, bind: str, conf_dir: Path, persistence_dir: Path, us
         # The client id is forced to the certificate identity: a box cannot take over another box's session.
         "use_username_as_clientid true",
         "tls_version tlsv1.2",
+        f"ciphers {TLS12_CIPHERS}",
         "",
     ])
 

@@ -63,7 +63,9 @@ def hub_toml(settings, hub_id: str) -> str:
         'tls_ca_file = "ca.crt"',
         "# credential:NAME = $CREDENTIALS_DIRECTORY/NAME under systemd (LoadCredential=), else credentials/NAME here.",
         'tls_cert_file = "credential:hub.crt"',
-        'tls_key_file = "credential:hub.key"', ""])
+        'tls_key_file = "credential:hub.key"',
+        "# The fleet's secret shared-subscription group: every receiver of this fleet uses it; never give it to a box.",
+        *([f"share_group = {_toml_str(settings.share_group)}"] if settings.share_group else []), ""])
 
 
 def write(fleet, settings, box: str, key, cert, ca_cert, *, data_dir: str, models_dir: str | None,

@@ -21,7 +21,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge import signing
@@ -51,12 +51,17 @@ class FleetSettings:
     """Mosquitto's persistence folder; empty = broker/data (or /var/lib/mosquitto when broker_dir is set)."""
     broker_user: str = "mosquitto"
     """The user Mosquitto drops to after start; it must be able to read the broker files (key: owner, 0600)."""
+    share_group: str = ""
+    """The hubs' MQTT shared-subscription group, a fleet secret set at init: Mosquitto lets any client join a share
+    group whatever its ACL (and then drops the messages it may not read), so a box that knew the name could starve
+    the hub of other boxes' traffic. Empty (fleets made before it existed) = "hub"."""
 
     def to_json(self) -> dict:
         return {"name": self.name, "hub_host": self.hub_host, "broker_port": self.broker_port,
                 "broker_bind": self.broker_bind, "broker_names": list(self.broker_names), "hub_ids": list(self.hub_ids),
                 "cert_days": self.cert_days, "crl_days": self.crl_days, "broker_dir": self.broker_dir,
-                "persistence_dir": self.persistence_dir, "broker_user": self.broker_user}
+                "persistence_dir": self.persistence_dir, "broker_user": self.broker_user,
+                "share_group": self.share_group}
 
     @classmethod
     def from_json(cls, obj: dict) -> "FleetSettings":
@@ -141,6 +146,8 @@ class Fleet:
             raise FleetError(f"{self.root} already holds a fleet; refusing to overwrite its CA")
         for hub_id in settings.hub_ids:
             check_box_id(hub_id)
+        if not settings.share_group:
+            settings = replace(settings, share_group="hub-" + secrets.token_hex(12))
         with self._locked():
             self.root.chmod(0o700)
             ca_key, ca_cert = ca.make_ca(settings.name, ca_days)

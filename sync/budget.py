@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Callable
 
+from edge.diskguard import is_disk_full
+
 log = logging.getLogger(__name__)
 
 FLAG, BULK, TELEMETRY = "flag", "bulk", "telemetry"
@@ -113,5 +115,8 @@ class Budget:
                 self.tokens -= nbytes
         try:
             self._save(day, kind, nbytes)
-        except Exception:  # noqa: BLE001 - losing a usage count must never stop the upload
-            log.exception("could not record %d %s bytes", nbytes, kind)
+        except Exception as err:  # noqa: BLE001 - losing a usage count must never stop the upload
+            if is_disk_full(err):
+                log.warning("could not record %d %s bytes: disk full", nbytes, kind)
+            else:
+                log.exception("could not record %d %s bytes", nbytes, kind)

@@ -57,6 +57,12 @@ class HubReceiverConfig:
     """Largest message accepted (a chunk plus its header); bigger ones go to the dead-letter table."""
     read_resend_seconds: float = 300.0
     """A read the box has not confirmed (in its heartbeat) this long after publishing is published again."""
+    max_instance_mb: int = 2048
+    """Largest instance a transfer may declare (the box's storage.max_file_mb); bigger ones are refused."""
+    partial_quota_mb: int = 4096
+    """Unfinished transfers one box may hold at the hub; past it, new ones wait (unanswered) until some finish."""
+    partial_expiry_days: float = 14.0
+    """Unfinished transfers untouched this long are dropped (the box starts them again when it comes back)."""
     min_free_mb: int = 1024
     """Below this much free disk the receiver pauses (messages wait at the broker) and resumes when space returns."""
 
@@ -100,6 +106,11 @@ def _validate(cfg: HubConfig) -> None:
         raise ConfigError("broker.tls_cert_file and broker.tls_key_file go together")
     if not 4096 <= cfg.receiver.max_message_bytes <= 64 * 1024 * 1024:
         raise ConfigError(f"receiver.max_message_bytes: must be 4096-67108864, got {cfg.receiver.max_message_bytes}")
+    for key in ("max_instance_mb", "partial_quota_mb"):
+        if getattr(cfg.receiver, key) < 1:
+            raise ConfigError(f"receiver.{key}: must be >= 1, got {getattr(cfg.receiver, key)}")
+    if cfg.receiver.partial_expiry_days <= 0:
+        raise ConfigError(f"receiver.partial_expiry_days: must be > 0, got {cfg.receiver.partial_expiry_days}")
     if cfg.receiver.min_free_mb < 0:
         raise ConfigError(f"receiver.min_free_mb: must be >= 0, got {cfg.receiver.min_free_mb}")
     if cfg.receiver.read_resend_seconds <= 0:

@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS uid_collisions (kind TEXT NOT NULL, uid TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
   at REAL);
 """
+# Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
+ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT")]
 LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
 SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
 CLAIM_STALE_S = 120.0
@@ -94,6 +96,10 @@ class SqliteIndex:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         except sqlite3.Error as err:
             raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self._lock = threading.RLock()
@@ -300,14 +306,43 @@ class HubStore:
         rows = self.query("SELECT * FROM transfers WHERE transfer_id = ?", [tid])
         return rows[0] if rows else None
 
-    def claim_for_verify(self, tid: str) -> bool:
-        """One receiver verifies a complete transfer; a claim left by a crashed receiver goes stale and is retaken."""
+    def claim_for_verify(self, tid: str, by: str | None = None) -> bool:
+        """One receiver verifies a complete transfer; a claim left by a crashed receiver goes stale and is retaken
+        (at once by that receiver's next start: release_claims)."""
         now = time.time()
         with self.tx() as db:
-            cur = db.execute("UPDATE transfers SET state = 'verifying', claimed_at = ? WHERE transfer_id = ? AND "
+            cur = db.execute("UPDATE transfers SET state = 'verifying', claimed_at = ?, claimed_by = ? "
+                             "WHERE transfer_id = ? AND "
                              "(state = 'receiving' OR (state = 'verifying' AND claimed_at < ?))",
-                             [now, tid, now - CLAIM_STALE_S])
+                             [now, by, tid, now - CLAIM_STALE_S])
             return cur.rowcount > 0
+
+    def release_claims(self, hub_id: str, keep: str) -> int:
+        """At a receiver's start: claims its previous run (same hub id, another claimant) left are given back."""
+        with self.tx() as db:
+            cur = db.execute("UPDATE transfers SET state = 'receiving', claimed_at = NULL, claimed_by = NULL "
+                             "WHERE state = 'verifying' AND claimed_by LIKE ? AND claimed_by != ?",
+                             [f"{hub_id}:%", keep])
+            return cur.rowcount
+
+    def partial_bytes(self, device: str) -> int:
+        """Bytes a box has declared in transfers not yet finished (its quota's measure)."""
+        rows = self.query("SELECT COALESCE(SUM(size), 0) AS n FROM transfers WHERE device = ? AND state IN "
+                          "('receiving', 'verifying')", [device])
+        return int(rows[0]["n"] or 0)
+
+    def expire_partials(self, older_than: float) -> int:
+        """Unfinished transfers untouched since `older_than` lose their chunks and row; a box that comes back
+        sends the manifest again and starts a fresh one."""
+        rows = self.query("SELECT transfer_id FROM transfers WHERE state = 'receiving' AND updated_at < ?",
+                          [older_than])
+        for r in rows:
+            with self.tx() as db:
+                db.execute("DELETE FROM chunks WHERE transfer_id = ?", [r["transfer_id"]])
+                db.execute("DELETE FROM transfers WHERE transfer_id = ? AND state = 'receiving'",
+                           [r["transfer_id"]])
+            self.part_path(r["transfer_id"]).unlink(missing_ok=True)
+        return len(rows)
 
     def discard_chunks(self, tid: str, reason: str) -> None:
         """The assembled file failed its sha256: start the transfer over."""

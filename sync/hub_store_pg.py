@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from edge.errors import StoreError
-from sync.hub_store import SCHEMA
+from sync.hub_store import ADDED_COLUMNS, SCHEMA
 
 # SQLite's schema in PostgreSQL's types, so the two can never list different columns: PostgreSQL's REAL and INTEGER
 # are 4 bytes (timestamps and byte counts need 8), and a rowid alias becomes an identity column.
@@ -130,6 +130,8 @@ class PostgresIndex:
                 # Receivers starting together would race CREATE TABLE IF NOT EXISTS (a duplicate pg_type row).
                 self.conn.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEMA_LOCK])
                 self.conn.execute(PG_SCHEMA)
+                for table, column, kind in ADDED_COLUMNS:
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
         except self._psycopg.Error as err:
             self.conn.close()
             raise StoreError(f"cannot open hub index {self.where}: {self._scrub(err)}") from None

@@ -5,6 +5,8 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
+import uuid
 import threading
 import time
 
@@ -17,6 +19,10 @@ from sync import protocol
 from sync.hub_store import HubStore
 
 log = logging.getLogger(__name__)
+
+
+class TransferRefused(Exception):
+    """A transfer the hub will never take (declared too large): refused with a final answer."""
 
 
 class Receiver:
@@ -34,6 +40,8 @@ class Receiver:
         self.beat = Beat("hub receiver", max_busy=300.0)
         self.disk = Pause("receiving", cfg.studies_dir, cfg.receiver.min_free_mb * 1_000_000)
         self._disk_paused = False
+        # Who holds a verification claim: this run of this receiver (its next start gives back what this run held).
+        self.claimant = f"{cfg.hub.id}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
     # --- MQTT -------------------------------------------------------------------------------------------------
     def _make_client(self):
@@ -67,6 +75,9 @@ class Receiver:
         return [problem] if problem else []
 
     def start(self) -> "Receiver":
+        back = self.store.release_claims(self.cfg.hub.id, keep=self.claimant)
+        if back:
+            log.info("%d verification(s) interrupted by the last stop taken up again", back)
         b = self.cfg.broker
         self.client = self._make_client()
         self.client.connect_async(b.host, b.port, keepalive=b.keepalive_seconds, clean_start=False,
@@ -107,6 +118,8 @@ class Receiver:
             self.handled += 1
         except UidCollisionError as err:
             self._collision(topic, msg, err, payload)
+        except TransferRefused as err:
+            self._refuse(topic, msg, str(err), payload)
         except (ProtocolError, StoreError, BadInputError) as err:
             self._dead(topic, device, str(err), payload)
         except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
@@ -144,8 +157,11 @@ class Receiver:
         """Kept for the operator (`wasla-hub collisions`), dead-lettered, and a final refusal to the claimant box,
         so it stops resending and its technician sees why; the owner's data is untouched."""
         self.store.record_collision(err)
-        self._dead(topic, msg.device, str(err), payload)
-        reason = f"{err}: ask the clinic's technician to check the modality's UID settings"
+        self._refuse(topic, msg, f"{err}: ask the clinic's technician to check the modality's UID settings", payload)
+
+    def _refuse(self, topic: str, msg: protocol.Message, reason: str, payload: bytes) -> None:
+        """Dead letter plus a final "failed" answer: the box stops resending what the hub will never take."""
+        self._dead(topic, msg.device, reason, payload)
         if msg.kind == "flag":
             self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="failed", reason=reason)
         elif msg.get("transfer"):
@@ -187,8 +203,33 @@ class Receiver:
         log.info("flag %s from %s: study %s %s", msg["flag_id"], msg.device, msg["study_uid"], msg["label"])
         self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="complete")
 
+    def _admit(self, msg: protocol.Message) -> bool:
+        """A transfer is bounded before it takes any disk: its declared size by the instance limit (else refused),
+        a new one by the box's quota of unfinished bytes (else left unanswered: the box asks again later)."""
+        r = self.cfg.receiver
+        if msg["size"] > r.max_instance_mb * 1_000_000:
+            raise TransferRefused(f"transfer declares {msg['size']} bytes, over the hub's limit of "
+                                  f"{r.max_instance_mb} MB per instance")
+        if self.store.transfer(msg["transfer"]) is not None:
+            return True
+        held = self.store.partial_bytes(msg.device)
+        if held + msg["size"] > r.partial_quota_mb * 1_000_000:
+            log.warning("box %s holds %d MB of unfinished transfers (quota %d MB): transfer %s waits", msg.device,
+                        held // 1_000_000, r.partial_quota_mb, msg["transfer"])
+            self.store.seen(msg.device, bad=True)
+            return False
+        return True
+
+    def expire_partials(self) -> int:
+        n = self.store.expire_partials(time.time() - self.cfg.receiver.partial_expiry_days * 86400)
+        if n:
+            log.info("%d unfinished transfer(s) expired", n)
+        return n
+
     def _on_manifest(self, msg: protocol.Message) -> None:
         self.store.seen(msg.device)
+        if not self._admit(msg):
+            return
         # Another box's study or instance is never "already stored" for this one: it is refused as a collision.
         self.store.check_owner(msg.device, msg["study_uid"], msg["sop_instance_uid"])
         t = self.store.upsert_transfer(msg.device, msg.fields)
@@ -207,6 +248,8 @@ class Receiver:
             if t is None:
                 return
         else:
+            if not self._admit(msg):
+                return
             t = self.store.upsert_transfer(msg.device, msg.fields)
         if t["state"] in ("complete", "failed"):
             self.store.seen(msg.device, chunk=True, dup=True)
@@ -215,7 +258,7 @@ class Receiver:
         new = self.store.put_chunk(t["transfer_id"], msg["index"], msg["index"] * t["chunk_size"], msg.data)
         self.store.seen(msg.device, chunk=True, dup=not new)
         have = self.store.have(t["transfer_id"])
-        if len(have) == t["count"] and self.store.claim_for_verify(t["transfer_id"]):
+        if len(have) == t["count"] and self.store.claim_for_verify(t["transfer_id"], self.claimant):
             self._finish(msg.device, t["transfer_id"])
             return
         self._reply(msg.device, "ack", transfer=t["transfer_id"], status="partial", have=protocol.to_ranges(have),
@@ -290,7 +333,7 @@ class Receiver:
             self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=(t["reason"] or "")[:300])
         else:
             have = self.store.have(tid)
-            if len(have) == t["count"] and self.store.claim_for_verify(tid):
+            if len(have) == t["count"] and self.store.claim_for_verify(tid, self.claimant):
                 self._finish(device, tid)  # a receiver died between the last chunk and its verdict
                 return
             self._reply(device, "ack", transfer=tid, status="partial", have=protocol.to_ranges(have), count=t["count"])
@@ -334,7 +377,14 @@ def run(cfg) -> int:
     sd_notify("READY=1\nSTATUS=receiving")
     log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
     reported: list[str] = []
+    next_expiry = time.monotonic()
     while not stop.wait(5.0):
+        if time.monotonic() >= next_expiry:
+            next_expiry = time.monotonic() + 3600
+            try:
+                receiver.expire_partials()
+            except Exception as err:  # noqa: BLE001 - housekeeping must never stop the receiver
+                log.error("expiring partial transfers failed: %s", type(err).__name__)
         # Fed only while paho's thread lives and no message has hung it: systemd restarts a receiver that stalled.
         try:
             paused = receiver.tend_disk()

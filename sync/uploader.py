@@ -80,9 +80,11 @@ class Uploader:
                                       tls_cert_file=sc.tls_cert_file, tls_key_file=sc.tls_key_file,
                                       username=sc.username, password_file=sc.password_file,
                                       sndbuf=sc.socket_sndbuf_bytes)
-        # The retained status lets the hub (and a dashboard) see the box offline the moment the broker notices.
+        # The will tells the hub the box went offline the moment the broker notices. Not retained: the fleet's
+        # broker refuses retained messages from boxes (a box must not park data in the broker), and the hub's
+        # persistent session receives it anyway.
         client.will_set(protocol.up_topic(self.device, "status"),
-                        protocol.encode("status", self.device, online=False, at=time.time()), qos=1, retain=True)
+                        protocol.encode("status", self.device, online=False, at=time.time()), qos=1)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -130,7 +132,7 @@ class Uploader:
             self.stats["connected_since"] = time.time()
             client.subscribe(protocol.down_filter(self.device), qos=1)
             client.publish(protocol.up_topic(self.device, "status"),
-                           protocol.encode("status", self.device, online=True, at=time.time()), qos=1, retain=True)
+                           protocol.encode("status", self.device, online=True, at=time.time()), qos=1)
             self._next_heartbeat = 0.0
             log.info("connected to broker %s:%s (session present: %s)", self.sc.broker_host, self.sc.broker_port,
                      flags.session_present)
@@ -157,11 +159,11 @@ class Uploader:
             self.stats["puback_rtt_ms"] = round(rtt if prev is None else 0.8 * prev + 0.2 * rtt, 1)
         self.wake.set()
 
-    def _publish(self, kind: str, payload: bytes, *, bulk: bool = False, retain: bool = False) -> bool:
+    def _publish(self, kind: str, payload: bytes, *, bulk: bool = False) -> bool:
         """QoS 1 publish, only while connected; bulk bytes count against the in-flight cap until the broker's PUBACK."""
         if not self.connected:
             return False
-        info = self.client.publish(protocol.up_topic(self.device, kind), payload, qos=1, retain=retain)
+        info = self.client.publish(protocol.up_topic(self.device, kind), payload, qos=1)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         with self._lock:
@@ -584,7 +586,7 @@ class Uploader:
             try:
                 info = self.client.publish(protocol.up_topic(self.device, "status"),
                                            protocol.encode("status", self.device, online=False, at=time.time()),
-                                           qos=1, retain=True)
+                                           qos=1)
                 info.wait_for_publish(2.0)
             except (RuntimeError, ValueError):
                 pass

@@ -331,3 +331,72 @@ def test_enrolled_box_syncs_a_study_to_the_hub_over_the_generated_tls_listener(f
         up.stop()
         hub.stop()
         store.close()
+
+
+# --- broker limits and the hubs' private share group -------------------------------------------------------------
+def _hub_group(fleet) -> str:
+    return hub_config.load(fleet.hub_dir / "hub-1" / "hub.toml", env={}).broker.share_group
+
+
+def test_a_box_joining_the_hub_share_group_cannot_take_other_boxes_messages(fleet, broker, clients):
+    group = _hub_group(fleet)
+    assert group.startswith("hub-") and len(group) > 16  # a fleet secret, not the guessable default
+    hub = connect_as(clients, fleet, "hub")
+    assert hub.connect()
+    hub.subscribe(f"$share/{group}/wasla/v1/+/up/#")
+    rogue = connect_as(clients, fleet, "box-a")
+    assert rogue.connect()
+    # Mosquitto grants these whatever the ACL says; what matters is that the hub still gets every message.
+    for guess in ("$share/hub/wasla/v1/+/up/#", "$share/wasla/wasla/v1/+/up/#", "wasla/v1/+/up/#"):
+        rogue.subscribe(guess)
+    b = connect_as(clients, fleet, "box-b")
+    assert b.connect()
+    for i in range(10):
+        assert b.publish("wasla/v1/box-b/up/flag", b"m%d" % i)
+    wait_until(lambda: len(hub.messages) == 10, timeout=10, what="all ten at the hub")
+    assert not [m for m in rogue.messages if b"m" in m[1]]
+
+
+def test_oversized_and_retained_messages_from_a_box_are_refused_by_the_broker(fleet, broker, clients):
+    from provisioning.broker import MAX_PACKET_BYTES
+
+    group = _hub_group(fleet)
+    hub = connect_as(clients, fleet, "hub")
+    assert hub.connect()
+    hub.subscribe(f"$share/{group}/wasla/v1/+/up/#")
+    big = connect_as(clients, fleet, "box-a")
+    assert big.connect()
+    big.c.publish("wasla/v1/box-a/up/chunk", b"\0" * (MAX_PACKET_BYTES + 1), qos=1)
+    wait_until(lambda: not big.c.is_connected(), timeout=10, what="the broker dropping the oversized sender")
+    keeper = connect_as(clients, fleet, "box-b")
+    assert keeper.connect()
+    keeper.c.publish("wasla/v1/box-b/up/status", b"parked", qos=1, retain=True)
+    wait_until(lambda: not keeper.c.is_connected(), timeout=10, what="the broker refusing a retained message")
+    marker = connect_as(clients, fleet, "box-b")
+    assert marker.connect()
+    assert marker.publish("wasla/v1/box-b/up/flag", b"marker")
+    wait_until(lambda: any(p == b"marker" for _t, p in hub.messages), timeout=10, what="marker at the hub")
+    assert not [p for _t, p in hub.messages if p != b"marker"]
+    late = connect_as(clients, fleet, "hub")
+    assert late.connect()
+    late.subscribe("wasla/v1/+/up/#")
+    time.sleep(0.5)
+    assert not late.messages  # nothing retained for a later reader
+
+
+def test_the_broker_refuses_cbc_and_sha1_suites_on_tls_1_2(fleet, broker):
+    cert, key = identity(fleet, "box-a")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(fleet.ca_cert))
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA")
+    import socket
+
+    with socket.create_connection(("localhost", fleet.settings.broker_port), timeout=10) as raw:
+        with pytest.raises(ssl.SSLError):
+            ctx.wrap_socket(raw, server_hostname="localhost").do_handshake()
+    ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+    with socket.create_connection(("localhost", fleet.settings.broker_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.2"
