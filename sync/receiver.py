@@ -396,7 +396,8 @@ def run(cfg) -> int:
             found = [*found, paused]
         if found != reported:
             for p in found:
-                log.error("not healthy: %s", p)
+                if p != paused:  # the pause is logged by the disk guard itself, and is not ill health
+                    log.error("not healthy: %s", p)
             sd_notify("STATUS=" + ("; ".join(found) if found else "receiving"))
             reported = found
         if not found or found == [paused]:
