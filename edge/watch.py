@@ -6,9 +6,11 @@ dependency.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -63,26 +65,48 @@ class FolderWatcher:
         self._pending: dict[Path, tuple[_Signature, float]] = {}
         # Ingested but not deletable (permissions): remembered with their signature so they are not taken in a loop.
         self._stuck: dict[Path, _Signature] = {}
+        # Symlinks and special files already refused (one quarantine row each, until they change).
+        self._refused: dict[Path, _Signature] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.beat = Beat("watch folder", max_silence=max(600.0, 20 * self.poll_seconds))
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def _candidates(self) -> dict[Path, _Signature]:
+        # Nothing is followed: os.walk does not enter symlinked folders, and a symlink or special file is refused
+        # here (ingesting it would read, and quarantine a copy of, whatever it points at outside the folder).
         found: dict[Path, _Signature] = {}
         for root, dirs, names in os.walk(self.dir):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
+            links = [d for d in dirs if os.path.islink(Path(root) / d)]  # listed by os.walk, never entered
+            for name in sorted([*names, *links]):
                 if _skipped(name):
                     continue
                 path = Path(root) / name
                 try:
-                    st = path.stat()
+                    st = os.lstat(path)
                 except FileNotFoundError:
                     continue
-                if os.path.isfile(path):
+                if stat.S_ISREG(st.st_mode):
                     found[path] = (st.st_size, st.st_mtime_ns)
+                elif not stat.S_ISDIR(st.st_mode):
+                    self._refuse(path, st)
         return found
+
+    def _refuse(self, path: Path, st: os.stat_result) -> None:
+        """A symlink, FIFO, socket or device in the folder: one quarantine row with the reason, never opened."""
+        sig = (st.st_size, st.st_mtime_ns)
+        if self._refused.get(path) == sig:
+            return
+        self._refused[path] = sig
+        what = "symbolic link" if stat.S_ISLNK(st.st_mode) else "special file (not a regular file)"
+        reason = f"{what} in the watch folder: refused, not followed or read"
+        try:
+            iid = self.store.add_quarantined(None, reason, source="watch", original_name=path.name)
+            log.warning("watch folder: %s %s refused as #%s", what, _ref(path), iid)
+        except Exception as err:  # noqa: BLE001 - recorded on the next pass
+            self._refused.pop(path, None)
+            log.error("watch folder: could not record a refused entry (%s)", type(err).__name__)
 
     def _settled(self, path: Path, sig: _Signature, now: float) -> bool:
         seen = self._pending.get(path)
@@ -139,13 +163,31 @@ class FolderWatcher:
 
     def _remove(self, path: Path, sig: _Signature) -> None:
         try:
-            path.unlink()
+            self._unlink_inside(path, sig)
         except FileNotFoundError:
             pass
         except OSError as err:
             self._stuck[path] = sig
             log.warning("ingested watch-folder file %s but cannot remove it (%s); it will be ignored until it changes",
                         _ref(path), err.strerror or type(err).__name__)
+
+    def _unlink_inside(self, path: Path, sig: _Signature) -> None:
+        """Delete `path` through directory descriptors opened without following links from the watch folder down,
+        and only if it is still the regular file that was ingested: a sub-folder swapped for a symlink between
+        scan and delete can never make us delete a file outside the folder."""
+        rel = path.relative_to(self.dir).parts
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in rel[:-1]:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            st = os.stat(rel[-1], dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns) != sig:
+                raise OSError(errno.EPERM, "changed since it was ingested; left in place")
+            os.unlink(rel[-1], dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -146,15 +146,17 @@ def test_file_that_cannot_be_removed_is_taken_once_and_then_ignored(cfg, watcher
                                                                     monkeypatch, caplog):
     target = cfg.watch_dir / "readonly.dcm"
     shutil.copy(sample("RG1_UNCR.dcm"), target)
-    real_unlink = Path.unlink
+    import os
 
-    def unlink(self, missing_ok=False):
-        # The box runs as root in the tests, so permissions cannot be used: refuse this one path instead.
-        if self == target:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_unlink(self, missing_ok=missing_ok)
+    real_unlink = os.unlink
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    def unlink(path, *, dir_fd=None):
+        # The box runs as root in the tests, so permissions cannot be used: refuse this one name instead.
+        if os.path.basename(str(path)) == target.name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
     watcher.scan_once()
     clock.advance(cfg.watch.settle_seconds)
 
@@ -199,3 +201,59 @@ def test_background_thread_takes_dropped_files_and_stops(make_cfg, sample):
     finally:
         watcher.stop()
         store.close()
+
+
+# --- a watch folder that stays inside itself ----------------------------------------------------------------------
+def test_symlinks_and_fifos_in_the_watch_folder_are_refused_with_a_reason_and_never_read(cfg, store, sample,
+                                                                                        tmp_path):
+    import os
+
+    from edge.watch import FolderWatcher
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("root password")
+    dicom_outside = outside / "x.dcm"
+    dicom_outside.write_bytes(sample("RG1_UNCR.dcm").read_bytes())
+    w = FolderWatcher(cfg, store)
+    (w.dir / "link-to-secret.dcm").symlink_to(secret)
+    (w.dir / "link-to-dicom.dcm").symlink_to(dicom_outside)
+    (w.dir / "linked-folder").symlink_to(outside, target_is_directory=True)
+    os.mkfifo(w.dir / "pipe.dcm")
+    w.settle_seconds = 0
+    assert w.scan_once() == []
+    rows = store.query("SELECT state, reason, size, path FROM instances")
+    assert len(rows) == 4 and {r["state"] for r in rows} == {"quarantined"}
+    assert sum("symbolic link" in r["reason"] for r in rows) == 3 and sum("special file" in r["reason"] for r in rows) == 1
+    assert all(r["size"] == 0 and not r["path"] for r in rows)  # nothing copied from outside
+    assert not list(store.quarantine_dir.rglob("*.*"))
+    assert secret.exists() and dicom_outside.exists()
+    w.scan_once()
+    assert len(store.query("SELECT id FROM instances")) == 4  # refused once, not on every poll
+
+
+def test_a_folder_swapped_for_a_symlink_before_the_delete_never_deletes_outside(cfg, store, sample, tmp_path):
+    from edge.ingest import ingest_file, limits_from_config
+    from edge.watch import FolderWatcher
+
+    w = FolderWatcher(cfg, store)
+    sub = w.dir / "sub"
+    sub.mkdir()
+    f = sub / "a.dcm"
+    f.write_bytes(sample("RG1_UNCR.dcm").read_bytes())
+    st = f.stat()
+    ingest_file(store, f, source="watch", **limits_from_config(cfg))
+    # Between ingest and delete, someone swaps the sub-folder for a link to a folder holding a same-named file.
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir()
+    victim = victim_dir / "a.dcm"
+    victim.write_bytes(f.read_bytes())
+    import os
+
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    f.unlink()
+    sub.rmdir()
+    sub.symlink_to(victim_dir, target_is_directory=True)
+    w._remove(f, (st.st_size, st.st_mtime_ns))
+    assert victim.exists()
