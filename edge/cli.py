@@ -412,6 +412,7 @@ def models_install(source: Path = typer.Argument(..., help="Package folder or .t
     with progress_bar(_("Verifying and installing {source}").format(source=ltr(source)), None):
         pkg = modelpkg.install(source, cfg.models.dir, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
     if activate:
+        _policy(cfg).check(pkg.name, pkg.version)
         modelpkg.activate(cfg.models.dir, pkg.name, pkg.version)
     _echo(f"{_('installed')} {ltr(pkg.name + ' ' + pkg.version)}"
                + (f" ({_('active')})" if activate else ""))
@@ -425,8 +426,27 @@ def models_activate(name: str, version: str) -> None:
     cfg = _cfg()
     modelpkg.load_package(modelpkg.package_folder(cfg.models.dir, name, version),
                           modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+    _policy(cfg).check(name, version)
     modelpkg.activate(cfg.models.dir, name, version)
     _echo(f"{ltr(name + ' ' + version)} {_('active')}")
+
+
+def _policy(cfg):
+    from edge import modelpkg, modelpolicy
+
+    return modelpolicy.load(cfg.models.dir, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+
+
+@models_app.command("policy")
+def models_policy(source: Path = typer.Argument(..., help="policy.json signed by the fleet (policy.sig beside it).")
+                  ) -> None:
+    """Install the fleet's model policy (minimum versions, revoked packages). Example: wasla models policy /media/usb/policy.json"""
+    from edge import modelpkg, modelpolicy
+
+    cfg = _cfg()
+    pol = modelpolicy.install(source, cfg.models.dir, modelpkg.load_trusted_keys(cfg.models.trusted_keys))
+    _echo(_("model policy {serial} installed: {floors} minimum version(s), {revoked} revoked package(s)").format(
+        serial=ltr(pol.serial), floors=ltr(len(pol.floors)), revoked=ltr(len(pol.revoked))))
 
 
 @models_app.command("rollback")
@@ -434,7 +454,11 @@ def models_rollback(name: str) -> None:
     """Return a model to the previously active version. Example: wasla models rollback cxr-triage"""
     from edge import modelpkg
 
-    version = modelpkg.rollback(_cfg().models.dir, name)
+    cfg = _cfg()
+    previous = modelpkg.previous_version(cfg.models.dir, name)
+    if previous is not None:
+        _policy(cfg).check(name, previous)  # a rollback is no way around the fleet's floor
+    version = modelpkg.rollback(cfg.models.dir, name)
     _echo(f"{ltr(name + ' ' + version)} {_('active')}")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from edge import imaging, modelpkg, routing, triage
+from edge import imaging, modelpkg, modelpolicy, routing, triage
 from edge.config import Config
 from edge.errors import BadInputError, ModelError, WaslaError
 from edge.inference import create_recorded, read_choices
@@ -49,6 +49,12 @@ class Engine:
         """Load every active package that verifies; a refused package is reported, never half-loaded."""
         trusted = modelpkg.load_trusted_keys(cfg.models.trusted_keys) if cfg.models.trusted_keys else {}
         loaded, errors = [], []
+        try:
+            policy = modelpolicy.load(cfg.models.dir, trusted)
+        except WaslaError as err:
+            # A policy that does not verify is tampering: fail closed (every study to a person), never open.
+            log.error("model policy refused: %s; no model is loaded", err)
+            return cls(cfg, [], [f"model policy: {err}"])
         for active in modelpkg.active_folders(cfg.models.dir):
             # A refused active version (tampered, half-copied) must not leave the clinic without triage: fall back
             # to the newest installed version that verifies, and say so loudly.
@@ -57,6 +63,7 @@ class Engine:
             for folder in [active, *others]:
                 try:
                     pkg = modelpkg.load_package(folder, trusted)
+                    policy.check(pkg.name, pkg.version)  # revoked or below the floor: the next version is tried
                     # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
                     backend = create_recorded(pkg, cfg.inference.backend, cfg.inference.threads,
                                               cfg.inference.providers, cfg.inference.warmup,

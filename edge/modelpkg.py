@@ -439,6 +439,10 @@ def activate(models_dir: Path, name: str, version: str) -> None:
     log.info("model %s: active version %s (was %s)", name, version, current)
 
 
+def previous_version(models_dir: Path, name: str) -> str | None:
+    return _read_pointer(Path(models_dir) / name / PREVIOUS)
+
+
 def rollback(models_dir: Path, name: str) -> str:
     """Re-activate the previously active version; return it. Rolling back twice returns to where it started."""
     previous = _read_pointer(Path(models_dir) / name / PREVIOUS)

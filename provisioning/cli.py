@@ -168,6 +168,34 @@ def sign_model(package: Path = typer.Argument(..., help="Model package folder (m
     typer.echo(f"signed {info['package']} ({info['files']} files) with key {info['key_id']}")
 
 
+@app.command("model-policy")
+def model_policy(floor: list[str] = typer.Option([], "--floor", help="NAME=VERSION: the lowest version boxes may run."),
+                 revoke: list[str] = typer.Option([], "--revoke", help="NAME=VERSION[:reason]: a package boxes refuse."),
+                 ) -> None:
+    """Write the next signed model policy (floors and revocations add to the previous one) for `wasla models policy`.
+    Example: wasla-fleet model-policy --floor cxr-triage=1.2.0 --revoke cxr-triage=1.1.1:misses-lobar"""
+    import datetime as dt
+
+    from edge import modelpolicy, signing
+
+    f = _fleet()
+    path = f.root / "model-policy" / modelpolicy.POLICY
+    prev = modelpolicy.parse(path.read_bytes()) if path.exists() else modelpolicy.Policy()
+    floors = dict(prev.floors)
+    for item in floor:
+        name, _sep, version = item.partition("=")
+        floors[name] = version
+    revoked = [{"name": n, "version": v, "reason": r} for (n, v), r in prev.revoked.items()]
+    for item in revoke:
+        name, _sep, rest = item.partition("=")
+        version, _sep, reason = rest.partition(":")
+        revoked.append({"name": name, "version": version, "reason": reason or "revoked by the fleet"})
+    modelpolicy.write_signed(path, signing.load_private(f.model_key), serial=prev.serial + 1, floors=floors,
+                             revoked=revoked, issued=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    typer.echo(f"model policy {prev.serial + 1} written to {path} (+ {path.with_suffix('.sig').name}); "
+               "install on each box with `wasla models policy`")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, standalone_mode=False)
