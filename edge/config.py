@@ -99,8 +99,8 @@ class StorageConfig:
     """New studies are refused (DICOM 'out of resources') when free disk would drop below this."""
     max_pixels: int = 100_000_000
     """Largest rows x columns x samples of one frame; bigger claims are quarantined before decoding."""
-    max_file_mb: int = 2048
-    """Largest single file accepted."""
+    max_file_mb: int = 1024
+    """Largest single file accepted (the hub's receiver.max_instance_mb takes as much; a CR is ~10-30 MB)."""
     keep_days: float = 30.0
     """Spool files of studies the hub has acknowledged are deleted this many days later (0 = keep forever)."""
 

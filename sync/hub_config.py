@@ -57,8 +57,8 @@ class HubReceiverConfig:
     """Largest message accepted (a chunk plus its header); bigger ones go to the dead-letter table."""
     read_resend_seconds: float = 300.0
     """A read the box has not confirmed (in its heartbeat) this long after publishing is published again."""
-    max_instance_mb: int = 2048
-    """Largest instance a transfer may declare (the box's storage.max_file_mb); bigger ones are refused."""
+    max_instance_mb: int = 1024
+    """Largest instance a transfer may declare; bigger ones are refused (keep it inside the unit's MemoryMax)."""
     partial_quota_mb: int = 4096
     """Unfinished transfers one box may hold at the hub; past it, new ones wait (unanswered) until some finish."""
     partial_expiry_days: float = 14.0
