@@ -36,7 +36,7 @@ def project_dependencies() -> list[str]:
 
 
 def build(out: Path, *, platform: str | None = None, python_version: str | None = None,
-          pip: list[str] | None = None) -> Path:
+          pip: list[str] | None = None, sign_key: Path | None = None) -> Path:
     pip = pip or [sys.executable, "-m", "pip"]
     out = Path(out)
     wheels = out / "wheels"
@@ -62,14 +62,38 @@ def build(out: Path, *, platform: str | None = None, python_version: str | None 
     names = sorted(p.name for p in wheels.glob("*.whl"))
     (out / "BUNDLE.json").write_text(json.dumps({"wheels": names, "platform": platform or "this machine",
                                                  "python": python_version or sys.version.split()[0]}, indent=2) + "\n")
+    _requirements(wheels)
     _checksums(out)
-    print(f"offline bundle: {out} ({len(names)} wheels, {_size_mb(out):.0f} MB)")
+    if sign_key is not None:
+        _sign(out, sign_key)
+    print(f"offline bundle: {out} ({len(names)} wheels, {_size_mb(out):.0f} MB)"
+          + (", SHA256SUMS signed" if sign_key else ", unsigned"))
     return out
+
+
+def _requirements(wheels: Path) -> None:
+    """wheels/requirements.txt: every wheel pinned with its sha256, for `pip install --require-hashes`: pip then
+    refuses any file that is not exactly the one built here, even one that SHA256SUMS was edited to match."""
+    lines = []
+    for whl in sorted(wheels.glob("*.whl")):
+        name, version = whl.name.split("-")[:2]
+        lines.append(f"{name}=={version} --hash=sha256:{hashlib.sha256(whl.read_bytes()).hexdigest()}")
+    (wheels / "requirements.txt").write_text("\n".join(lines) + "\n")
+
+
+def _sign(out: Path, key_path: Path) -> None:
+    """SHA256SUMS.sig: an ed25519 signature of SHA256SUMS with the fleet's model key (install.sh checks it with
+    openssl against the fleet key the box already trusts, before anything from the bundle runs)."""
+    sys.path.insert(0, str(REPO))
+    from edge import signing
+
+    key = signing.load_private(key_path)
+    (out / "SHA256SUMS.sig").write_bytes(signing.sign((out / "SHA256SUMS").read_bytes(), key))
 
 
 def _checksums(out: Path) -> None:
     lines = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.name not in ("SHA256SUMS", "SHA256SUMS.sig")):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         lines.append(f"{digest}  {path.relative_to(out).as_posix()}")
     (out / "SHA256SUMS").write_text("\n".join(lines) + "\n")
@@ -93,9 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tar", action="store_true", help="also write <out>.tar")
     ap.add_argument("--platform", help="pip platform tag of the box, e.g. manylinux_2_28_aarch64")
     ap.add_argument("--python-version", help="the box's Python, e.g. 3.11")
+    ap.add_argument("--sign-key", type=Path, help="the fleet's model-signing key (fleet/keys/model-signing.key): "
+                    "signs SHA256SUMS so boxes can check the bundle")
     args = ap.parse_args(argv)
     try:
-        folder = build(args.out, platform=args.platform, python_version=args.python_version)
+        folder = build(args.out, platform=args.platform, python_version=args.python_version, sign_key=args.sign_key)
     except subprocess.CalledProcessError as err:
         print(f"error: {' '.join(err.cmd)} failed with {err.returncode}", file=sys.stderr)
         return 1
