@@ -5,6 +5,8 @@ the fleet, so the hub can still link a patient's studies; without the key they c
 from a guessed identifier. Options applied (PS3.15 Table E.1-1): Retain Longitudinal Temporal Information with Full
 Dates (the hub's worklist needs the study times), and, for the sync path, Retain UIDs (see `pseudonymise`).
 Burned-in text in the pixels is not touched: such images are flagged in the log, never silently passed as clean.
+Every attribute is handled by its action in the standard's Table E.1-1 (as data from dicom-anonymizer, see
+`_table`), plus a safety net for the Patient group; tests/test_pseudonym_table.py checks the whole table.
 """
 from __future__ import annotations
 
@@ -23,32 +25,55 @@ MIN_KEY_BYTES = 32
 
 # Replaced by a keyed pseudonym (the hub keeps linkage across studies of one patient).
 PSEUDONYMISED = ("PatientID", "PatientName", "AccessionNumber", "StudyID")
-# Emptied (type 2 attributes: present but zero length).
-EMPTIED = ("PatientBirthDate", "PatientSex", "ReferringPhysicianName", "ContentCreatorName")
-# Removed (PS3.15 "X" actions of the basic profile for the attributes a CR/DX/US/CT/MR header carries).
-REMOVED = (
-    "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames", "PatientBirthName", "PatientMotherBirthName",
-    "PatientAddress", "PatientTelephoneNumbers", "PatientAge", "PatientSize", "PatientWeight", "PatientBirthTime",
-    "PatientComments", "AdditionalPatientHistory", "Occupation", "MilitaryRank", "BranchOfService",
-    "MedicalRecordLocator", "EthnicGroup", "PatientReligiousPreference", "PregnancyStatus", "SmokingStatus",
-    "LastMenstrualDate", "PatientInsurancePlanCodeSequence", "CountryOfResidence", "RegionOfResidence",
-    "InsurancePlanIdentification", "ResponsiblePerson", "ResponsibleOrganization", "PatientState",
-    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "InstitutionCodeSequence",
-    "StationName", "DeviceSerialNumber", "PlateID", "DetectorID", "CassetteID", "GantryID",
-    "PerformingPhysicianName", "PerformingPhysicianIdentificationSequence", "OperatorsName",
-    "OperatorIdentificationSequence", "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence",
-    "NameOfPhysiciansReadingStudy", "PhysiciansReadingStudyIdentificationSequence", "RequestingPhysician",
-    "ReferringPhysicianAddress", "ReferringPhysicianTelephoneNumbers", "ReferringPhysicianIdentificationSequence",
-    "RequestingService", "RequestAttributesSequence", "ScheduledPerformingPhysicianName",
-    "PerformedProcedureStepID", "PerformedProcedureStepDescription", "ScheduledProcedureStepID",
-    "RequestedProcedureID", "AdmissionID", "AdmittingDiagnosesDescription", "IssuerOfAdmissionID",
-    "IssuerOfPatientID", "ImageComments", "StudyComments", "InterpretationAuthor", "TextComments",
-    "DerivationDescription", "FrameComments", "ProtocolName", "SeriesDescription",
-    "StudyDescription", "AcquisitionComments", "ContrastBolusAgent", "DeviceUID", "MAC", "DigitalSignaturesSequence",
-    "OriginalAttributesSequence", "ModifiedAttributesSequence", "ReferencedPatientSequence",
-    "ReferencedPatientPhotoSequence", "PersonName", "VerifyingObserverName", "VerifyingObserverSequence",
-    "AuthorObserverSequence", "ParticipantSequence", "CustodialOrganizationSequence",
-)
+# Our own result objects (SR/SC) keep what makes them recognisable and readable at the hub; their patient module
+# is treated like any other header. Their content is ours (label, scores, reasons), never the patient's.
+OURS_KEPT = ("SeriesDescription", "ContentSequence")
+# Retain Longitudinal Temporal Information with Full Dates: every date and time stays (the hub's worklist and the
+# radiologist's timeline need them).
+TEMPORAL_VRS = ("DA", "DT", "TM")
+# ... but not the patient's own: a birth date identifies, it is no timeline.
+IDENTIFYING_DATES = ("PatientBirthDate", "PatientBirthTime", "PatientDeathDateInAlternativeCalendar",
+                     "PatientBirthDateInAlternativeCalendar", "LastMenstrualDate")
+
+
+def _table():
+    """PS3.15 Table E.1-1 (Basic Application Level Confidentiality Profile), as the dicom-anonymizer project
+    transcribes it from the standard (2026c edition): tag -> action. Actions with a choice (X/Z, X/D, X/Z/D,
+    Z/D, X/Z/U*) take the strictest one this profile can keep valid: remove, except UIDs (mapped) and the keyed
+    identity attributes (pseudonymised)."""
+    from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as t
+
+    exact: dict[tuple[int, int], str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for action, tags in (("D", t.D_TAGS), ("Z", t.Z_TAGS), ("X", t.X_TAGS), ("U", t.U_TAGS), ("Z/D", t.Z_D_TAGS),
+                         ("X/Z", t.X_Z_TAGS), ("X/D", t.X_D_TAGS), ("X/Z/D", t.X_Z_D_TAGS),
+                         ("X/Z/U*", t.X_Z_U_STAR_TAGS)):
+        for tag in tags:
+            if len(tag) == 4:
+                masked.append((*tag, action))
+            else:
+                exact[(tag[0], tag[1])] = action
+    return exact, masked
+
+
+_TABLE = None
+
+
+def action_for(tag) -> str | None:
+    """The table's action for a (non-private) tag, None when the standard keeps it."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _table()
+    exact, masked = _TABLE
+    key = (tag.group, tag.element)
+    if key in exact:
+        return exact[key]
+    for group, element, gmask, emask, action in masked:
+        if tag.group & gmask == group and tag.element & emask == element:
+            return action
+    return None
+
+
 # PS3.16 CID 7050 codes recorded in DeidentificationMethodCodeSequence.
 CODE_BASIC, CODE_RETAIN_DATES, CODE_RETAIN_UIDS = "113100", "113106", "113110"
 
@@ -84,23 +109,38 @@ def pseudonymise(ds, key: bytes, *, retain_uids: bool = False) -> None:
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
+    ours = _is_ours(ds)
+
     def visit(d: Dataset) -> None:
         for elem in list(d):
             tag, kw = elem.tag, elem.keyword
             if tag.is_private:
                 del d[tag]
-            elif kw in REMOVED or (0x6000 <= tag.group <= 0x601E and tag.element == 0x3000):  # overlay data
-                del d[tag]
-            elif kw in EMPTIED:
-                elem.value = ""
-            elif kw in PSEUDONYMISED:
+                continue
+            action = action_for(tag)
+            if action is None and tag.group == 0x0010:
+                # Safety net: a Patient-group attribute the table does not name (the transcription lacks e.g.
+                # Responsible Person Role and the alternative-calendar dates; the standard grows) is removed too.
+                action = "X"
+            if kw in PSEUDONYMISED:
                 if elem.value not in (None, ""):
                     elem.value = pseudo_id(key, kw, str(elem.value))
-            elif elem.VR == "UI" and not retain_uids and elem.value:
-                elem.value = _map_uids(elem.value, key)
-            elif elem.VR == "SQ":
-                for item in elem.value or Sequence([]):
+            elif elem.VR == "UI":
+                if elem.value and not retain_uids:
+                    elem.value = _map_uids(elem.value, key)
+            elif (elem.VR in TEMPORAL_VRS and kw not in IDENTIFYING_DATES) or (ours and kw in OURS_KEPT):
+                pass
+            elif action is None or action == "U":
+                if elem.VR == "SQ":
+                    for item in elem.value or Sequence([]):
+                        visit(item)
+            elif action == "Z" or (action == "Z/D" and elem.VR != "SQ"):
+                elem.value = Sequence([]) if elem.VR == "SQ" else ""
+            elif action == "X/Z/U*" and elem.VR == "SQ":
+                for item in elem.value or Sequence([]):  # references: kept, their UIDs mapped like any UID
                     visit(item)
+            else:  # X and every choice that includes X; D (a dummy would carry nothing the hub needs)
+                del d[tag]
 
     if ds.get("BurnedInAnnotation", "") == "YES":
         log.warning("instance %s has burned-in annotation: its pixels may still show identifying text",
@@ -113,6 +153,15 @@ def pseudonymise(ds, key: bytes, *, retain_uids: bool = False) -> None:
     options = [CODE_BASIC, CODE_RETAIN_DATES] + ([CODE_RETAIN_UIDS] if retain_uids else [])
     ds.DeidentificationMethod = "PS3.15 Basic Profile, keyed HMAC-SHA256 pseudonyms"
     ds.DeidentificationMethodCodeSequence = Sequence([_code(c) for c in options])
+
+
+def _is_ours(ds) -> bool:
+    from edge.results_dicom import is_wasla_result
+
+    try:
+        return is_wasla_result(ds)
+    except Exception:  # noqa: BLE001 - a malformed header is never "ours"
+        return False
 
 
 def _map_uids(value, key: bytes):
