@@ -22,7 +22,14 @@ def _default_models_dir() -> Path:
 
 
 def _default_trusted_keys() -> list[Path]:
-    return sorted((_default_models_dir() / "keys").glob("*.pub"))
+    # Never a folder the daemon can write (its models dir on an installed box is under its StateDirectory): a
+    # compromised daemon could then trust a key of its own. Source tree: the repo's dev keys; installed: the
+    # root-owned fleet key the installer put in /etc/wasla.
+    here = REPO_ROOT / "models" / "keys"
+    if here.is_dir():
+        return sorted(here.glob("*.pub"))
+    fleet = Path("/etc/wasla/model-signing.pub")
+    return [fleet] if fleet.is_file() else []
 
 
 @dataclass(frozen=True)
