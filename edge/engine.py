@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from edge import imaging, modelpkg, modelpolicy, routing, triage
+from edge import dicom_scan, imaging, modelpkg, modelpolicy, routing, triage
 from edge.config import Config
 from edge.errors import BadInputError, ModelError, WaslaError
 from edge.inference import create_recorded, read_choices
@@ -87,7 +87,8 @@ class Engine:
         try:
             ds = pydicom.dcmread(path)
         except Exception as err:  # pydicom raises many types for broken files
-            raise BadInputError(f"cannot read DICOM: {type(err).__name__}: {err}") from err
+            # pydicom's own words can quote a header value (a patient's name): the reason names the kind only.
+            raise BadInputError(f"cannot read DICOM: {dicom_scan.reason(err, 'file')}") from err
         t["read_ms"] = _ms(t0)
         return self.triage_dataset(ds, t)
 

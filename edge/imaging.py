@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from edge.errors import (
     NoPixelDataError,
     UnsupportedTransferSyntaxError,
 )
-from edge import j2k_guard
+from edge import dicom_scan, j2k_guard
 from edge.j2k_reduced import decode_reduced as _decode_j2k_reduced
 from edge.j2k_reduced import decomposition_levels as _j2k_decomposition_levels
 from edge.preprocess import Preprocess, normalise, prepare
@@ -99,21 +100,27 @@ class InputSpec:
 
 def _transfer_syntax(ds) -> UID:
     meta = getattr(ds, "file_meta", None)
-    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw value here; any failure is the file's
+        raise BadInputError(f"Transfer Syntax UID cannot be read ({type(err).__name__})") from err
     if not uid:
         raise BadInputError("dataset has no Transfer Syntax UID in its file meta information")
     return UID(str(uid))
 
 
 def _int_attr(ds, keyword: str, default: int | None = None) -> int:
-    value = ds.get(keyword, default)
-    if value in (None, ""):
+    try:
+        value = ds.get(keyword, default)
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw bytes here: BytesLengthException, ValueError...
+        raise BadInputError(f"image attribute {keyword} cannot be read ({type(err).__name__})") from err
+    if value is None or (isinstance(value, str) and value == ""):
         if default is None:
             raise BadInputError(f"image attribute {keyword} is missing")
         return default
     try:
         return int(value)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # a list, "abc", NaN, an IS of 1e400 (infinity)
         raise BadInputError(f"image attribute {keyword} is not an integer") from err
 
 
@@ -229,12 +236,102 @@ def _reduced_frame(ds, codestream: bytes, factor: int) -> tuple[np.ndarray, str]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Codestreams, checked before any decode (box triage, box uploader, hub)
+# A codec allocates what the codestream's own header claims, whatever the DICOM header said, and CharLS spends ~3 s
+# on a 64x64 JPEG-LS frame cut short (found by scripts/fuzz.py; 10,000 such frames would hold a thread for hours).
+# So each frame must start with its format's marker, claim no more samples than the header, and end with EOI/EOC.
+
+_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+# SOF0-15 but DHT (C4), JPG (C8) and DAC (CC); F7 is JPEG-LS SOF55.
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+_END_MARKER = b"\xff\xd9"  # JPEG EOI and J2K EOC alike
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) from a JPEG / JPEG-LS frame header."""
+    if data[:2] != b"\xff\xd8":
+        raise BadInputError("codestream does not start with a JPEG SOI marker")
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise BadInputError("malformed JPEG marker segment")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
+            i += 2
+            continue
+        if marker in _SOF_MARKERS:
+            seg = data[i + 4:i + 10]
+            if len(seg) < 6:
+                break
+            return int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
+        if marker == 0xDA:
+            raise BadInputError("JPEG scan data before any frame header")
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            raise BadInputError("malformed JPEG marker segment")
+        i += 2 + length
+    raise BadInputError("JPEG codestream has no frame header")
+
+
+def _j2k_size(data: bytes) -> tuple[int, int, int]:
+    """(rows, columns, components) from a J2K / HTJ2K SIZ segment."""
+    if data[:4] != b"\xff\x4f\xff\x51" or len(data) < 42:
+        raise BadInputError("codestream does not start with the JPEG 2000 SOC and SIZ markers")
+    x, y, x0, y0 = struct.unpack_from(">IIII", data, 8)
+    return max(y - y0, 0), max(x - x0, 0), int.from_bytes(data[40:42], "big")
+
+
+def check_codestream(frame: bytes, uid: str, rows: int, cols: int, samples: int, index: int) -> None:
+    """BadInputError unless this encapsulated frame's codestream fits the header and is complete."""
+    if uid in _JPEG_SYNTAXES:
+        stream = frame
+        h, w, c = _jpeg_size(stream)
+    elif uid in _J2K_SYNTAXES:
+        stream = j2k_guard.codestream_of(bytes(frame))
+        if stream is None:
+            raise BadInputError(f"frame {index}: JPEG 2000 boxes cannot be walked to the codestream")
+        h, w, c = _j2k_size(stream)
+    else:
+        return
+    if min(h, w, c) == 0 or h * w * c > rows * cols * max(samples, 1):
+        raise ImageTooLargeError(f"frame {index}: its codestream claims {w}x{h} with {c} components, the header "
+                                 f"{cols}x{rows} with {samples}")
+    # The marker may be followed by a padding byte or a few (0x00, 0xFF); inside entropy-coded data FF D9 cannot occur.
+    if _END_MARKER not in bytes(stream[-16:]):
+        raise BadInputError(f"frame {index}: the codestream is cut short (no end-of-image marker)")
+
+
+def check_codestreams(ds, uid: str, indices: list[int] | None = None) -> None:
+    """`check_codestream` for the frames given (all when None) of an encapsulated dataset."""
+    if uid not in _JPEG_SYNTAXES and uid not in _J2K_SYNTAXES:
+        return
+    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
+    samples, n_frames = _int_attr(ds, "SamplesPerPixel", 1), _number_of_frames(ds)
+    try:
+        if indices is None:
+            frames = enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames))
+        else:
+            frames = ((i, get_frame(ds.PixelData, i, number_of_frames=n_frames)) for i in indices)
+        for index, frame in frames:
+            check_codestream(frame, uid, rows, cols, samples, index)
+    except BadInputError:
+        raise
+    except Exception as err:  # noqa: BLE001 - fragments and offset tables are the file's
+        raise BadInputError(f"encapsulated pixel data cannot be split into frames ({type(err).__name__})") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Decoding
 
 
 def _reason(err: BaseException) -> str:
-    # pydicom puts each plugin's own error on a line of its own; keep them all, on one line.
-    text = " ".join(str(err).split())
+    # pydicom puts each plugin's own error on a line of its own; keep them all, on one line, without the values
+    # they quote (pydicom's "Unknown (0028,0004) 'Photometric Interpretation' value '...'" quotes the header).
+    text = dicom_scan.redact(" ".join(str(err).split()))
     return f"{type(err).__name__}: {text[:_MAX_REASON]}" if text else type(err).__name__
 
 
@@ -249,9 +346,13 @@ def _frame_indices(policy: str, n_frames: int) -> list[int]:
 def _decode(ds, uid: UID, indices: list[int], min_side: int | None) -> Iterator[tuple[int, np.ndarray, str]]:
     """Yield (index, raw array, photometric after decoding) for just the frames asked for, in index order."""
     n_frames = _number_of_frames(ds)
-    factor = _reduce_factor(ds, uid, min_side)
-    decoder = get_decoder(uid)
     try:
+        check_codestreams(ds, uid, None if len(indices) == n_frames else indices)
+    except BadInputError as err:
+        raise type(err)(f"pixel data could not be decoded ({uid.name}): {err}") from err
+    try:
+        factor = _reduce_factor(ds, uid, min_side)
+        decoder = get_decoder(uid)
         if factor and len(indices) == n_frames > 1:
             codestreams = enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames))
         elif factor:

@@ -30,6 +30,25 @@ def jp2_boxes_sane(codestream: bytes) -> bool:
     return False
 
 
+def codestream_of(data: bytes) -> bytes | None:
+    """The J2K codestream itself: `data` when it is one, the jp2c box's content when `data` is a JP2 file, None when
+    the boxes cannot be walked to it."""
+    if not data.startswith(_JP2_SIGNATURE):
+        return data
+    total, offset = len(data), 12
+    while offset + 8 <= total:
+        length, head = int.from_bytes(data[offset:offset + 4], "big"), 8
+        if length == 1:
+            length, head = int.from_bytes(data[offset + 8:offset + 16], "big"), 16
+        if data[offset + 4:offset + 8] == _JP2C:
+            end = total if length == 0 else offset + length
+            return data[offset + head:end]
+        if length < head:
+            return None
+        offset += length
+    return None
+
+
 def install() -> None:
     """Put the guard in front of pydicom's get_j2k_parameters wherever pydicom 3 looks it up (idempotent).
 

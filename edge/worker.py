@@ -77,8 +77,9 @@ class Worker:
             self.store.quarantine(iid, f"triage failed: {err}")
             return True
         except Exception as err:  # noqa: BLE001 - one bad instance must never stop the daemon
-            log.exception("unexpected error on instance #%s", iid)
-            self.store.quarantine(iid, f"internal error: {type(err).__name__}: {err}")
+            # The type only, in the reason and the log: a library's message may quote a header value.
+            log.error("unexpected error on instance #%s: %s", iid, type(err).__name__)
+            self.store.quarantine(iid, f"internal error: {type(err).__name__}")
             return True
         t1 = time.perf_counter()
         outcome.timings["pipeline_ms"] = round((t1 - t0) * 1000, 2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
-from edge import deflate_guard, j2k_guard
+from edge import dicom_scan, j2k_guard
 from edge.errors import BadInputError, UnsupportedTransferSyntaxError
 
 log = logging.getLogger(__name__)
@@ -276,13 +277,17 @@ class WireEncoding:
 
 def _read(source: bytes | str | Path) -> tuple[Dataset, bytes]:
     raw = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
-    deflate_guard.inflated_size(io.BytesIO(raw))  # a deflate bomb is refused before pydicom inflates it whole
+    # The box's strict, bounded walk first (edge.dicom_scan): deflate bombs, deep or huge sequences, element
+    # floods and cut files are refused before pydicom parses (and inflates) the whole file.
+    scan = dicom_scan.scan_bytes(bytes(raw))
+    if scan.error is not None:
+        raise scan.error
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(raw))
     except Exception as err:  # noqa: BLE001 - mutated files raise OSError, RecursionError, zlib/struct errors, ...
-        raise BadInputError(f"not a readable DICOM file ({type(err).__name__})") from err  # no quoted values
+        raise BadInputError(dicom_scan.reason(err, "DICOM file")) from err  # the type only: no quoted values
     # pydicom only warns on a file cut short inside encapsulated pixel data, and CharLS then decodes what is
     # left without complaint: a truncated transfer must not pass as a good one.
     if truncated := [str(w.message) for w in caught if "End of file" in str(w.message)]:
@@ -301,17 +306,53 @@ def _info(ds: Dataset) -> FrameInfo:
     return FrameInfo(int(ds.BitsStored), int(ds.PixelRepresentation) == 1, str(ds.PhotometricInterpretation))
 
 
+def _jxl_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a bare JPEG XL codestream's SizeHeader (ISO/IEC 18181-1, D.2); None for anything else
+    (the ISOBMFF container form, which imagecodecs does not write)."""
+    if data[:2] != b"\xff\x0a":
+        return None
+    bits, pos = int.from_bytes(data[2:14], "little"), 0
+
+    def u(n: int) -> int:
+        nonlocal pos
+        value = (bits >> pos) & ((1 << n) - 1)
+        pos += n
+        return value
+
+    def u32() -> int:
+        return 1 + u((9, 13, 18, 30)[u(2)])
+
+    small = u(1)
+    rows = (u(5) + 1) * 8 if small else u32()
+    ratio = u(3)
+    if ratio:
+        num, den = ((1, 1), (12, 10), (4, 3), (3, 2), (16, 9), (5, 4), (2, 1))[ratio - 1]
+        return rows, rows * num // den
+    return rows, (u(5) + 1) * 8 if small else u32()
+
+
 def _frames(ds: Dataset) -> np.ndarray:
     """All frames as (frames, rows, cols[, samples]); colour values as stored, never colour-converted."""
+    from edge.imaging import check_codestreams
+
     syntax = _syntax(ds)
+    check_codestreams(ds, syntax)  # each frame's own header against the DICOM header, and complete, before decoding
     codec_cls = _BY_SYNTAX.get(syntax)
     if codec_cls is not None and not codec_cls.pydicom_decodes:
         info = _info(ds)
         codec = codec_cls()
         n = int(ds.get("NumberOfFrames") or 1)
-        frames = [codec.decode(f, info) for f in pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n)]
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = []
+        for index, f in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n)):
+            size = _jxl_size(f)
+            # imagecodecs allocates what the codestream claims; the header's budget was checked, this must fit it.
+            if size is not None and size[0] * size[1] > rows * cols:
+                raise BadInputError(f"frame {index}: its JPEG XL codestream claims {size[1]}x{size[0]}, the header "
+                                    f"{cols}x{rows}")
+            frames.append(codec.decode(f, info))
         arr = np.stack(frames)
-        expected = (n, int(ds.Rows), int(ds.Columns)) + ((int(ds.SamplesPerPixel),) if ds.SamplesPerPixel > 1 else ())
+        expected = (n, rows, cols) + ((int(ds.SamplesPerPixel),) if ds.SamplesPerPixel > 1 else ())
         if arr.shape != expected:
             raise ValueError(f"decoded shape {arr.shape} != declared {expected}")
         return arr
@@ -324,28 +365,53 @@ def _frames(ds: Dataset) -> np.ndarray:
 
 def _decode_checked(data: bytes) -> tuple[Dataset, np.ndarray | None]:
     ds, _ = _read(data)
-    if "PixelData" not in ds:
+    try:
+        has_pixels = "PixelData" in ds
+        syntax = _syntax(ds)
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw meta here
+        raise BadInputError(dicom_scan.reason(err, "file meta")) from err
+    if not has_pixels:
         return ds, None
     from edge.imaging import check_dimensions
 
     check_dimensions(ds)  # the header's size claims, before a byte is decoded: bombs are refused here
-    syntax = _syntax(ds)
     if syntax not in NATIVE_SYNTAXES | LOSSLESS_COMPRESSED_SYNTAXES | LOSSY_SYNTAXES:
         raise UnsupportedTransferSyntaxError(f"unknown transfer syntax {syntax}")
     try:
         return ds, _frames(ds)
+    except BadInputError:
+        raise
     except NotImplementedError as err:
-        raise UnsupportedTransferSyntaxError(f"no installed decoder for {syntax}: {err}") from err
+        raise UnsupportedTransferSyntaxError(f"no installed decoder for {syntax} ({type(err).__name__})") from err
     except Exception as err:  # codecs raise anything from RuntimeError to their own classes on a bad stream
-        raise BadInputError(f"pixel data of {ds.get('SOPInstanceUID', '?')} does not decode: {err}") from err
+        # The type only: a codec's or pydicom's message may quote an element value.
+        raise BadInputError(f"pixel data does not decode ({type(err).__name__})") from err
+
+
+def _uid_of(ds: Dataset, keyword: str) -> str:
+    try:
+        value = str(ds.get(keyword, "") or "").rstrip("\0 ")
+    except Exception as err:  # noqa: BLE001 - a raw value pydicom cannot convert
+        raise BadInputError(f"{keyword} cannot be read ({type(err).__name__})") from err
+    if not _UID_RE.fullmatch(value) or len(value) > 64:
+        raise BadInputError(f"{keyword} is missing or not a valid DICOM UID")
+    return value
+
+
+# PS3.5 9.1, as the box's ingest checks it: the hub files instances by these, so it must never take another form.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 def decode_wire(data: bytes) -> Dataset:
     """Receiver side: parse a wire instance and prove every frame decodes; BadInputError when it does not.
 
-    An instance without Pixel Data (a report, a KOS) is returned as parsed: there is nothing to decode.
+    An instance without Pixel Data (a report, a KOS) is returned as parsed: there is nothing to decode. Its SOP
+    Instance and Study Instance UIDs are checked: the hub files the instance by them.
     """
-    return _decode_checked(data)[0]
+    ds = _decode_checked(data)[0]
+    _uid_of(ds, "SOPInstanceUID")
+    _uid_of(ds, "StudyInstanceUID")
+    return ds
 
 
 def pixels_equal(a: Dataset, b: Dataset) -> bool:
@@ -356,6 +422,13 @@ def pixels_equal(a: Dataset, b: Dataset) -> bool:
 
 def _reencodable(ds: Dataset, syntax: str) -> str | None:
     """Why this instance must travel as is, or None when it may be re-encoded."""
+    try:
+        return _why_not_reencodable(ds, syntax)
+    except Exception as err:  # noqa: BLE001 - a header value pydicom cannot convert: the bytes still travel
+        return f"header not re-encodable ({type(err).__name__})"
+
+
+def _why_not_reencodable(ds: Dataset, syntax: str) -> str | None:
     if "PixelData" not in ds:
         return "no Pixel Data"
     if syntax in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "00")) == "01":
@@ -415,11 +488,17 @@ def encode_for_wire(
     bounds the frames re-encoded: a longer cine loop travels as is rather than tie up the box's two cores.
     """
     ds, raw = _read(source)
-    syntax = _syntax(ds)
-    sop = ds.get("SOPInstanceUID", "?")
+    try:
+        syntax = _syntax(ds)
+        sop = str(ds.get("SOPInstanceUID", "?"))
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw values here
+        raise BadInputError(dicom_scan.reason(err, "file meta")) from err
     original = WireEncoding(raw, "original", syntax, len(raw), 1.0, True)
     reason = _reencodable(ds, syntax)
-    n_frames = int(ds.get("NumberOfFrames") or 1) if reason is None else 0
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1) if reason is None else 0
+    except Exception as err:  # noqa: BLE001 - NaN, 1e400, a list: the instance travels as is
+        reason = f"Number of Frames not readable ({type(err).__name__})"
     if reason is None and frames_limit is not None and n_frames > frames_limit:
         reason = f"{n_frames} frames > frames_limit {frames_limit}"
     if reason is not None:
@@ -429,7 +508,7 @@ def encode_for_wire(
         info = _info(ds)
         source_frames = _frames(ds)
     except Exception as err:  # a source we cannot decode is still sendable byte for byte
-        log.warning("sending %s as is: its pixel data does not decode here: %s", sop, err)
+        log.warning("sending %s as is: its pixel data does not decode here (%s)", sop, type(err).__name__)
         return original
     frames = _container(source_frames, info)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 import time
@@ -118,6 +119,12 @@ SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
     "command": {"command": (str, True), "args": (dict, False)},
 }
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
+# Integers and times travel as JSON numbers; anything beyond 2**53 is neither exact in a double nor a real value.
+MAX_NUMBER = 2 ** 53
+# Chunks of one transfer: a 2 GB instance (storage.max_file_mb) in 1 KiB chunks needs ~2M; an ack can name no more.
+MAX_CHUNKS = 4_000_000
+# Nesting of a control message's values (lists in lists): real ones go 3 deep; json.dumps and every walk recurse.
+MAX_JSON_DEPTH = 32
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
@@ -153,11 +160,21 @@ def _check_fields(kind: str, obj: dict) -> None:
             raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
         if not isinstance(val, types):
             raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
+    for name, (types, _) in SCHEMAS[kind].items():
+        value = obj.get(name)
+        # Numbers end up in SQLite (int64) and in arithmetic: NaN, infinities and 10**30 are no sizes or times;
+        # the integer fields (sizes, counts, indices) are never negative.
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
+            raise ProtocolError(f"{kind}: field {name!r} is not a finite number in range")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not (0 if types is int else -MAX_NUMBER) <= value <= MAX_NUMBER:
+                raise ProtocolError(f"{kind}: field {name!r} is out of range")
+    # These fields are checked wherever they appear, also in a kind whose schema does not name them.
     for name in ("sha256", "chunk_sha256"):
-        if name in obj and not _SHA_RE.fullmatch(obj[name]):
+        if name in obj and not (isinstance(obj[name], str) and _SHA_RE.fullmatch(obj[name])):
             raise ProtocolError(f"{kind}: {name} is not a sha256 hex digest")
     for name in ("transfer", "flag_id", "read_id"):
-        if obj.get(name) is not None and not _ID_RE.fullmatch(obj[name]):
+        if obj.get(name) is not None and not (isinstance(obj[name], str) and _ID_RE.fullmatch(obj[name])):
             raise ProtocolError(f"{kind}: bad {name}")
     if "label" in obj and obj["label"] is not None and obj["label"] not in LABELS:
         raise ProtocolError(f"{kind}: unknown label {obj['label']!r}")
@@ -165,6 +182,8 @@ def _check_fields(kind: str, obj: dict) -> None:
         size, cs, count = obj["size"], obj["chunk_size"], obj["count"]
         if size < 1 or cs < 1 or count != -(-size // cs):
             raise ProtocolError(f"{kind}: size {size}, chunk_size {cs} and count {count} disagree")
+        if count > MAX_CHUNKS:
+            raise ProtocolError(f"{kind}: {count} chunks exceed the limit of {MAX_CHUNKS}")
     if kind == "chunk" and not 0 <= obj["index"] < obj["count"]:
         raise ProtocolError(f"chunk: index {obj['index']} outside 0..{obj['count'] - 1}")
     if kind == "ack":
@@ -172,7 +191,7 @@ def _check_fields(kind: str, obj: dict) -> None:
             raise ProtocolError(f"ack: unknown status {obj['status']!r}")
         if (obj.get("transfer") is None) == (obj.get("flag_id") is None):
             raise ProtocolError("ack: exactly one of transfer and flag_id")
-        ranges_from_wire(obj.get("have", []))
+        ranges_from_wire(obj.get("have", []), obj.get("count"))
     if kind == "command" and obj["command"] not in COMMANDS:
         raise ProtocolError(f"command: unknown command {obj['command']!r}")
 
@@ -227,14 +246,15 @@ def decode(topic: str, payload: bytes, *, direction: str, max_bytes: int, expect
             raise ProtocolError(f"{kind}: control message of {len(payload)} bytes")
         head_raw = payload
     try:
-        obj = json.loads(head_raw)
+        obj = json.loads(head_raw, parse_constant=_no_constant)
     except RecursionError as err:  # 2 KB of "[" nests deeper than the interpreter allows
         raise ProtocolError(f"{kind}: JSON nested too deeply") from err
     except (ValueError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"{kind}: not JSON: {err}") from err
+        raise ProtocolError(f"{kind}: not JSON ({type(err).__name__})") from err
     if not isinstance(obj, dict):
         raise ProtocolError(f"{kind}: not a JSON object")
-    if obj.get("v") != VERSION:
+    _check_values(kind, obj)
+    if type(obj.get("v")) is not int or obj.get("v") != VERSION:
         raise ProtocolError(f"{kind}: unknown protocol version {obj.get('v')!r}")
     if obj.get("type") != kind:
         raise ProtocolError(f"{kind}: payload type {obj.get('type')!r} does not match the topic")
@@ -249,6 +269,31 @@ def decode(topic: str, payload: bytes, *, direction: str, max_bytes: int, expect
         if hashlib.sha256(data).hexdigest() != obj["chunk_sha256"]:
             raise ProtocolError(f"chunk {obj['index']} of {obj['transfer']}: sha256 mismatch (corrupted)")
     return Message(kind, device, obj, bytes(data))
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # json.loads would otherwise turn NaN / Infinity into floats
+
+
+def _check_values(kind: str, obj: dict) -> None:
+    """Every value of a decoded message: nested at most MAX_JSON_DEPTH, every string encodable as UTF-8 (a lone
+    surrogate such as "\\ud800" decodes from JSON but fails in SQLite, logs and on the way out)."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(f"{kind}: JSON nested too deeply")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, depth))
+                stack.append((item, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ProtocolError(f"{kind}: a string that is not valid UTF-8 text") from err
 
 
 def _decode_compact(device: str, payload: bytes) -> Message:
@@ -288,13 +333,23 @@ def from_ranges(ranges) -> set[int]:
     return {i for a, b in ranges for i in range(a, b + 1)}
 
 
-def ranges_from_wire(ranges) -> list[list[int]]:
+def ranges_from_wire(ranges, count: int | None = None) -> list[list[int]]:
+    """Validated [first, last] chunk ranges. The box expands them into a set on its MQTT thread, so they may name
+    no chunk at or past `count` (when the ack gives it) and at most MAX_CHUNKS in all: [[0, 10**12]] was a
+    memory bomb."""
     if not isinstance(ranges, list) or len(ranges) > 100_000:
         raise ProtocolError("ranges: not a list")
+    top = MAX_CHUNKS if count is None else min(count, MAX_CHUNKS)
+    total = 0
     for r in ranges:
         if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
                 or r[0] < 0 or r[1] < r[0]):
-            raise ProtocolError(f"ranges: bad range {r!r}")
+            raise ProtocolError(f"ranges: bad range {str(r)[:40]}")
+        if r[1] >= top:
+            raise ProtocolError(f"ranges: chunk {r[1]} is beyond the transfer's {top} chunks")
+        total += r[1] - r[0] + 1
+        if total > MAX_CHUNKS:
+            raise ProtocolError(f"ranges: more than {MAX_CHUNKS} chunks")
     return ranges
 
 

@@ -284,3 +284,93 @@ def test_deflate_bomb_is_refused_before_pydicom_inflates_it_with_memory_to_spare
     assert got["file_bytes"] < 2 * 2**20
     assert got["reason"] and "decompression bomb" in got["reason"]
     assert got["peak_rss_mb"] < 300, got
+
+
+def _with_private_sequence(tmp_path, name: str, raw_sequence: bytes):
+    """A small valid CR whose private element (0009,1010) is replaced by `raw_sequence` (explicit VR LE bytes)."""
+    marker = b"PLACEHOLDER!"
+
+    def add_placeholder(ds):
+        ds.add_new(0x00090010, "LO", "WASLA TEST")
+        ds.add_new(0x00091010, "OB", marker)
+
+    path = _poison(tmp_path, name, add_placeholder)
+    data = path.read_bytes()
+    placeholder = b"\x09\x00\x10\x10OB\x00\x00" + len(marker).to_bytes(4, "little") + marker
+    assert data.count(placeholder) == 1
+    path.write_bytes(data.replace(placeholder, raw_sequence))
+    return path
+
+
+def _undefined_sequence(items: bytes) -> bytes:
+    return b"\x09\x00\x10\x10SQ\x00\x00\xff\xff\xff\xff" + items + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+
+
+def _undefined_item(content: bytes) -> bytes:
+    return b"\xfe\xff\x00\xe0\xff\xff\xff\xff" + content + b"\xfe\xff\x0d\xe0\x00\x00\x00\x00"
+
+
+@pytest.mark.timeout(60)
+def test_a_100k_item_private_sequence_is_refused_in_well_under_a_second_and_the_next_study_is_stored(
+        store, sample, limits, tmp_path):
+    import time
+
+    from edge import dicom_scan
+
+    one_item = _undefined_item(b"\x09\x00\x01\x10LO\x08\x00abcdefgh")
+    big = _with_private_sequence(tmp_path, "huge-private-sequence", _undefined_sequence(one_item * 100_000))
+    assert 3_000_000 < big.stat().st_size < 3_500_000  # the 3.2 MB file of issue 12, row 10
+    good = tmp_path / "good.dcm"
+    good_uid = _copy_with_new_uid(sample("RG1_UNCR.dcm"), good)
+
+    t0 = time.perf_counter()
+    refused = ingest_file(store, big, source="cli", **limits)
+    took = time.perf_counter() - t0
+    stored = ingest_file(store, good, source="cli", **limits)
+
+    # pydicom alone parses all 100k items eagerly: 31 s at ingest and 11 s at triage on the box before the walk.
+    assert took < 5, took
+    assert refused.status == "quarantined"
+    assert f"more than {dicom_scan.MAX_ITEMS} sequence items" in refused.reason
+    assert stored.status == "stored" and stored.sop_instance_uid == good_uid
+
+
+@pytest.mark.timeout(60)
+def test_a_private_sequence_within_the_item_limit_is_stored_and_triage_reads_it_in_seconds(store, limits, tmp_path):
+    import time
+
+    import pydicom
+
+    from edge import imaging
+
+    one_item = _undefined_item(b"\x09\x00\x01\x10LO\x08\x00abcdefgh")
+    path = _with_private_sequence(tmp_path, "large-private-sequence", _undefined_sequence(one_item * 20_000))
+
+    t0 = time.perf_counter()
+    outcome = ingest_file(store, path, source="cli", **limits)
+    ingest_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ds = pydicom.dcmread(store.instance_path(store.query("SELECT * FROM instances")[0]))  # as the triage worker
+    (frame,) = imaging.render(ds, min_side=4)
+    triage_s = time.perf_counter() - t0
+
+    assert outcome.status == "stored", outcome.reason
+    assert ingest_s < 2, ingest_s  # the walk keeps no sequence: no pydicom parse at ingest
+    assert triage_s < 5, triage_s  # pydicom's eager parse of at most MAX_ITEMS items, then an 8x8 render
+    assert frame.shape == (8, 8)
+
+
+@pytest.mark.parametrize("depth", [40, 5000])
+def test_sequences_nested_past_the_depth_limit_are_quarantined_without_a_recursion_error(store, limits, tmp_path,
+                                                                                        depth):
+    from edge import dicom_scan
+
+    nested = b""
+    for _ in range(depth):
+        nested = _undefined_sequence(_undefined_item(nested))
+    path = _with_private_sequence(tmp_path, f"nested-{depth}", nested)
+
+    outcome = ingest_file(store, path, source="cli", **limits)
+
+    assert outcome.status == "quarantined"
+    assert f"nested deeper than {dicom_scan.MAX_DEPTH} levels" in outcome.reason
