@@ -5,6 +5,7 @@ import errno
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -229,11 +230,12 @@ def _copy_chunks(src) -> Iterable[bytes]:
 
 
 def ingest_file(store: Store, path: Path | str, *, source: str, max_pixels: int, max_file_bytes: int,
-                calling_ae: str | None = None) -> IngestOutcome:
+                calling_ae: str | None = None, follow_symlinks: bool = True) -> IngestOutcome:
     """Copy one file into the store's temp area, judge the copy, then store or quarantine it.
 
     The original is only read, never moved: the caller (watch folder) deletes it once this has returned.
     Raises NotFoundError when `path` vanished, OutOfResourcesError when the disk is too full; never for bad input.
+    `follow_symlinks=False` (the watch folder): a file swapped for a symlink after it was listed is refused, not read.
     """
     started = time.perf_counter()
     path = Path(path)
@@ -244,7 +246,11 @@ def ingest_file(store: Store, path: Path | str, *, source: str, max_pixels: int,
     store.check_space(size)
     tmp = store.new_tmp_path()
     try:
-        with open(path, "rb") as src:
+        # O_NONBLOCK: a FIFO swapped in after the listing must not block the reading thread (refused just below).
+        flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+        with os.fdopen(os.open(path, flags), "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             write_fsynced(tmp, _copy_chunks(src))
     except FileNotFoundError as err:
         tmp.unlink(missing_ok=True)

@@ -130,7 +130,7 @@ class FolderWatcher:
             if self._stuck.get(path) == sig or not self._settled(path, sig, now):
                 continue
             try:
-                outcome = ingest_file(self.store, path, source="watch", **self.limits)
+                outcome = ingest_file(self.store, path, source="watch", follow_symlinks=False, **self.limits)
             except NotFoundError:
                 self._pending.pop(path, None)  # taken away by someone else meanwhile
                 continue

@@ -257,3 +257,16 @@ def test_a_folder_swapped_for_a_symlink_before_the_delete_never_deletes_outside(
     sub.symlink_to(victim_dir, target_is_directory=True)
     w._remove(f, (st.st_size, st.st_mtime_ns))
     assert victim.exists()
+
+
+def test_a_file_swapped_for_a_symlink_after_the_listing_is_refused_not_read(cfg, store, tmp_path):
+    from edge.ingest import ingest_file, limits_from_config
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root password")
+    link = cfg.watch_dir / "a.dcm"
+    cfg.watch_dir.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(secret)
+    out = ingest_file(store, link, source="watch", follow_symlinks=False, **limits_from_config(cfg))
+    assert out.status == "quarantined" and "cannot read file" in out.reason
+    assert not list(store.quarantine_dir.rglob("*.*"))
