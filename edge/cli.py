@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from edge import config as config_mod
-from edge.i18n import (_, describe_reason, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli,
+from sync.core.i18n import (_, describe_reason, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli,
                        set_language, state_name)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla clinic box: offline DICOM triage.")
@@ -232,7 +232,7 @@ def sync_status(now: bool = typer.Option(False, "--now", help="Ask the running d
     """Outbox to the hub: queued flags and studies, bytes, ratio, today's usage. Example: wasla sync --now"""
     import datetime as _dt
 
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     cfg = _cfg()
     box = Outbox(_store(), cfg.box.data_dir / "outbox", cfg.box.id)
@@ -361,7 +361,7 @@ def models_show(name: str, version: Optional[str] = typer.Argument(None, help="D
     """What a model does, its thresholds and its held-out test figures (verified first). Example: wasla models show cxr-triage"""
     from edge import modelpkg
 
-    from edge.errors import NotFoundError
+    from sync.core.errors import NotFoundError
 
     cfg = _cfg()
     version = version or modelpkg.active_version(cfg.models.dir, name)
@@ -489,7 +489,7 @@ def report(study: str = typer.Argument(..., help="Study Instance UID (or a uniqu
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Write the one-page printable triage report (HTML; print it or save it as PDF from any browser), in the --lang language. Example: wasla --lang fr report 1.2.840 --out /media/usb/report.html"""
     from edge import report as report_mod
-    from edge.i18n import current_language
+    from sync.core.i18n import current_language
 
     cfg = _cfg()
     store = _store()

@@ -10,8 +10,8 @@ import socket
 import time
 
 from edge.config import Config
-from edge.errors import WaslaError
-from edge.i18n import N_
+from sync.core.errors import WaslaError
+from sync.core.i18n import N_
 
 # A box that boots without an RTC battery often comes up in 1970 or 2000; triage times would then be nonsense.
 MIN_PLAUSIBLE_YEAR = 2025

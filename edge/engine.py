@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from edge import dicom_scan, imaging, modelpkg, modelpolicy, routing, triage
+from edge import imaging, modelpkg, modelpolicy, routing, triage
+from sync.wire import limits
+from sync.wire import dicom_scan
 from edge.config import Config
-from edge.errors import BadInputError, ModelError, WaslaError
+from sync.core.errors import BadInputError, ModelError, WaslaError
 from edge.inference import create_recorded, read_choices
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class Engine:
 
     def triage_dataset(self, ds: pydicom.Dataset, t: dict | None = None) -> Outcome:
         t = {} if t is None else t
-        if imaging.is_non_image(ds.get("SOPClassUID")):
+        if limits.is_non_image(ds.get("SOPClassUID")):
             # No label: the study's label comes from its images; the object still travels with the study.
             return Outcome(None, [{"code": "not_an_image"}], [], t)
         attrs = routing.instance_attrs(ds)
@@ -105,7 +107,7 @@ class Engine:
             # Models are installed, none is meant for this image (an ultrasound on a chest X-ray box): say that.
             modality = attrs.get("Modality", "")[:16]
             return Outcome("review", [{"code": "no_matching_model", "modality": modality or "?"}], [], t)
-        imaging.check_header(ds, self.cfg.storage.max_pixels)
+        limits.check_header(ds, self.cfg.storage.max_pixels)
         rendered: dict[str, list[np.ndarray]] = {}
         results, labels, reasons = [], [], []
         for m in chosen:

@@ -10,7 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge.errors import WaslaError
+from sync.core.errors import WaslaError
 
 
 def free_port() -> int:

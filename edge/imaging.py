@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,14 +13,9 @@ from pydicom.encaps import generate_frames, get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, convert_color_space, get_decoder
 from pydicom.uid import UID
 
-from edge.errors import (
-    BadInputError,
-    ImageTooLargeError,
-    ModelError,
-    NoPixelDataError,
-    UnsupportedTransferSyntaxError,
-)
-from edge import dicom_scan, j2k_guard
+from sync.core.errors import BadInputError, ModelError
+from sync.wire import dicom_scan, j2k_guard
+from sync.wire.limits import _J2K_SYNTAXES, check_codestreams, check_header, int_attr, number_of_frames, transfer_syntax
 from edge.j2k_reduced import decode_reduced as _decode_j2k_reduced
 from edge.j2k_reduced import decomposition_levels as _j2k_decomposition_levels
 from edge.preprocess import Preprocess, normalise, prepare
@@ -29,16 +23,6 @@ from edge.preprocess import Preprocess, normalise, prepare
 log = logging.getLogger(__name__)
 j2k_guard.install()  # before any JPEG 2000 decode: pydicom's own JP2 box walk can loop forever
 
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
-_J2K_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000
-        "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
-        "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
-        "1.2.840.10008.1.2.4.203",  # HTJ2K
-    }
-)
 _FRAME_POLICIES = ("middle", "first", "all")
 # Percentiles used when a grey image carries no window: robust to burnt-in text and collimator edges.
 _AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
@@ -98,109 +82,6 @@ class InputSpec:
 # Header checks
 
 
-def _transfer_syntax(ds) -> UID:
-    meta = getattr(ds, "file_meta", None)
-    try:
-        uid = meta.get("TransferSyntaxUID") if meta is not None else None
-    except Exception as err:  # noqa: BLE001 - pydicom converts the raw value here; any failure is the file's
-        raise BadInputError(f"Transfer Syntax UID cannot be read ({type(err).__name__})") from err
-    if not uid:
-        raise BadInputError("dataset has no Transfer Syntax UID in its file meta information")
-    return UID(str(uid))
-
-
-def _int_attr(ds, keyword: str, default: int | None = None) -> int:
-    try:
-        value = ds.get(keyword, default)
-    except Exception as err:  # noqa: BLE001 - pydicom converts the raw bytes here: BytesLengthException, ValueError...
-        raise BadInputError(f"image attribute {keyword} cannot be read ({type(err).__name__})") from err
-    if value is None or (isinstance(value, str) and value == ""):
-        if default is None:
-            raise BadInputError(f"image attribute {keyword} is missing")
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError) as err:  # a list, "abc", NaN, an IS of 1e400 (infinity)
-        raise BadInputError(f"image attribute {keyword} is not an integer") from err
-
-
-def _number_of_frames(ds) -> int:
-    return max(_int_attr(ds, "NumberOfFrames", 1), 1)
-
-
-MAX_FRAMES = 10_000
-# All frames of one instance, decoded (rows x columns x samples x frames x bytes per sample): the uploader and the
-# hub decode every frame, so a 19 KB JPEG-LS claiming 16 frames of 8000 x 8000 must be refused from its header.
-# 400 MB holds a 300-frame 640 x 480 RGB cine loop (276 MB) and any radiograph.
-MAX_DECODED_BYTES = 400 * 1024 * 1024
-
-# Storage classes that carry no image by design (structured reports incl. dose reports and key objects,
-# presentation states, encapsulated documents, waveforms, raw data): stored and forwarded with their study, never
-# triaged and never quarantined for lacking pixel data.
-NON_IMAGE_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.88.",   # SR family (RDSR, KOS, CAD SR, ...)
-    "1.2.840.10008.5.1.4.1.1.11.",   # presentation states
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA / STL ...
-    "1.2.840.10008.5.1.4.1.1.9.",    # waveforms (ECG, audio, ...)
-    "1.2.840.10008.5.1.4.1.1.66",    # raw data, spatial registration, fiducials, segmentation surfaces
-    "1.2.840.10008.5.1.4.1.1.481.",  # radiotherapy objects other than images
-)
-
-
-def is_non_image(sop_class_uid) -> bool:
-    uid = str(sop_class_uid or "")
-    if uid == "1.2.840.10008.5.1.4.1.1.481.1":  # RT Image is an image
-        return False
-    return uid.startswith(NON_IMAGE_SOP_PREFIXES)
-
-
-def check_dimensions(ds, max_pixels: int = 100_000_000) -> None:
-    """The header's size claims against the per-frame and per-instance budgets, before any decode (box and hub)."""
-    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
-    frames, samples = _number_of_frames(ds), _int_attr(ds, "SamplesPerPixel", 1)
-    if rows <= 0 or cols <= 0 or samples not in (1, 3, 4):
-        raise BadInputError(f"invalid image dimensions {rows}x{cols} with {samples} samples per pixel")
-    # Per frame: triage decodes one frame at a time, so a single absurd frame (a forged 60000x60000 claim) is the
-    # risk there; the uploader and the hub decode them all, hence the per-instance budget below.
-    per_frame = rows * cols * samples
-    if per_frame > max_pixels or frames > MAX_FRAMES:
-        raise ImageTooLargeError(
-            f"image of {rows}x{cols}x{samples} samples per frame ({per_frame} values), {frames} frames, exceeds the "
-            f"limit of {max_pixels} values per frame and {MAX_FRAMES} frames"
-        )
-    bits = _int_attr(ds, "BitsAllocated", 8)
-    if bits not in (1, 8, 16, 32, 64):
-        raise BadInputError(f"invalid Bits Allocated {bits}")
-    decoded = per_frame * frames * max(bits // 8, 1)
-    if decoded > MAX_DECODED_BYTES:
-        raise ImageTooLargeError(
-            f"{frames} frame(s) of {rows}x{cols}x{samples} at {bits} bits would decode to {decoded / 2**20:.0f} MiB, "
-            f"over the limit of {MAX_DECODED_BYTES / 2**20:.0f} MiB per instance")
-
-
-def check_header(ds, max_pixels: int = 100_000_000) -> None:
-    """Refuse what cannot or should not be decoded, without touching the pixel data.
-
-    Pixel presence is checked last, so a caller holding a dataset read with `stop_before_pixels` learns that
-    everything else passed when the only error is NoPixelDataError.
-    """
-    has_pixels = any(kw in ds for kw in _PIXEL_KEYWORDS)
-    if not has_pixels and "Rows" not in ds and "Columns" not in ds:
-        raise NoPixelDataError("dataset has no pixel data and no image attributes")
-    check_dimensions(ds, max_pixels)
-    uid = _transfer_syntax(ds)
-    try:
-        decoder = get_decoder(uid)
-    except NotImplementedError as err:
-        raise UnsupportedTransferSyntaxError(f"no decoder for transfer syntax {uid} ({uid.name})") from err
-    if not decoder.is_available:
-        raise UnsupportedTransferSyntaxError(
-            f"transfer syntax {uid} ({uid.name}) needs a decoder plugin that is not installed"
-        )
-    if not has_pixels:
-        raise NoPixelDataError("dataset has no Pixel Data element")
-
-
 def _reduce_factor(ds, uid: UID, min_side: int | None) -> int:
     """Largest N with min(Rows, Columns) / 2**N >= 2 * min_side, for JPEG 2000 syntaxes whose output we can mirror."""
     if min_side is None or min_side <= 0 or uid not in _J2K_SYNTAXES:
@@ -224,8 +105,8 @@ def _reduced_frame(ds, codestream: bytes, factor: int) -> tuple[np.ndarray, str]
     except RuntimeError as err:
         log.debug("reduced JPEG 2000 decode failed (%s); decoding at full size", err)
         return None
-    bits, signed = _int_attr(ds, "BitsStored", 0), bool(_int_attr(ds, "PixelRepresentation", 0))
-    samples = _int_attr(ds, "SamplesPerPixel", 1)
+    bits, signed = int_attr(ds, "BitsStored", 0), bool(int_attr(ds, "PixelRepresentation", 0))
+    samples = int_attr(ds, "SamplesPerPixel", 1)
     # A codestream that disagrees with the header gets pydicom's reconciliation rules, not ours.
     if len(planes) != samples or any(prec != bits or sgnd != signed for _, prec, sgnd in planes):
         return None
@@ -240,93 +121,6 @@ def _reduced_frame(ds, codestream: bytes, factor: int) -> tuple[np.ndarray, str]
 # A codec allocates what the codestream's own header claims, whatever the DICOM header said, and CharLS spends ~3 s
 # on a 64x64 JPEG-LS frame cut short (found by scripts/fuzz.py; 10,000 such frames would hold a thread for hours).
 # So each frame must start with its format's marker, claim no more samples than the header, and end with EOI/EOC.
-
-_JPEG_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-                            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
-# SOF0-15 but DHT (C4), JPG (C8) and DAC (CC); F7 is JPEG-LS SOF55.
-_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
-_END_MARKER = b"\xff\xd9"  # JPEG EOI and J2K EOC alike
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int, int]:
-    """(rows, columns, components) from a JPEG / JPEG-LS frame header."""
-    if data[:2] != b"\xff\xd8":
-        raise BadInputError("codestream does not start with a JPEG SOI marker")
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            raise BadInputError("malformed JPEG marker segment")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # segments without a length
-            i += 2
-            continue
-        if marker in _SOF_MARKERS:
-            seg = data[i + 4:i + 10]
-            if len(seg) < 6:
-                break
-            return int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"), seg[5]
-        if marker == 0xDA:
-            raise BadInputError("JPEG scan data before any frame header")
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if length < 2:
-            raise BadInputError("malformed JPEG marker segment")
-        i += 2 + length
-    raise BadInputError("JPEG codestream has no frame header")
-
-
-def _j2k_size(data: bytes) -> tuple[int, int, int]:
-    """(rows, columns, components) from a J2K / HTJ2K SIZ segment."""
-    if data[:4] != b"\xff\x4f\xff\x51" or len(data) < 42:
-        raise BadInputError("codestream does not start with the JPEG 2000 SOC and SIZ markers")
-    x, y, x0, y0 = struct.unpack_from(">IIII", data, 8)
-    return max(y - y0, 0), max(x - x0, 0), int.from_bytes(data[40:42], "big")
-
-
-def check_codestream(frame: bytes, uid: str, rows: int, cols: int, samples: int, index: int) -> None:
-    """BadInputError unless this encapsulated frame's codestream fits the header and is complete."""
-    if uid in _JPEG_SYNTAXES:
-        stream = frame
-        h, w, c = _jpeg_size(stream)
-    elif uid in _J2K_SYNTAXES:
-        stream = j2k_guard.codestream_of(bytes(frame))
-        if stream is None:
-            raise BadInputError(f"frame {index}: JPEG 2000 boxes cannot be walked to the codestream")
-        h, w, c = _j2k_size(stream)
-    else:
-        return
-    if min(h, w, c) == 0 or h * w * c > rows * cols * max(samples, 1):
-        raise ImageTooLargeError(f"frame {index}: its codestream claims {w}x{h} with {c} components, the header "
-                                 f"{cols}x{rows} with {samples}")
-    # The marker may be followed by a padding byte or a few (0x00, 0xFF); inside entropy-coded data FF D9 cannot occur.
-    if _END_MARKER not in bytes(stream[-16:]):
-        raise BadInputError(f"frame {index}: the codestream is cut short (no end-of-image marker)")
-
-
-def check_codestreams(ds, uid: str, indices: list[int] | None = None) -> None:
-    """`check_codestream` for the frames given (all when None) of an encapsulated dataset."""
-    if uid not in _JPEG_SYNTAXES and uid not in _J2K_SYNTAXES:
-        return
-    rows, cols = _int_attr(ds, "Rows"), _int_attr(ds, "Columns")
-    samples, n_frames = _int_attr(ds, "SamplesPerPixel", 1), _number_of_frames(ds)
-    try:
-        if indices is None:
-            frames = enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames))
-        else:
-            frames = ((i, get_frame(ds.PixelData, i, number_of_frames=n_frames)) for i in indices)
-        for index, frame in frames:
-            check_codestream(frame, uid, rows, cols, samples, index)
-    except BadInputError:
-        raise
-    except Exception as err:  # noqa: BLE001 - fragments and offset tables are the file's
-        raise BadInputError(f"encapsulated pixel data cannot be split into frames ({type(err).__name__})") from err
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Decoding
-
 
 def _reason(err: BaseException) -> str:
     # pydicom puts each plugin's own error on a line of its own; keep them all, on one line, without the values
@@ -345,7 +139,7 @@ def _frame_indices(policy: str, n_frames: int) -> list[int]:
 
 def _decode(ds, uid: UID, indices: list[int], min_side: int | None) -> Iterator[tuple[int, np.ndarray, str]]:
     """Yield (index, raw array, photometric after decoding) for just the frames asked for, in index order."""
-    n_frames = _number_of_frames(ds)
+    n_frames = number_of_frames(ds)
     try:
         check_codestreams(ds, uid, None if len(indices) == n_frames else indices)
     except BadInputError as err:
@@ -463,7 +257,7 @@ def _grey(ds, arr: np.ndarray, index: int, photometric: str, min_side: int | Non
         elif _display_ready(ds, arr):
             # 8 bits or fewer, no rescale, no window: the modality already made a picture for display (the way
             # the training images were stored); stretching it to percentiles would change its contrast.
-            y = np.clip(x / np.float32(2 ** _int_attr(ds, "BitsStored", 8) - 1), 0.0, 1.0)
+            y = np.clip(x / np.float32(2 ** int_attr(ds, "BitsStored", 8) - 1), 0.0, 1.0)
         else:
             step = max(min(x.shape) // 512, 1)  # a strided sample is plenty for two percentiles
             lo, hi = np.percentile(x[::step, ::step], _AUTO_WINDOW_PERCENTILES)
@@ -474,10 +268,10 @@ def _grey(ds, arr: np.ndarray, index: int, photometric: str, min_side: int | Non
 
 
 def _display_ready(ds, arr: np.ndarray) -> bool:
-    bits = _int_attr(ds, "BitsStored", 8 * arr.dtype.itemsize)
+    bits = int_attr(ds, "BitsStored", 8 * arr.dtype.itemsize)
     slope = _first(ds.get("RescaleSlope"))
     intercept = _first(ds.get("RescaleIntercept"))
-    return (1 <= bits <= 8 and not _int_attr(ds, "PixelRepresentation", 0) and slope in (None, 1.0)
+    return (1 <= bits <= 8 and not int_attr(ds, "PixelRepresentation", 0) and slope in (None, 1.0)
             and intercept in (None, 0.0) and "ModalityLUTSequence" not in ds)
 
 
@@ -511,7 +305,7 @@ def _colour(ds, uid: UID, arr: np.ndarray, photometric: str, min_side: int | Non
         elif photometric != "RGB":
             raise BadInputError(f"photometric interpretation {photometric} is not supported")
         rgb = arr[..., :3]
-        scale = float(2 ** _int_attr(ds, "BitsStored", 8 * arr.dtype.itemsize) - 1)
+        scale = float(2 ** int_attr(ds, "BitsStored", 8 * arr.dtype.itemsize) - 1)
     if rgb.dtype not in (np.uint8, np.uint16, np.float32):
         rgb = rgb.astype(np.float32)
     out = _shrink(np.ascontiguousarray(rgb), min_side).astype(np.float32) / np.float32(scale)
@@ -539,8 +333,8 @@ def render(
     if frames not in _FRAME_POLICIES:
         raise ValueError(f"frames must be one of {_FRAME_POLICIES}, got {frames!r}")
     check_header(ds, max_pixels)
-    uid = _transfer_syntax(ds)
-    indices = _frame_indices(frames, _number_of_frames(ds))
+    uid = transfer_syntax(ds)
+    indices = _frame_indices(frames, number_of_frames(ds))
     out = []
     # Frames arrive in index order and are rendered one by one, so "all" never holds every full-size frame at once.
     for index, arr, photometric in _decode(ds, uid, indices, min_side):

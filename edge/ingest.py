@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import StorageConfig
-from edge.errors import BadInputError, NoPixelDataError, NotFoundError, OutOfResourcesError
-from edge import dicom_scan
-from edge.imaging import check_header, is_non_image
+from sync.core.errors import BadInputError, NoPixelDataError, NotFoundError, OutOfResourcesError
+from sync.wire import dicom_scan
+from sync.wire.limits import check_header, is_non_image
 from edge.store import InstanceMeta, Store
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import signing
-from edge.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
+from sync.core.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
 from edge.preprocess import Preprocess
 
 log = logging.getLogger(__name__)

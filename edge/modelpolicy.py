@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge import signing
-from edge.errors import ModelError, ModelIntegrityError
+from sync.core.errors import ModelError, ModelIntegrityError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from edge.errors import BadInputError, ModelError
+from sync.core.errors import BadInputError, ModelError
 
 # OpenCV kernels by the name a manifest uses. "area" is the only antialiasing one for shrinking.
 KERNELS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR, "cubic": cv2.INTER_CUBIC,

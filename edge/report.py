@@ -20,7 +20,7 @@ import cv2
 import pydicom
 
 from edge import imaging
-from edge.errors import BadInputError, NotFoundError, WaslaError
+from sync.core.errors import BadInputError, NotFoundError, WaslaError
 from edge.results_dicom import is_derived, key_instance, result_score, triaged_sources
 from edge.store import QUARANTINED, Store
 

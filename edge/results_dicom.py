@@ -30,9 +30,10 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from edge import imaging, triage
-from edge.errors import BadInputError, NotFoundError, StateError, WaslaError
-from edge.diskguard import Pause, is_disk_full
-from edge.liveness import Beat
+from sync.wire.results import MANUFACTURER as _MANUFACTURER, SERIES_PREFIX
+from sync.core.errors import BadInputError, NotFoundError, StateError, WaslaError
+from sync.core.diskguard import Pause, is_disk_full
+from sync.core.liveness import Beat
 from edge.store import PROCESSING, QUARANTINED, QUEUED, RECEIVED, TRIAGED, Store
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ DISCLAIMER = ("NOT FOR CLINICAL USE. Automated triage by Wasla: it orders the re
               "A radiologist must read this study.")
 # Private coding scheme for the concepts DICOM has no code for ("99" prefix: local schemes, PS3.16 8.2).
 SCHEME = "99WASLA"
-_MANUFACTURER = "Wasla"
 # Patient and study attributes copied from a source image, so a PACS files the results under the same patient and
 # study. Type 2 ones are written (empty) even when the source lacks them.
 _COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
@@ -58,26 +58,6 @@ _BAND = {"urgent": (200, 30, 30), "review": (215, 140, 0), "normal": (30, 130, 6
 
 
 # --- what the results are -------------------------------------------------------------------------------------------
-
-def is_wasla_result(ds: Dataset) -> bool:
-    """A dataset this software wrote (SR or SC), recognised at the hub by its manufacturer and series."""
-    return ds.get("Manufacturer") == _MANUFACTURER and str(ds.get("SeriesDescription", "")).startswith("Wasla AI triage")
-
-
-def predecessor_uids(ds: Dataset) -> tuple[str, ...]:
-    """SOP Instance UIDs an SR names as its predecessors (the versions it replaces); () when none or malformed."""
-    out = []
-    try:
-        for st in ds.get("PredecessorDocumentsSequence", []) or []:
-            for se in st.get("ReferencedSeriesSequence", []) or []:
-                for ref in se.get("ReferencedSOPSequence", []) or []:
-                    uid = str(ref.get("ReferencedSOPInstanceUID", "") or "")
-                    if uid:
-                        out.append(uid)
-    except Exception:  # noqa: BLE001 - arrived from a box: a malformed sequence hides nothing
-        return ()
-    return tuple(dict.fromkeys(out))[:64]
-
 
 def is_derived(row: dict) -> bool:
     return row.get("source") == SOURCE
@@ -266,7 +246,7 @@ def build_sr(study: dict, sources: list[dict], header: Dataset, *, box_id: str, 
              instance_number: int = 1, predecessors: list[dict] | None = None) -> Dataset:
     """A Comprehensive SR: the study label, then per image its reference, model, score, thresholds and reasons."""
     ds = _base(ComprehensiveSRStorage, sop_uid, series_uid, SERIES_NUMBER[SR], instance_number, header, box_id, "SR")
-    ds.SeriesDescription = "Wasla AI triage (not for clinical use)"
+    ds.SeriesDescription = f"{SERIES_PREFIX} (not for clinical use)"
     ds.ReferencedPerformedProcedureStepSequence = Sequence()
     ds.PerformedProcedureCodeSequence = Sequence()
     ds.CompletionFlag = "COMPLETE"
@@ -352,7 +332,7 @@ def build_sc(study: dict, key: dict, key_ds: Dataset, *, box_id: str, sop_uid: s
     pixels = burn_in(imaging.thumbnail(frame, _SC_MAX_SIDE), study["label"], sc_lines(study, key))
     ds = _base(SecondaryCaptureImageStorage, sop_uid, series_uid, SERIES_NUMBER[SC], instance_number, key_ds,
                box_id, "OT")
-    ds.SeriesDescription = "Wasla AI triage image (not for clinical use)"
+    ds.SeriesDescription = f"{SERIES_PREFIX} image (not for clinical use)"
     ds.ConversionType = "WSD"
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"

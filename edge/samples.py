@@ -12,7 +12,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
 
-from edge.errors import NotFoundError
+from sync.core.errors import NotFoundError
 
 KERMANY = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cxr-pneumonia-kermany"
 

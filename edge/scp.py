@@ -12,8 +12,8 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from edge.config import Config
-from edge.diskguard import is_disk_full
-from edge.errors import NoPixelDataError, OutOfResourcesError, WaslaError
+from sync.core.diskguard import is_disk_full
+from sync.core.errors import NoPixelDataError, OutOfResourcesError, WaslaError
 from edge.ingest import DUPLICATE, QUARANTINED, STORED, ingest_tmp, limits_from_config, write_fsynced
 from edge.scp_slots import BoundedServer, Slots
 from edge.store import Store

@@ -11,7 +11,7 @@ from pynetdicom import AE
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from edge.errors import WaslaError
+from sync.core.errors import WaslaError
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
-from edge.errors import ModelIntegrityError, WaslaError
+from sync.core.errors import ModelIntegrityError, WaslaError
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> str:

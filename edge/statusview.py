@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from edge.i18n import N_, _, is_rtl, label_name, ltr, state_name
+from sync.core.i18n import N_, _, is_rtl, label_name, ltr, state_name
 from edge.store import STATES, Store
 
 # Rate from the last refreshes, smoothed: a GEO link's throughput swings a lot from one chunk to the next.

@@ -1,7 +1,6 @@
 """The box's durable queue: SQLite (WAL) rows for instances, studies and results, and the spool files they point to."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -16,8 +15,9 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
-from edge.diskguard import describe_store_error
-from edge.errors import NotFoundError, OutOfResourcesError, StateError, StoreError
+from sync.core.diskguard import describe_store_error
+from sync.core.sqlite import find_study, write_transaction
+from sync.core.errors import NotFoundError, OutOfResourcesError, StateError, StoreError
 from edge.triage import most_severe
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _m002_receive_timing(db: sqlite_utils.Database) -> None:
 
 
 def _m003_sync_outbox(db: sqlite_utils.Database) -> None:
-    # The uploader's source of truth (sync/outbox.py): one row per flag or per instance transfer.
+    # The uploader's source of truth (edge/uplink/outbox.py): one row per flag or per instance transfer.
     db["outbox"].create({
         "id": int, "kind": str, "priority": int, "state": str, "study_uid": str, "instance_id": int, "label": str,
         "flag_id": str, "transfer_id": str, "payload": str, "wire_path": str, "size": int, "sha256": str,
@@ -143,48 +143,7 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     return applied
 
 
-def find_study(query, study_uid: str) -> dict:
-    """The studies row for a UID or a unique prefix of one (technicians copy a prefix from a table); box and hub."""
-    rows = query("SELECT * FROM studies WHERE study_uid = ?", [study_uid])
-    if not rows:
-        rows = query("SELECT * FROM studies WHERE study_uid LIKE ? LIMIT 2", [study_uid + "%"])
-        if len(rows) != 1:
-            raise NotFoundError(f"study {study_uid} not found" if not rows else f"study prefix {study_uid} is ambiguous")
-    return rows[0]
 
-
-@contextlib.contextmanager
-def write_transaction(lock, conn, *, durable: bool = True):
-    """BEGIN IMMEDIATE under `lock`, COMMIT on success, ROLLBACK on an exception; the lock is never left held,
-    not even when BEGIN itself times out (another process holds the file). Shared by the box and the hub stores."""
-    with lock:
-        if not durable:
-            conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                _rollback(conn)
-                raise
-            try:
-                conn.execute("COMMIT")
-            except BaseException:
-                # A COMMIT that fails (SQLITE_FULL on a full disk) can leave the transaction open: every later
-                # BEGIN would then fail too, long after space has returned.
-                _rollback(conn)
-                raise
-        finally:
-            if not durable:
-                conn.execute("PRAGMA synchronous=FULL")
-
-
-def _rollback(conn) -> None:
-    if getattr(conn, "conn", conn).in_transaction:  # a sqlite_utils Database wraps the connection
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # SQLite rolled back by itself (it does on some I/O errors)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -541,7 +500,7 @@ class Store:
     def known_paths(self) -> set[str]:
         return {r["path"] for r in self.query("SELECT path FROM instances")}
 
-    # --- for sync/outbox.py: its own tables, and instance transitions in the same transaction ----------------------
+    # --- for edge/uplink/outbox.py: its own tables, and instance transitions in the same transaction ----------------------
     def transaction(self):
         """BEGIN IMMEDIATE under the writer lock; commits on success, rolls back on an exception."""
         return self._tx()

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from edge.errors import InferenceError
+from sync.core.errors import InferenceError
 from edge.modelpkg import ModelPackage
 
 LABELS = ("normal", "review", "urgent")

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge.config import Config
-from edge.diskguard import is_disk_full
-from edge.errors import NotFoundError, OutOfResourcesError
+from sync.core.diskguard import is_disk_full
+from sync.core.errors import NotFoundError, OutOfResourcesError
 from edge.ingest import QUARANTINED, STORED, IngestOutcome, ingest_file, limits_from_config
-from edge.liveness import Beat
+from sync.core.liveness import Beat
 from edge.store import Store
 
 # Quarantine reasons after which the original stays in the folder: we hold no usable copy (unreadable file), or the

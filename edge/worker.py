@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 from edge import results_dicom
 from edge.engine import Engine
-from edge.errors import BadInputError, StoreError, WaslaError
-from edge.diskguard import Pause, is_disk_full
-from edge.liveness import Beat
+from sync.core.errors import BadInputError, StoreError, WaslaError
+from sync.core.diskguard import Pause, is_disk_full
+from sync.core.liveness import Beat
 from edge.store import PROCESSING, RECEIVED, Store
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from provisioning import ca
 
-ROOT = "wasla/v1"  # sync.protocol's topic root; provisioning does not import the wire code
+ROOT = "wasla/v1"  # sync.wire.protocol's topic root; provisioning does not import the wire code
 
 # The largest message a box or hub needs: a chunk (sync.chunk_bytes is at most 1 MiB) or a flag with its preview,
 # both refused by the hub above receiver.max_message_bytes (2 MiB by default), plus MQTT headers.

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.errors import WaslaError
+from sync.core.errors import WaslaError
 
 # P-256 ECDSA: OpenSSL 3 (Mosquitto 2.0.11 on Debian 12) and Python's ssl (paho) both handle it, the keys are
 # small and signing is cheap on an ARM box. Ed25519 certificates are refused by many TLS stacks' defaults.

@@ -13,7 +13,7 @@ try:  # recent typer vendors click
 except ImportError:  # pragma: no cover - older typer with click installed
     from click.exceptions import ClickException as _ClickException
 
-from edge.errors import WaslaError
+from sync.core.errors import WaslaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Wasla fleet provisioning: CA, box bundles, revocation, broker config, model signing.")

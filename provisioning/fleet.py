@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge import signing
-from edge.errors import ConfigError, NotFoundError, WaslaError
+from sync.core.errors import ConfigError, NotFoundError, WaslaError
 from provisioning import ca
 
 DEVICE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -306,7 +306,7 @@ def _hub_last_seen(db: Path | str) -> dict[str, str]:
     import sqlite3
 
     if str(db).startswith(("postgresql://", "postgres://")):
-        from sync.hub_store_pg import read_only_query
+        from sync.hub.store_pg import read_only_query
 
         rows = [(r["device"], r["last_seen"]) for r in read_only_query(str(db), "SELECT device, last_seen FROM boxes")]
     else:

@@ -360,7 +360,7 @@ class HubFeeder:
     def __init__(self, port: int):
         import paho.mqtt.client as mqtt
 
-        from sync import protocol
+        from sync.wire import protocol
 
         self.protocol = protocol
         self.acks: dict[str, dict] = {}

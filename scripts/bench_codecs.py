@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sync.codecs import _container, _frames, _info, available_codecs, encode_for_wire, make_codec  # noqa: E402
+from sync.wire.codecs import _container, _frames, _info, available_codecs, encode_for_wire, make_codec  # noqa: E402
 
 SITE = Path(pydicom.__file__).parent.parent
 SAMPLES = {

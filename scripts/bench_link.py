@@ -202,7 +202,7 @@ class Bench:
         hub_toml = self.work / "hub.toml"
         hub_toml.write_text(f'[hub]\nid = "bench-hub"\ndata_dir = "{self.work / "hub"}"\n'
                             f'[broker]\nhost = "{le.HUB_IP}"\nport = {BROKER_PORT}\nkeepalive_seconds = 30\n')
-        self.link.popen_in("hub", [PY, "-m", "sync.hub_cli", "--config", str(hub_toml), "run"], cwd=REPO,
+        self.link.popen_in("hub", [PY, "-m", "sync.hub.cli", "--config", str(hub_toml), "run"], cwd=REPO,
                            stdout=open(self.work / "hub.log", "ab"), stderr=subprocess.STDOUT)
         # Box: a signed brightness test model routed to DX only (urgent probes); the real studies (CR, US) get no
         # model, so they are all 'review' (no_model) and drain in arrival order.

@@ -30,9 +30,10 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def project_dependencies() -> list[str]:
-    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
-    return list(meta["project"]["dependencies"])
+def project_dependencies(extras: tuple[str, ...] = ("box",)) -> list[str]:
+    """The core dependencies plus those of the machine's extra (a clinic box by default)."""
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return [*meta["dependencies"], *(d for e in extras for d in meta["optional-dependencies"][e])]
 
 
 def build(out: Path, *, platform: str | None = None, python_version: str | None = None,

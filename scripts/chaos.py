@@ -104,7 +104,7 @@ def _hub_reserve() -> str:
     tmpfs, and the hub would pause receiving from its first message on. Only where this hub has the key."""
     from dataclasses import fields
 
-    from sync.hub_config import HubReceiverConfig
+    from sync.hub.config import HubReceiverConfig
 
     return "min_free_mb = 16\n" if "min_free_mb" in {f.name for f in fields(HubReceiverConfig)} else ""
 
@@ -157,7 +157,7 @@ class Rig:
                                if l.startswith("port"))
         self.box_db = self.box_data / "wasla.db"
         py = sys.executable
-        self.hub = Daemon("hub", [py, "-m", "sync.hub_cli", "--config", str(self.hub_cfg), "run"], root / "hub.log",
+        self.hub = Daemon("hub", [py, "-m", "sync.hub.cli", "--config", str(self.hub_cfg), "run"], root / "hub.log",
                           _hub_ready)
         self.box = Daemon("box", [py, "-m", "edge.cli", "--config", str(self.box_cfg), "run"], root / "box.log",
                           self._box_ready)
@@ -197,7 +197,7 @@ class Rig:
                               capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
     def wasla_hub(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "sync.hub_cli", "--lang", "en", "--config", str(self.hub_cfg),
+        return subprocess.run([sys.executable, "-m", "sync.hub.cli", "--lang", "en", "--config", str(self.hub_cfg),
                                *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
 
 
@@ -372,7 +372,7 @@ def census(rig: Rig, items: list[Item]) -> dict:
     """Every count the run reports, from the hub's files and index, the box's store and the box's log."""
     import pydicom
 
-    from sync import codecs
+    from sync.wire import codecs
 
     acked = [i for i in items if i.acked]
     hub_rows = {r["sop_instance_uid"]: r for r in _query(rig.hub_data / "hub.db", "SELECT * FROM instances")}

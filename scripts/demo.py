@@ -31,7 +31,7 @@ def wasla(cfg: Path, *args: str) -> str:
 
 
 def hub(cfg: Path, *args: str) -> str:
-    return cli("sync.hub_cli", cfg, *args)
+    return cli("sync.hub.cli", cfg, *args)
 
 
 def main() -> int:
@@ -69,7 +69,7 @@ data_dir = "hub-data"
 port = {broker.port}
 """)
     procs = []
-    hub_proc = subprocess.Popen([sys.executable, "-m", "sync.hub_cli", "--config", str(hub_cfg), "run"],
+    hub_proc = subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(hub_cfg), "run"],
                                 stdout=open(work / "hub.log", "wb"), stderr=subprocess.STDOUT, cwd=REPO)
     procs.append(hub_proc)
     box_proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "--config", str(box_cfg), "run"],

@@ -5,7 +5,7 @@
     .venv/bin/python scripts/fuzz.py --replay work-data/fuzz/dicom-0123456789ab.bin
 
 Each case runs in a worker process limited to --memory-mb of address space and --timeout seconds; a hang, a
-memory blow-up, a native crash or any exception outside edge.errors is a crash. Each distinct crash is saved once,
+memory blow-up, a native crash or any exception outside sync.core.errors is a crash. Each distinct crash is saved once,
 as a .bin (the input) and a .json (target, topic, mutation, traceback), under --out. Exit code 1 when any crash.
 """
 from __future__ import annotations

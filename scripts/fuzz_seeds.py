@@ -193,7 +193,7 @@ def dicom_seeds() -> list[Seed]:
 
 def wire_encoded(seeds: list[Seed]) -> list[Seed]:
     """What the box's uploader makes of the synthetic seeds (JPEG-LS, JPEG-XL): the hub's usual input."""
-    from sync import codecs
+    from sync.wire import codecs
 
     out = []
     for s in seeds:

@@ -66,8 +66,9 @@ def _box(data: bytes, tmp: Path, secrets) -> str:
 
     from edge import imaging, ingest, routing
     from edge.config import StorageConfig
-    from edge.errors import BadInputError, WaslaError
-    from sync import codecs
+    from sync.core.errors import BadInputError, WaslaError
+    from sync.wire import codecs
+    from sync.wire import limits as wire_limits
 
     limits = StorageConfig()
     path = tmp / "case.dcm"
@@ -83,9 +84,9 @@ def _box(data: bytes, tmp: Path, secrets) -> str:
             ds = pydicom.dcmread(path)
         except Exception as err:  # noqa: BLE001 - the engine maps every read failure to BadInputError
             raise BadInputError(f"cannot read DICOM: {type(err).__name__}") from err
-        if not imaging.is_non_image(ds.get("SOPClassUID")):
+        if not wire_limits.is_non_image(ds.get("SOPClassUID")):
             routing.instance_attrs(ds)
-            imaging.check_header(ds, limits.max_pixels)
+            wire_limits.check_header(ds, limits.max_pixels)
             spec = imaging.InputSpec(shape=(1, 3, 224, 224))
             for frame in imaging.render(ds, min_side=224, frames="middle", max_pixels=limits.max_pixels):
                 imaging.to_tensor(frame, spec)
@@ -100,8 +101,8 @@ def _box(data: bytes, tmp: Path, secrets) -> str:
 
 
 def _hub(data: bytes, secrets) -> str:
-    from edge.errors import BadInputError
-    from sync import codecs
+    from sync.core.errors import BadInputError
+    from sync.wire import codecs
 
     try:
         codecs.decode_wire(data)
@@ -116,8 +117,8 @@ MAX_ACK_INDICES = 10_000_000
 
 
 def _wire(topic: str, payload: bytes) -> str:
-    from edge.errors import ProtocolError
-    from sync import protocol
+    from sync.core.errors import ProtocolError
+    from sync.wire import protocol
 
     direction = "down" if "/down/" in topic else "up"
     try:
@@ -189,7 +190,7 @@ def serve() -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     import importlib
 
-    for module in ("pydicom", "edge.imaging", "edge.ingest", "edge.routing", "sync.codecs", "sync.protocol"):
+    for module in ("pydicom", "edge.imaging", "edge.ingest", "edge.routing", "sync.wire.codecs", "sync.wire.protocol"):
         importlib.import_module(module)  # the worker's start-up cost, paid once, not by its first case
 
     tmp = Path(tempfile.mkdtemp(prefix="wasla-fuzz-"))

@@ -10,7 +10,7 @@ def wire_seeds() -> list[tuple[str, str, bytes]]:
     """(name, topic, payload): one valid message of every kind, both directions, both chunk frames."""
     import hashlib
 
-    from sync import protocol as p
+    from sync.wire import protocol as p
 
     dev, sha = "box-a", hashlib.sha256(b"x" * 100).hexdigest()
     data = b"x" * 100
@@ -143,7 +143,7 @@ class WireMutator:
         return "/".join(parts), payload
 
     def chunk_frame(self, topic, payload):
-        from sync import protocol as p
+        from sync.wire import protocol as p
 
         if not topic.endswith("/chunk"):
             return topic, payload

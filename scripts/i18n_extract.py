@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Regenerates edge/locale/wasla.pot from the sources, merges it into the .po files, compiles the .mo files.
+"""Regenerates sync/core/locale/wasla.pot from the sources, merges it into the .po files, compiles the .mo files.
 
     python scripts/i18n_extract.py           # update .pot, .po (new msgids get an empty msgstr) and .mo
     python scripts/i18n_extract.py --check   # change nothing; exit 1 listing what is stale or untranslated
 
-Msgids come from two places: every literal `_("...")` / `N_("...")` in edge/ and sync/hub_cli.py (found with
+Msgids come from two places: every literal `_("...")` / `N_("...")` in edge/, sync/core/ and sync/hub/ (found with
 the AST, so no xgettext is needed), and every help text of the `wasla` and `wasla-hub` command trees (typer
 docstrings and help=, which are translated when the CLI builds its click commands, see edge/i18n.py).
 The .mo files are compiled here in pure Python (the same format as GNU msgfmt writes), so neither the box
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCALE_DIR = ROOT / "edge" / "locale"
+LOCALE_DIR = ROOT / "sync" / "core" / "locale"
 POT = LOCALE_DIR / "wasla.pot"
 LANGUAGES = ("en", "fr", "ar")
 # English may stay identity (empty msgstr); the others must translate everything.
@@ -33,7 +33,8 @@ PLACEHOLDER = re.compile(r"(?<!\{)\{([a-zA-Z_][a-zA-Z0-9_]*)?(?:[:!][^{}]*)?\}(?
 
 
 def source_files() -> list[Path]:
-    return sorted((ROOT / "edge").rglob("*.py")) + [ROOT / "sync" / "hub_cli.py"]
+    return sorted([*(ROOT / "edge").rglob("*.py"), *(ROOT / "sync" / "core").rglob("*.py"),
+                   *(ROOT / "sync" / "hub").rglob("*.py")])
 
 
 def ast_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
@@ -60,8 +61,8 @@ def help_msgids() -> dict[str, list[str]]:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from edge import cli
-    from edge.i18n import help_texts
-    from sync import hub_cli
+    from sync.core.i18n import help_texts
+    from sync.hub import cli as hub_cli
 
     found: dict[str, list[str]] = {}
     for prog, app in (("wasla", cli.app), ("wasla-hub", hub_cli.app)):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from edge.errors import WaslaError  # noqa: E402
+from sync.core.errors import WaslaError  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -63,7 +63,7 @@ def sample_study(work: Path) -> tuple[Store, str, str]:
     for r in outcome.results:
         r["timings"] = dict(outcome.timings)
     store.record_triage(row["id"], outcome.label, outcome.reasons, outcome.results)
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     Outbox(store, work / "outbox", cfg.box.id).apply_read(
         row["study_uid"], "read-demo-1", "abnormal", "Right lower lobe consolidation; treat and repeat in 2 weeks.",

@@ -66,7 +66,7 @@ def populate(root: Path, port: int):
     """A box with a morning's work; returns (config path, store, outbox, transfer id under way)."""
     from edge import config as config_mod
     from edge.store import InstanceMeta, Store
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     cfg_path = root / "box.toml"
     cfg_path.write_text(

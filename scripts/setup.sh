@@ -3,13 +3,13 @@
 # Usage: bash scripts/setup.sh [extras]   (extras default "samples"; the tests use "test,train")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${1:-samples}"
+EXTRAS="${1:-box,hub,fleet,samples}"
 
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 command -v storescu >/dev/null 2>&1 || need_apt+=(dcmtk)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
-if [[ "$EXTRAS" == *test* ]]; then  # the link-emulator tests ping across network namespaces
+if [[ "$EXTRAS" == *test* || "$EXTRAS" == *dev* ]]; then  # the link-emulator tests ping across network namespaces
   command -v ping >/dev/null 2>&1 || need_apt+=(iputils-ping)
   command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
   command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # the unit checks (verify, security)

@@ -1,1 +1,1 @@
-"""Wasla wire: protocol, codecs, box uploader, hub receiver."""
+"""Wasla sync: the shared core (core/), the wire box and hub agree on (wire/), and the hub (hub/)."""

@@ -109,7 +109,7 @@ class HubProcess:
 
     def start(self) -> "HubProcess":
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sync.hub_cli", "--config", str(self.cfg), "run"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(self.cfg), "run"],
                                      stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO, env=dict(os.environ))
         return self
 

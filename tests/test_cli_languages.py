@@ -13,7 +13,7 @@ from rich.cells import cell_len
 
 from edge import config as config_mod
 from edge.cli import main
-from edge.i18n import LRI, PDI, RLI, set_language
+from sync.core.i18n import LRI, PDI, RLI, set_language
 from edge.store import InstanceMeta, Store
 
 URGENT = "1.2.840.113619.2.55.3.4471.20261123.0912"
@@ -186,7 +186,7 @@ def test_upload_eta_comes_from_the_measured_link_rate(cfg):
     from types import SimpleNamespace
 
     from edge.statusview import StatusSampler
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     c = config_mod.load(cfg, env={})
     store = Store.from_config(c)
@@ -210,7 +210,7 @@ def test_upload_eta_comes_from_the_measured_link_rate(cfg):
 
 
 def test_hub_cli_speaks_french_and_arabic(capsys, tmp_path):
-    from sync.hub_cli import main as hub_main
+    from sync.hub.cli import main as hub_main
 
     rc = hub_main(["--lang", "fr", "--help"])
     out = capsys.readouterr().out

@@ -7,8 +7,8 @@ import pytest
 from pydicom import uid
 from pydicom.data import get_testdata_file
 
-from edge.errors import BadInputError
-from sync.codecs import available_codecs, decode_wire, encode_for_wire, pixels_equal
+from sync.core.errors import BadInputError
+from sync.wire.codecs import available_codecs, decode_wire, encode_for_wire, pixels_equal
 
 SITE = Path(pydicom.__file__).parent.parent
 DATA = SITE / "data_store" / "data"
@@ -162,7 +162,7 @@ def _large_cr(pixels: np.ndarray) -> bytes:
 
 def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress_well(monkeypatch):
     """JPEG-XL effort 7 costs ~3 MB/s: worth it on smooth images (5-15 % smaller), not on noisy ones."""
-    import sync.codecs as codecs_mod
+    import sync.wire.codecs as codecs_mod
 
     if "jpegxl" not in available_codecs():
         pytest.skip("imagecodecs without JPEG-XL")

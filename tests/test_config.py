@@ -3,7 +3,7 @@
 import pytest
 
 from edge import config
-from edge.errors import ConfigError
+from sync.core.errors import ConfigError
 
 
 def test_defaults_work_without_any_file():

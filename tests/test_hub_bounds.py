@@ -10,8 +10,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge.harness import wait_until
-from sync import protocol
-from sync.receiver import Receiver
+from sync.wire import protocol
+from sync.hub.receiver import Receiver
 from test_sync_support import RawBox, hub_cfg, make_cr
 
 pytestmark = pytest.mark.timeout(120)

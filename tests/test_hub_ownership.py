@@ -11,7 +11,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge.harness import wait_until
-from sync import protocol
+from sync.wire import protocol
 from test_sync_support import Box, RawBox, make_cr, start_hub, triage
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,10 +18,11 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from edge.errors import ConfigError, StoreError
+from sync.core.errors import ConfigError, StoreError
 from edge.harness import free_port, stop_process, wait_for_port, wait_until
-from sync import codecs, hub_config, protocol
-from sync.hub_store import HubStore
+from sync.wire import codecs, protocol
+from sync.hub import config as hub_config
+from sync.hub.store import HubStore
 from test_sync_support import (Box, RawBox, assert_hub_holds_exactly, hub_cfg, hub_view, make_cr, start_hub,
                                stored_sops, triage)
 
@@ -299,7 +300,7 @@ def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path,
 
 def test_four_boxes_racing_for_one_new_study_uid_leave_it_to_exactly_one(tmp_path, pg_url):
     """The ownership check sits inside the write transaction: no interleaving lets two boxes both own a study."""
-    from edge.errors import UidCollisionError
+    from sync.core.errors import UidCollisionError
 
     stores = [_store(tmp_path, pg_url) for _ in range(4)]
     try:
@@ -333,7 +334,7 @@ def test_four_boxes_racing_for_one_new_study_uid_leave_it_to_exactly_one(tmp_pat
 # --- the worklist, the CLI and parity with SQLite -----------------------------------------------------------------
 
 def test_worklist_ordered_by_urgency_then_age(tmp_path, pg_url, capsys, monkeypatch):
-    from sync import hub_cli
+    from sync.hub import cli as hub_cli
 
     monkeypatch.setattr(hub_cli, "_state", {})  # hub_cli caches its config per process: keep ours out of later tests
     store = _store(tmp_path, pg_url)
@@ -425,14 +426,15 @@ def _script(store: HubStore) -> list:
 
 
 def test_same_calls_give_the_same_answers_on_sqlite_and_postgresql(tmp_path, pg_url):
-    from edge import metrics
+    from sync.core import metrics
+    from sync.hub.metrics import hub_collector
 
     answers, scraped = {}, {}
     for name, url in (("sqlite", ""), ("postgresql", pg_url)):
         store = _store(tmp_path / name, url)
         try:
             answers[name] = _script(store)
-            text = metrics.exposition(metrics.hub_collector(store, hub_id="h")())
+            text = metrics.exposition(hub_collector(store, hub_id="h")())
             scraped[name] = sorted(line for line in text.splitlines() if "age_seconds{" not in line)
         finally:
             store.close()
@@ -456,7 +458,7 @@ def test_database_url_is_a_strict_hub_key_and_selects_the_index():
 
 
 def test_wrong_url_or_stopped_server_gives_store_error_without_the_password(tmp_path, pg, pg_url):
-    from sync.hub_store_pg import redact
+    from sync.hub.store_pg import redact
 
     wrong = {"wrong password": pg.url("postgres", password="wrong-" + PASSWORD),
              "no server": pg.url("postgres", port=free_port()),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import typer.main
 
-from edge import i18n
-from edge.i18n import LRI, PDI, describe_reason, ltr, pick_language, set_language
+from sync.core import i18n
+from sync.core.i18n import LRI, PDI, describe_reason, ltr, pick_language, set_language
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def test_pot_and_compiled_catalogues_are_current(extract, msgids):
 
 def test_help_texts_and_table_words_are_in_the_catalogue(msgids):
     from edge import cli
-    from sync import hub_cli
+    from sync.hub import cli as hub_cli
 
     for app in (cli.app, hub_cli.app):
         for text in i18n.help_texts(typer.main.get_command(app)):

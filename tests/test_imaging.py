@@ -15,7 +15,7 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames, get_frame
 from pydicom.pixels import pixel_array
 
-from edge.errors import (
+from sync.core.errors import (
     BadInputError,
     ImageTooLargeError,
     ModelError,
@@ -415,7 +415,7 @@ def _jp2_with_box_of_length_zero() -> pydicom.Dataset:
 
 @pytest.mark.timeout(30)
 def test_jp2_box_of_length_zero_is_refused_quickly_instead_of_looping_forever():
-    from edge.j2k_guard import jp2_boxes_sane
+    from sync.wire.j2k_guard import jp2_boxes_sane
 
     ds = _jp2_with_box_of_length_zero()
     assert not jp2_boxes_sane(get_frame(ds.PixelData, 0, number_of_frames=1))
@@ -424,7 +424,7 @@ def test_jp2_box_of_length_zero_is_refused_quickly_instead_of_looping_forever():
     except BadInputError:
         pass  # refused by the decoder: the point is that it returns at all
     # the hub's and the uploader's codecs go through the same guard
-    from sync import codecs
+    from sync.wire import codecs
 
     buffer = __import__("io").BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -437,7 +437,7 @@ def test_jp2_box_of_length_zero_is_refused_quickly_instead_of_looping_forever():
 def test_header_claiming_16_frames_of_8000_squared_is_refused_by_box_and_hub_before_decoding():
     from pydicom.uid import JPEGLSLossless
 
-    from sync import codecs
+    from sync.wire import codecs
 
     ds = read("RG1_UNCR.dcm")
     ds.Rows = ds.Columns = 8000

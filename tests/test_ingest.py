@@ -8,7 +8,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from edge.errors import BadInputError, NotFoundError, OutOfResourcesError
+from sync.core.errors import BadInputError, NotFoundError, OutOfResourcesError
 from edge.ingest import adopt_orphans, expand_paths, ingest_file, ingest_paths, limits_from_config, meta_from_dataset
 from edge.store import Store, file_sha256
 
@@ -206,16 +206,16 @@ def test_poison_headers_are_quarantined_with_a_reason_and_the_next_file_is_still
     assert any("not a valid DICOM UID" in r for r in reasons)
     assert store.query("SELECT state FROM instances WHERE sop_instance_uid = ?", [good_uid])[0]["state"] == "received"
     # Every stored row's identifiers fit the protocol's ids, so the uploader can never choke on them.
-    from sync import protocol
-    from sync.outbox import flag_id
+    from sync.wire import protocol
+    from edge.uplink.outbox import flag_id
 
     for row in store.query("SELECT study_uid FROM instances WHERE study_uid IS NOT NULL"):
         assert protocol.valid_id(flag_id(row["study_uid"], "urgent"))
 
 
 def test_flag_id_of_a_uid_the_protocol_cannot_carry_is_a_stable_hash():
-    from sync import protocol
-    from sync.outbox import flag_id
+    from sync.wire import protocol
+    from edge.uplink.outbox import flag_id
 
     assert flag_id("1.2.3", "review") == "review-1.2.3"
     odd = flag_id("1.2.3 4\x00" + "9" * 300, "urgent")
@@ -315,7 +315,7 @@ def test_a_100k_item_private_sequence_is_refused_in_well_under_a_second_and_the_
         store, sample, limits, tmp_path):
     import time
 
-    from edge import dicom_scan
+    from sync.wire import dicom_scan
 
     one_item = _undefined_item(b"\x09\x00\x01\x10LO\x08\x00abcdefgh")
     big = _with_private_sequence(tmp_path, "huge-private-sequence", _undefined_sequence(one_item * 100_000))
@@ -363,7 +363,7 @@ def test_a_private_sequence_within_the_item_limit_is_stored_and_triage_reads_it_
 @pytest.mark.parametrize("depth", [40, 5000])
 def test_sequences_nested_past_the_depth_limit_are_quarantined_without_a_recursion_error(store, limits, tmp_path,
                                                                                         depth):
-    from edge import dicom_scan
+    from sync.wire import dicom_scan
 
     nested = b""
     for _ in range(depth):

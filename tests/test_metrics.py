@@ -10,9 +10,12 @@ import pytest
 from pydicom.uid import generate_uid
 
 from boxproc import BoxProcess, tiny_models, write_box_config
-from edge import harness, metrics, samples
+from edge import harness, samples
+from edge.metrics import box_collector
+from sync.core import metrics
+from sync.hub.metrics import hub_collector
 from edge.config import parse
-from edge.errors import ConfigError
+from sync.core.errors import ConfigError
 from test_results_dicom import add_image, triage_next
 
 
@@ -49,7 +52,7 @@ def test_histogram_is_cumulative_and_labels_are_escaped():
 
 
 def test_box_endpoint_reports_queue_latency_goodput_bytes_per_class_and_quarantines(store, tmp_path):
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     uid = generate_uid()
     add_image(store, tmp_path, uid)
@@ -65,7 +68,7 @@ def test_box_endpoint_reports_queue_latency_goodput_bytes_per_class_and_quaranti
     box.add_usage("2026-11-02", "flag", 300)
     latency = metrics.Histogram("wasla_triage_latency_seconds", "latency")
     latency.observe(0.4)
-    server = metrics.MetricsServer("127.0.0.1", 0, metrics.box_collector(
+    server = metrics.MetricsServer("127.0.0.1", 0, box_collector(
         store, box_id="box-m", data_dir=tmp_path, latency=latency)).start()
     try:
         code, ctype, text = scrape(server.port)
@@ -88,14 +91,14 @@ def test_box_endpoint_reports_queue_latency_goodput_bytes_per_class_and_quaranti
 
 
 def test_hub_endpoint_reports_each_box_queue_depth_freshness_and_dead_letters(tmp_path):
-    from sync.hub_store import HubStore
+    from sync.hub.store import HubStore
 
     hub = HubStore(tmp_path / "hub.db", tmp_path / "studies", tmp_path / "partial")
     hub.seen("box-1", chunk=True)
     hub.seen("box-1", chunk=True, dup=True)
     hub.record_heartbeat("box-1", {"queue_depth": 7, "oldest_unsent_at": None})
     hub.dead_letter("wasla/v1/up/box-1/chunk", "box-1", "bad crc", b"xx")
-    server = metrics.MetricsServer("127.0.0.1", 0, metrics.hub_collector(hub, hub_id="hub-t")).start()
+    server = metrics.MetricsServer("127.0.0.1", 0, hub_collector(hub, hub_id="hub-t")).start()
     try:
         got = samples_of(scrape(server.port)[2])
     finally:
@@ -109,7 +112,7 @@ def test_hub_endpoint_reports_each_box_queue_depth_freshness_and_dead_letters(tm
 
 
 def test_metrics_are_off_by_default_and_the_section_is_strict_on_box_and_hub():
-    from sync import hub_config
+    from sync.hub import config as hub_config
 
     cfg = parse("")
     assert cfg.metrics.enabled is False and cfg.metrics.bind == "127.0.0.1" and cfg.metrics.port == 9464

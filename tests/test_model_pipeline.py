@@ -12,7 +12,7 @@ import pytest
 cv2 = pytest.importorskip("cv2")
 
 from edge import signing  # noqa: E402
-from edge.errors import ModelIntegrityError  # noqa: E402
+from sync.core.errors import ModelIntegrityError  # noqa: E402
 from models.pipeline import metrics  # noqa: E402
 from models.pipeline.data import Sample, dedupe, patient_id, split_groups  # noqa: E402
 
@@ -254,7 +254,7 @@ def test_adapt_without_checkpoint_starts_from_the_package_weights(binary_package
 
 
 def test_adapt_refuses_a_checkpoint_the_package_was_not_built_from(binary_package, keys, tmp_path):
-    from edge.errors import ModelError
+    from sync.core.errors import ModelError
     from models.pipeline.adapt import adapt
 
     bogus = tmp_path / "bogus.pt"

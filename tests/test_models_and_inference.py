@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from edge import modelpkg, routing, triage
-from edge.errors import ConfigError, InferenceError, ModelError, ModelIntegrityError, NotFoundError
+from sync.core.errors import ConfigError, InferenceError, ModelError, ModelIntegrityError, NotFoundError
 from edge.inference import BACKENDS, create_backend
 from edge.modelpkg import activate, active_version, install, load_package, load_trusted_keys, rollback
 from modelfactory import brightness_tensor, make_tiny_package, nan_model, signing_key, tiny_model, write_signed_manifest

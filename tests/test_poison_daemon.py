@@ -203,7 +203,7 @@ def test_every_poison_input_is_contained_and_studies_sent_after_them_reach_the_h
 
 def _assert_hub_holds(root: Path, originals: list[Path], allowed: set[str]) -> None:
     """Each original once and bit-exact at the hub; nothing there the box did not accept (its own SR/SC aside)."""
-    from sync import codecs
+    from sync.wire import codecs
     from test_sync_support import DERIVED_CLASSES, hub_view
 
     s = hub_view(root)

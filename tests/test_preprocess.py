@@ -11,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from edge.errors import ModelError
+from sync.core.errors import ModelError
 from edge.imaging import InputSpec, model_picture, render, to_tensor
 from edge.preprocess import Preprocess, jpeg_round_trip, to_u8
 

@@ -17,7 +17,7 @@ from edge import config as box_config_mod
 from edge.harness import free_port, mosquitto_binary, stop_process, wait_for_port, wait_until
 from provisioning import ca
 from provisioning.fleet import Fleet, FleetSettings
-from sync import hub_config
+from sync.hub import config as hub_config
 from test_sync_support import FAST_SYNC, make_cr, triage
 
 # The broker drops to this user after start; in the tests it keeps root so it can read files in tmp folders.
@@ -304,8 +304,8 @@ def test_client_id_is_the_certificate_identity_so_a_box_cannot_take_over_another
 
 def test_enrolled_box_syncs_a_study_to_the_hub_over_the_generated_tls_listener(fleet, broker, tmp_path, monkeypatch):
     from edge.store import Store
-    from sync.receiver import Receiver
-    from sync.uploader import Uploader
+    from sync.hub.receiver import Receiver
+    from edge.uplink.uploader import Uploader
 
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     box_cfg = box_config_mod.load(fleet.bundles_dir / "box-a" / "box.toml", env={})

@@ -13,8 +13,9 @@ import pydicom
 import pytest
 
 from edge import audit, config as config_mod
-from edge.errors import ConfigError
-from provisioning import ca, pseudonym
+from sync.core.errors import ConfigError
+from provisioning import ca
+from sync.wire import pseudonym
 from provisioning.cli import app, main
 from test_sync_support import make_cr
 
@@ -200,8 +201,8 @@ def test_short_pseudonym_key_is_refused(tmp_path):
 
 def test_uploader_sends_pseudonymised_instances_when_configured(tmp_path):
     from edge.store import Store
-    from sync.outbox import Outbox
-    from sync.uploader import Uploader
+    from edge.uplink.outbox import Outbox
+    from edge.uplink.uploader import Uploader
     from test_sync_support import box_config, triage
 
     (tmp_path / "pseudo.key").write_text(KEY.hex())

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from edge import config as config_mod, modelpkg
-from edge.errors import ModelIntegrityError
+from sync.core.errors import ModelIntegrityError
 from modelfactory import make_tiny_package
 from provisioning.cli import main as fleet_main
 from provisioning.fleet import Fleet, FleetSettings

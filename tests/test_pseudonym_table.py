@@ -7,7 +7,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 
-from provisioning import pseudonym
+from sync.wire import pseudonym
 
 KEY = bytes(range(32))
 
@@ -89,10 +89,10 @@ def test_the_attributes_that_once_went_through_are_removed_or_emptied(keyword):
 
 
 def test_our_own_sr_keeps_its_content_and_description_but_not_the_patient():
-    from edge import results_dicom
+    from sync.wire import results as results_dicom
 
     ds = Dataset()
-    ds.Manufacturer = results_dicom._MANUFACTURER
+    ds.Manufacturer = results_dicom.MANUFACTURER
     ds.SeriesDescription = "Wasla AI triage result"
     ds.PatientName, ds.PatientBirthDate = "Doe^Jane", "19800101"
     item = Dataset()

@@ -50,7 +50,7 @@ def test_arabic_page_is_right_to_left_and_french_page_is_french(store, urgent_st
 
 
 def test_the_radiologists_read_is_shown_once_it_is_back(store, urgent_study, tmp_path):
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     Outbox(store, tmp_path / "outbox", "box-7").apply_read(urgent_study, "r-1", "urgent-referral",
                                                            "Refer <today>", "Dr A", time.time())

@@ -13,7 +13,7 @@ from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, ge
 
 from edge import ingest, results_dicom, samples
 from edge.engine import Outcome
-from edge.errors import NotFoundError, StateError
+from sync.core.errors import NotFoundError, StateError
 from edge.store import QUEUED, TRIAGED
 from edge.worker import Worker
 
@@ -208,7 +208,7 @@ def test_a_study_with_only_unreadable_images_has_no_results_document(store, tmp_
 
 def test_results_travel_to_the_hub_with_the_study(store, study, tmp_path):
     """The uploader packs triaged rows of labelled studies: the SR and SC are among them, with the study's label."""
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     rows = results_dicom.ensure_results(store, study["uid"], box_id="box-a", kinds=(results_dicom.SR, results_dicom.SC))
     to_pack = Outbox(store, tmp_path / "outbox", "box-a").instances_to_pack(limit=10)

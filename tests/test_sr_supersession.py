@@ -8,7 +8,7 @@ from pydicom.uid import generate_uid
 
 from edge import results_dicom
 from edge.harness import wait_until
-from sync import hub_cli
+from sync.hub import cli as hub_cli
 from test_sync_support import Box, hub_cfg, make_cr, start_hub, triage
 
 pytestmark = pytest.mark.timeout(120)
@@ -51,7 +51,7 @@ def test_an_image_arriving_after_the_sr_gives_a_new_sr_that_supersedes_the_first
 
 
 def test_an_older_sr_arriving_after_its_successor_is_hidden_too(tmp_path):
-    from sync.hub_store import HubStore
+    from sync.hub.store import HubStore
 
     store = HubStore.from_config(hub_cfg(tmp_path, 1))
     try:

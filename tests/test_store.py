@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from edge.errors import OutOfResourcesError, StateError
+from sync.core.errors import OutOfResourcesError, StateError
 from edge.store import MIGRATIONS, InstanceMeta, Store
 
 
@@ -157,7 +157,7 @@ def test_purge_deletes_only_files_of_instances_the_hub_acknowledged_long_enough_
 
 
 def test_a_study_whose_only_image_was_quarantined_is_still_flagged_to_the_hub(tmp_path):
-    from sync.outbox import Outbox
+    from edge.uplink.outbox import Outbox
 
     s = make_store(tmp_path)
     put(s, "1.1", study="9.9")

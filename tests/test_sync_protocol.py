@@ -7,9 +7,9 @@ import json
 import pytest
 
 from edge import config
-from edge.errors import ConfigError, ProtocolError
-from sync import protocol
-from sync.budget import BULK, FLAG, Budget, in_windows, parse_window
+from sync.core.errors import ConfigError, ProtocolError
+from sync.wire import protocol
+from edge.uplink.budget import BULK, FLAG, Budget, in_windows, parse_window
 
 
 def _dec(topic, payload, **kw):
@@ -141,7 +141,7 @@ def test_sync_config_keys_are_documented_and_validated():
 
 
 def test_hub_config_is_strict():
-    from sync import hub_config
+    from sync.hub import config as hub_config
 
     with pytest.raises(ConfigError, match="unknown key 'broker.hots'"):
         hub_config.parse("[broker]\nhots = 'x'\n")

@@ -19,10 +19,11 @@ from conftest import make_config
 from edge import ingest
 from edge.harness import wait_until
 from edge.store import Store
-from sync import codecs, hub_config, protocol
-from sync.hub_store import HubStore
-from sync.receiver import Receiver
-from sync.uploader import Uploader
+from sync.wire import codecs, protocol
+from sync.hub import config as hub_config
+from sync.hub.store import HubStore
+from sync.hub.receiver import Receiver
+from edge.uplink.uploader import Uploader
 
 # Small chunks and a rate cap make a ~60 KB instance take a couple of seconds: long enough to cut mid-transfer,
 # short enough for a test measured in seconds.

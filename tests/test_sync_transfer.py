@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge.harness import Mosquitto, wait_until
-from sync import codecs, protocol
+from sync.wire import codecs, protocol
 from test_sync_support import (Box, RawBox, assert_hub_holds_exactly, hub_view, make_cr, start_hub, stored_sops,
                                triage)
 
@@ -285,7 +285,7 @@ def test_two_receivers_share_the_subscription_and_file_each_study_once(tmp_path,
 
 def test_worklist_boxes_and_a_read_sent_back_to_the_box(tmp_path, broker, parts, capsys):
     from edge import cli as box_cli
-    from sync import hub_cli
+    from sync.hub import cli as hub_cli
 
     hub = start_hub(tmp_path, broker.port)
     parts.append(hub)

@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edge.errors import ConfigError, ModelError
+from sync.core.errors import ConfigError, ModelError
 from edge.inference.base import Backend, ramp_tensor
 from edge.modelpkg import ModelPackage
 

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge.errors import ConfigError, InferenceError, ModelError
+from sync.core.errors import ConfigError, InferenceError, ModelError
 from edge.modelpkg import ModelPackage
 
 log = logging.getLogger(__name__)

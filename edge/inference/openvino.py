@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from edge.errors import ModelError
+from sync.core.errors import ModelError
 from edge.inference.base import Backend
 from edge.modelpkg import backend_relpath, read_verified
 

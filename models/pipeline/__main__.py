@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from edge.errors import ConfigError, WaslaError
+from sync.core.errors import ConfigError, WaslaError
 
 log = logging.getLogger("models.pipeline")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError, ModelError
+from sync.core.errors import ConfigError, ModelError
 from models.pipeline import steps
 from models.pipeline.data import dedupe, label_names, list_classes, list_samples, sha256_file, split_groups
 from models.pipeline.job import Job, Work, write_json

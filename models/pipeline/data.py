@@ -13,7 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edge.errors import BadInputError, NotFoundError
+from sync.core.errors import BadInputError, NotFoundError
 from edge.imaging import InputSpec, model_picture, to_tensor
 from edge.preprocess import Preprocess, to_u8, u8_to_frame
 from edge.preprocess import normalise as preprocess_normalise

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import InferenceError, NotFoundError
+from sync.core.errors import InferenceError, NotFoundError
 from models.pipeline.data import normalise
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from edge.errors import ConfigError, NotFoundError
+from sync.core.errors import ConfigError, NotFoundError
 
 KERMANY = {
     "name": "Paediatric chest X-ray images (normal / pneumonia), Kermany et al.",

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge.errors import ModelError, NotFoundError
+from sync.core.errors import ModelError, NotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from edge import signing
-from edge.errors import ModelError, ModelIntegrityError, NotFoundError
+from sync.core.errors import ModelError, ModelIntegrityError, NotFoundError
 from models.pipeline.data import sha256_file
 from models.pipeline.job import Job
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ModelError
+from sync.core.errors import ModelError
 
 log = logging.getLogger(__name__)
 

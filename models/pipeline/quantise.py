@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import NotFoundError
+from sync.core.errors import NotFoundError
 from models.pipeline.data import load_images, normalise
 
 log = logging.getLogger(__name__)

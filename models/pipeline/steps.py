@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.errors import ConfigError
+from sync.core.errors import ConfigError
 from models.pipeline.data import load_images, load_split, make_split, sha256_file
 from models.pipeline.job import Job, Work, write_json
 

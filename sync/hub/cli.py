@@ -1,0 +1,225 @@
+"""`wasla-hub`: the regional hub's command line (receiver, worklist, boxes, reads back to the clinic)."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sync.core.i18n import _, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli, set_language
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla regional hub: receive, list and read studies.")
+_state: dict = {}
+
+
+@app.callback()
+def _root(config: Optional[Path] = typer.Option(None, "--config", "-c", envvar="WASLA_HUB_CONFIG",
+                                                help="Hub config file (TOML)."),
+          lang: Optional[str] = typer.Option(None, "--lang", help="Language: en, fr or ar.")) -> None:
+    """Wasla hub. Example: wasla-hub --config /etc/wasla/hub.toml worklist"""
+    if lang and not normalize(lang):
+        raise typer.BadParameter(_("{value} is not one of: en, fr, ar").format(value=repr(lang)), param_hint="--lang")
+    set_language(pick_language(lang))
+    _state["config_path"] = config
+    _state.pop("cfg", None)  # loaded once per invocation, not once per process (main() may run many times)
+
+
+def _cfg():
+    from sync.hub import config as hub_config
+
+    if "cfg" not in _state:
+        _state["cfg"] = hub_config.load(_state.get("config_path"), env={})
+    return _state["cfg"]
+
+
+def _store():
+    from sync.hub.store import HubStore
+
+    return HubStore.from_config(_cfg())
+
+
+def _ts(t: float | None) -> str:
+    """For display only (kept left-to-right inside Arabic text); JSON carries the raw timestamps."""
+    return ltr(dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")) if t else "-"
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]], ltr_cols: tuple[str, ...] = ()) -> None:
+    """Plain columns; values in `ltr_cols` (UIDs, box ids, numbers) are kept left-to-right in Arabic."""
+    from rich.cells import cell_len  # screen width: Arabic letters, isolates and wide glyphs are not len()
+
+    if not rows:
+        _echo(_("(none)"))
+        return
+
+    def pad(text: str, width: int) -> str:
+        return text + " " * (width - cell_len(text))
+
+    cells = [[(ltr(r.get(k)) if k in ltr_cols else str(r.get(k))) if r.get(k) is not None else "" for k, _h in cols]
+             for r in rows]
+    widths = [max(cell_len(h), *(cell_len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
+    # Arabic lines are mirrored as a whole by the terminal: keep them all the same width so columns line up.
+    end = (lambda line: line) if is_rtl() else str.rstrip
+    _echo(end("  ".join(pad(h, w) for (_k, h), w in zip(cols, widths))))
+    for c in cells:
+        _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
+
+
+_echo = echo
+
+
+def _json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+@app.command()
+def run() -> None:
+    """Receive flags and studies from the boxes until stopped. Example: wasla-hub run"""
+    from sync.hub.receiver import run as run_receiver
+
+    raise typer.Exit(run_receiver(_cfg()))
+
+
+@app.command()
+def worklist(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+             unread: bool = typer.Option(False, "--unread", help="Only studies without a read."),
+             limit: int = typer.Option(200, help="Maximum rows.")) -> None:
+    """Studies by urgency, then oldest first. Example: wasla-hub worklist --unread"""
+    rows = _store().worklist(limit=limit, unread_only=unread)
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["images"] = f"{r['n_instances']}/{r['n_expected'] or '?'}"
+        r["waiting"] = _ts(r["since"])
+        r["ratio"] = f"{r['original_bytes'] / r['wire_bytes']:.2f}" if r["wire_bytes"] else ""
+        r["shown_label"] = label_name(r["label"]) if r["label"] else _("not flagged")
+    _table(rows, [("shown_label", _("label")), ("study_uid", _("study")), ("device", _("box")),
+                  ("modality", _("modality")), ("images", _("images")), ("ratio", _("ratio")),
+                  ("waiting", _("since")), ("read_disposition", _("read"))],
+           ltr_cols=("study_uid", "device", "modality", "images", "ratio", "read_disposition"))
+
+
+@app.command()
+def boxes(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Each box: last seen, online, backlog and link quality. Example: wasla-hub boxes"""
+    rows = _store().boxes()
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["seen"] = _ts(r["last_seen"])
+        r["state"] = _("online") if r["online"] else _("offline")
+        r["backlog"] = r["queue_depth"]
+        r["oldest"] = _ts(r["oldest_unsent_at"])
+        link = r["link"]
+        r["rtt"] = link.get("puback_rtt_ms")
+        r["cuts"] = link.get("disconnects")
+        r["resent"] = link.get("chunks_resent")
+    _table(rows, [("device", _("box")), ("state", _("state")), ("seen", _("last seen")), ("backlog", _("backlog")),
+                  ("oldest", _("oldest unsent")), ("rtt", _("ack ms")), ("cuts", _("cuts")), ("resent", _("resent")),
+                  ("dup_ratio", _("dup")), ("bad_messages", _("bad msgs"))],
+           ltr_cols=("device", "backlog", "rtt", "cuts", "resent", "dup_ratio", "bad_messages"))
+
+
+@app.command()
+def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique prefix)."),
+         as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """One study: box, label, images stored, read. Example: wasla-hub show 1.2.840"""
+    s = _store().study(study)
+    if as_json:
+        _json(s)
+        return
+    _echo(_("Study: {study} from {box}, {label}").format(
+        study=ltr(s["study_uid"]), box=ltr(s["device"]),
+        label=label_name(s["label"]) if s["label"] else _("not flagged")))
+    # Only the latest result document: an SR written before the study's last image arrived is superseded.
+    for i in s["instances"]:
+        if i.get("superseded_by"):
+            continue
+        _echo("- " + _("{uid} {codec} {size} bytes ({path})").format(
+            uid=ltr(i["sop_instance_uid"]), codec=ltr(i["codec"]), size=ltr(i["size"]), path=ltr(i["path"])))
+    hidden = sum(1 for i in s["instances"] if i.get("superseded_by"))
+    if hidden:
+        _echo(_("({n} earlier result document(s) superseded by a later one)").format(n=hidden))
+    if s["read_disposition"]:
+        _echo(f"{_('Read')}: {s['read_disposition']} — {s['read_note'] or ''} "
+                   f"({s['read_by'] or ''}, {_ts(s['read_at'])})")
+
+
+@app.command()
+def read(study: str = typer.Argument(..., help="Study Instance UID (or a unique prefix)."),
+         disposition: str = typer.Option(..., help="The read, e.g. normal, abnormal, urgent-referral, repeat-image."),
+         note: str = typer.Option("", help="Free-text note for the clinic."),
+         by: str = typer.Option("", help="Who read it."),
+         timeout: float = typer.Option(10.0, help="Seconds to wait for the broker to take the read.")) -> None:
+    """Record the radiologist's read and send it to the box. Example: wasla-hub read 1.2.840 --disposition normal --note 'clear lungs'"""
+    from sync.wire import protocol
+    from sync.hub.receiver import read_payload
+
+    if not disposition.strip() or len(disposition) > 64:
+        raise typer.BadParameter(_("1-64 characters"), param_hint="--disposition")
+    store = _store()
+    r = store.add_read(study, disposition.strip(), note or None, by or None)
+    cfg = _cfg()
+    b = cfg.broker
+    client = protocol.mqtt_client(f"wasla-hub-{cfg.hub.id}-cli-{int(time.time() * 1000)}", tls_ca_file=b.tls_ca_file,
+                                  tls_cert_file=b.tls_cert_file, tls_key_file=b.tls_key_file, username=b.username,
+                                  password_file=b.password_file)
+    sent = False
+    try:
+        client.connect(b.host, b.port, keepalive=30)
+        client.loop_start()
+        info = client.publish(protocol.down_topic(r["device"], "read"), read_payload(r), qos=1)
+        info.wait_for_publish(timeout)
+        sent = info.is_published()
+    except (OSError, RuntimeError, ValueError) as err:
+        _echo(_("broker unreachable ({error}); the receiver sends the read when the box is next online").format(
+            error=ltr(err)), err=True)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if sent:
+        store.read_published(r["read_id"])
+    _echo(_("read {read} for study {study} on {box}: {outcome}").format(
+        read=ltr(r["read_id"]), study=ltr(r["study_uid"]), box=ltr(r["device"]),
+        outcome=_("sent") if sent else _("stored")))
+
+
+@app.command("dead-letters")
+def dead_letters(as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+                 limit: int = typer.Option(50, help="Maximum rows.")) -> None:
+    """Messages refused by the receiver, with the reason. Example: wasla-hub dead-letters"""
+    rows = _store().dead_letters(limit)
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["when"] = _ts(r["at"])
+    _table(rows, [("when", _("when")), ("device", _("box")), ("topic", _("topic")), ("reason", _("reason"))],
+           ltr_cols=("device", "topic", "reason"))
+
+
+@app.command()
+def collisions(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """UIDs refused because another box holds them. Example: wasla-hub collisions"""
+    rows = _store().collisions()
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["when"] = _ts(r["last_at"])
+    _table(rows, [("when", _("when")), ("kind", _("kind")), ("uid", _("UID")), ("owner", _("held by")),
+                  ("claimant", _("refused from")), ("times", _("times"))],
+           ltr_cols=("uid", "owner", "claimant", "times"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(app, argv, "wasla-hub")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

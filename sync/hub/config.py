@@ -1,0 +1,166 @@
+"""The hub receiver's typed, strict configuration (TOML), built with the box config's machinery."""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sync.core.config import LogConfig, MetricsConfig, build, validate_metrics
+from sync.core.errors import ConfigError
+
+DEFAULT_PATHS = (Path("/etc/wasla/hub.toml"),)
+ENV_VAR = "WASLA_HUB_CONFIG"
+
+
+@dataclass(frozen=True)
+class HubSection:
+    id: str = "hub-1"
+    """This receiver's name; its MQTT client id is "wasla-hub-<id>". Give each receiver beside another its own."""
+    data_dir: Path = Path("/var/lib/wasla-hub")
+    """Root of the study files, the partial transfers and (unless database_url is set) the index database."""
+    database_url: str = ""
+    """Where the index lives: empty = SQLite file hub.db under data_dir; "postgresql://user@host:5432/dbname" = that
+    PostgreSQL database, which several receivers may share (pip extra "postgres"). Study files and partial transfers
+    stay under data_dir either way. Keep the password out of this file: use a libpq passfile (?passfile=...)."""
+
+
+@dataclass(frozen=True)
+class HubBrokerConfig:
+    host: str = "127.0.0.1"
+    """MQTT broker host."""
+    port: int = 1883
+    """MQTT broker port (8883 with TLS)."""
+    tls_ca_file: Path | None = None
+    """CA certificate (PEM) the broker's certificate must chain to; setting it turns TLS on."""
+    tls_cert_file: Path | None = None
+    """The hub's client certificate (PEM)."""
+    tls_key_file: Path | None = None
+    """Private key of tls_cert_file (PEM; a systemd credential)."""
+    username: str = ""
+    """MQTT username; empty = none."""
+    password_file: Path | None = None
+    """File holding the MQTT password."""
+    keepalive_seconds: int = 60
+    """MQTT keepalive (10-3600 s)."""
+    session_expiry_hours: float = 168.0
+    """How long the broker queues box messages for this receiver while it is down."""
+    share_group: str = "hub"
+    """Shared-subscription group: receivers in one group split the boxes' messages between them."""
+
+
+@dataclass(frozen=True)
+class HubReceiverConfig:
+    max_message_bytes: int = 2 * 1024 * 1024
+    """Largest message accepted (a chunk plus its header); bigger ones go to the dead-letter table."""
+    read_resend_seconds: float = 300.0
+    """A read the box has not confirmed (in its heartbeat) this long after publishing is published again."""
+    max_instance_mb: int = 1024
+    """Largest instance a transfer may declare; bigger ones are refused (keep it inside the unit's MemoryMax)."""
+    partial_quota_mb: int = 4096
+    """Unfinished transfers one box may hold at the hub; past it, new ones wait (unanswered) until some finish."""
+    partial_expiry_days: float = 14.0
+    """Unfinished transfers untouched this long are dropped (the box starts them again when it comes back)."""
+    min_free_mb: int = 1024
+    """Below this much free disk the receiver pauses (messages wait at the broker) and resumes when space returns."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    hub: HubSection = field(default_factory=HubSection)
+    broker: HubBrokerConfig = field(default_factory=HubBrokerConfig)
+    receiver: HubReceiverConfig = field(default_factory=HubReceiverConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """[metrics] enabled / bind / port: the hub's Prometheus endpoint, same keys as the box's."""
+    source: Path | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.hub.data_dir / "hub.db"
+
+    @property
+    def studies_dir(self) -> Path:
+        return self.hub.data_dir / "studies"
+
+    @property
+    def partial_dir(self) -> Path:
+        return self.hub.data_dir / "partial"
+
+
+def _validate(cfg: HubConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.hub.id):
+        raise ConfigError(f"hub.id: {cfg.hub.id!r} must be 1-64 letters, digits, '-' or '_'")
+    _validate_database_url(cfg.hub.database_url)
+    if not 0 < cfg.broker.port <= 65535:
+        raise ConfigError(f"broker.port: {cfg.broker.port} is not a TCP port")
+    if not 10 <= cfg.broker.keepalive_seconds <= 3600:
+        raise ConfigError(f"broker.keepalive_seconds: must be 10-3600, got {cfg.broker.keepalive_seconds}")
+    if not 0 < cfg.broker.session_expiry_hours <= 8760:
+        raise ConfigError(f"broker.session_expiry_hours: must be > 0 and <= 8760, got {cfg.broker.session_expiry_hours}")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cfg.broker.share_group):
+        raise ConfigError(f"broker.share_group: {cfg.broker.share_group!r} must be letters, digits, '-' or '_'")
+    if (cfg.broker.tls_cert_file is None) != (cfg.broker.tls_key_file is None):
+        raise ConfigError("broker.tls_cert_file and broker.tls_key_file go together")
+    if not 4096 <= cfg.receiver.max_message_bytes <= 64 * 1024 * 1024:
+        raise ConfigError(f"receiver.max_message_bytes: must be 4096-67108864, got {cfg.receiver.max_message_bytes}")
+    for key in ("max_instance_mb", "partial_quota_mb"):
+        if getattr(cfg.receiver, key) < 1:
+            raise ConfigError(f"receiver.{key}: must be >= 1, got {getattr(cfg.receiver, key)}")
+    if cfg.receiver.partial_expiry_days <= 0:
+        raise ConfigError(f"receiver.partial_expiry_days: must be > 0, got {cfg.receiver.partial_expiry_days}")
+    if cfg.receiver.min_free_mb < 0:
+        raise ConfigError(f"receiver.min_free_mb: must be >= 0, got {cfg.receiver.min_free_mb}")
+    if cfg.receiver.read_resend_seconds <= 0:
+        raise ConfigError(f"receiver.read_resend_seconds: must be > 0, got {cfg.receiver.read_resend_seconds}")
+    if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
+    validate_metrics(cfg.metrics)
+
+
+def _validate_database_url(url: str) -> None:
+    # The messages never repeat the URL: it may carry a password.
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError("hub.database_url: must be empty (SQLite under hub.data_dir) or "
+                          "postgresql://user@host:port/dbname")
+    try:
+        if "," not in parts.netloc:  # libpq's multi-host form (h1:5432,h2:5432) is not one port
+            parts.port
+    except ValueError:
+        raise ConfigError("hub.database_url: the port is not a TCP port") from None
+    if not parts.path.strip("/"):
+        raise ConfigError("hub.database_url: names no database (postgresql://user@host:port/DBNAME)")
+
+
+def parse(text: str, base: Path | None = None, source: Path | None = None) -> HubConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source or 'hub config'}: not valid TOML: {err}") from err
+    cfg = replace(build(HubConfig, data, "", base), source=source)
+    _validate(cfg)
+    return cfg
+
+
+def load(path: Path | str | None = None, env: dict[str, str] | None = None) -> HubConfig:
+    """Load from `path`, else $WASLA_HUB_CONFIG, else /etc/wasla/hub.toml, else the built-in defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(ENV_VAR):
+        path = env[ENV_VAR]
+    if path is None:
+        path = next((p for p in DEFAULT_PATHS if p.is_file()), None)
+    if path is None:
+        cfg = HubConfig()
+        _validate(cfg)
+        return cfg
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read hub config file {path}: {err.strerror or err}") from err
+    return parse(text, base=path.resolve().parent, source=path)

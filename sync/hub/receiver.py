@@ -1,0 +1,416 @@
+"""The hub receiver (`wasla-hub run`): validates box messages, stores chunks, verifies and files studies, acks back."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import uuid
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+
+from sync.core.errors import BadInputError, ProtocolError, StoreError, UidCollisionError
+from sync.core.diskguard import Pause, is_disk_full, open_when_space
+from sync.core.liveness import Beat, paho_thread, problems
+from sync.wire import protocol
+from sync.hub.store import HubStore
+
+log = logging.getLogger(__name__)
+
+
+class TransferRefused(Exception):
+    """A transfer the hub will never take (declared too large): refused with a final answer."""
+
+
+class Receiver:
+    """`handle(topic, payload)` is the whole receiving logic; MQTT only feeds it. It never raises: what it cannot
+    use goes to the dead-letter table with its reason."""
+
+    def __init__(self, cfg, store: HubStore | None = None):
+        self.cfg = cfg
+        self.store = store or HubStore.from_config(cfg)
+        self.connected = threading.Event()
+        self.client = None
+        self.handled = 0
+        self._mqtt_thread = None
+        # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
+        self.beat = Beat("hub receiver", max_busy=300.0)
+        self.disk = Pause("receiving", cfg.studies_dir, cfg.receiver.min_free_mb * 1_000_000)
+        self._disk_paused = False
+        # Who holds a verification claim: this run of this receiver (its next start gives back what this run held).
+        self.claimant = f"{cfg.hub.id}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    # --- MQTT -------------------------------------------------------------------------------------------------
+    def _make_client(self):
+        b = self.cfg.broker
+        client = protocol.mqtt_client(f"wasla-hub-{self.cfg.hub.id}", tls_ca_file=b.tls_ca_file,
+                                      tls_cert_file=b.tls_cert_file, tls_key_file=b.tls_key_file,
+                                      username=b.username, password_file=b.password_file)
+        client.on_connect = self._on_connect
+        client.on_disconnect = lambda *_a: self.connected.clear()
+        # paho sends the PUBACK after on_message returns: a message is confirmed only once it is stored, so a
+        # receiver killed mid-message gets it again from the broker.
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
+        if reason_code.is_failure:
+            log.warning("broker refused the connection: %s", reason_code)
+            return
+        client.subscribe(protocol.hub_filter(self.cfg.broker.share_group), qos=1)
+        log.info("hub receiver %s connected (session present: %s)", self.cfg.hub.id, flags.session_present)
+        self.connected.set()
+
+    def _on_message(self, _client, _userdata, message) -> None:
+        with self.beat.busy():
+            self.handle(message.topic, bytes(message.payload))
+
+    def problems(self) -> list[str]:
+        if self._disk_paused:
+            return []  # paused on purpose; `run` reports it in the status line
+        problem = self.beat.problem(self._mqtt_thread, idle_ok=True)
+        return [problem] if problem else []
+
+    def start(self) -> "Receiver":
+        back = self.store.release_claims(self.cfg.hub.id, keep=self.claimant)
+        if back:
+            log.info("%d verification(s) interrupted by the last stop taken up again", back)
+        b = self.cfg.broker
+        self.client = self._make_client()
+        self.client.connect_async(b.host, b.port, keepalive=b.keepalive_seconds, clean_start=False,
+                                  properties=protocol.connect_properties(int(b.session_expiry_hours * 3600)))
+        self.client.loop_start()
+        self._mqtt_thread = paho_thread(self.client)
+        return self
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+        self.store.close()
+
+    def _reply(self, device: str, kind: str, **fields) -> None:
+        if self.client is None:
+            return
+        self.client.publish(protocol.down_topic(device, kind), protocol.encode(kind, device, **fields), qos=1)
+
+    # --- the logic --------------------------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes) -> None:
+        device = None
+        try:
+            try:
+                device = protocol.parse_topic(topic, "up")[0]
+            except ProtocolError:
+                pass
+            msg = protocol.decode(topic, payload, direction="up", max_bytes=self.cfg.receiver.max_message_bytes)
+        except ProtocolError as err:
+            self._dead(topic, device, str(err), payload)
+            return
+        except Exception as err:  # noqa: BLE001 - returning lets paho PUBACK it: a poison message never comes back
+            log.exception("decoding %s failed", topic)
+            self._dead(topic, device, f"decode error: {type(err).__name__}: {str(err)[:200]}", payload)
+            return
+        try:
+            getattr(self, f"_on_{msg.kind}")(msg)
+            self.handled += 1
+        except UidCollisionError as err:
+            self._collision(topic, msg, err, payload)
+        except TransferRefused as err:
+            self._refuse(topic, msg, str(err), payload)
+        except (ProtocolError, StoreError, BadInputError) as err:
+            self._dead(topic, device, str(err), payload)
+        except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
+            if is_disk_full(err, self.cfg.studies_dir):
+                # Not the message's fault, and a dead letter would not fit either: stop taking messages (they wait
+                # at the broker, and the box resends whatever was not confirmed) until space returns.
+                self.disk.hit()
+                self.pause_for_disk()
+                return
+            log.exception("handling %s failed", topic)
+            self._dead(topic, device, f"handler error: {type(err).__name__}", payload)
+
+    # --- a full disk ----------------------------------------------------------------------------------------------
+    def pause_for_disk(self) -> None:
+        """Disconnect from the broker (our persistent session keeps queueing); tend_disk() reconnects."""
+        if self._disk_paused or self.client is None:
+            return
+        self._disk_paused = True
+        self.client.disconnect()
+
+    def tend_disk(self) -> str | None:
+        """Called every few seconds by `run`: pause while the disk is full, resume when space returns; the status."""
+        room = self.disk.room()
+        if not room and not self._disk_paused:
+            self.pause_for_disk()
+        elif room and self._disk_paused and self.client is not None:
+            self.client.loop_stop()  # paho's thread ended with the disconnect
+            self.client.reconnect()
+            self.client.loop_start()
+            self._mqtt_thread = paho_thread(self.client)
+            self._disk_paused = False
+        return "disk full: receiving paused until space returns" if self._disk_paused else None
+
+    def _collision(self, topic: str, msg: protocol.Message, err: UidCollisionError, payload: bytes) -> None:
+        """Kept for the operator (`wasla-hub collisions`), dead-lettered, and a final refusal to the claimant box,
+        so it stops resending and its technician sees why; the owner's data is untouched."""
+        self.store.record_collision(err)
+        self._refuse(topic, msg, f"{err}: ask the clinic's technician to check the modality's UID settings", payload)
+
+    def _refuse(self, topic: str, msg: protocol.Message, reason: str, payload: bytes) -> None:
+        """Dead letter plus a final "failed" answer: the box stops resending what the hub will never take."""
+        self._dead(topic, msg.device, reason, payload)
+        if msg.kind == "flag":
+            self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="failed", reason=reason)
+        elif msg.get("transfer"):
+            t = self.store.transfer(msg["transfer"])
+            if t is not None and t["device"] == msg.device:
+                self.store.fail_transfer(t["transfer_id"], reason)
+            extra = {"count": t["count"]} if t else {}
+            self._reply(msg.device, "ack", transfer=msg["transfer"], status="failed", reason=reason, **extra)
+
+    def _dead(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
+        try:
+            self.store.dead_letter(topic, device, reason, payload)
+            if device:
+                self.store.seen(device, bad=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not record a dead letter for %s", topic)
+
+    def _on_status(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        self.store.record_status(msg.device, msg["online"], msg["at"])
+        log.info("box %s is %s", msg.device, "online" if msg["online"] else "offline")
+        if msg["online"]:
+            self.publish_pending_reads(msg.device, force=True)
+
+    def _on_heartbeat(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        self.store.record_heartbeat(msg.device, msg.fields)
+        self.publish_pending_reads(msg.device)
+
+    def _on_flag(self, msg: protocol.Message) -> None:
+        preview = None
+        if msg.get("preview_jpeg_b64"):
+            try:
+                preview = base64.b64decode(msg["preview_jpeg_b64"], validate=True)
+            except (binascii.Error, ValueError):
+                log.warning("flag %s from %s: preview is not base64; ignored", msg["flag_id"], msg.device)
+        self.store.seen(msg.device)
+        self.store.record_flag(msg.device, msg.fields, preview)
+        log.info("flag %s from %s: study %s %s", msg["flag_id"], msg.device, msg["study_uid"], msg["label"])
+        self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="complete")
+
+    def _admit(self, msg: protocol.Message) -> bool:
+        """A transfer is bounded before it takes any disk: its declared size by the instance limit (else refused),
+        a new one by the box's quota of unfinished bytes (else left unanswered: the box asks again later)."""
+        r = self.cfg.receiver
+        if msg["size"] > r.max_instance_mb * 1_000_000:
+            raise TransferRefused(f"transfer declares {msg['size']} bytes, over the hub's limit of "
+                                  f"{r.max_instance_mb} MB per instance")
+        if self.store.transfer(msg["transfer"]) is not None:
+            return True
+        held = self.store.partial_bytes(msg.device)
+        if held + msg["size"] > r.partial_quota_mb * 1_000_000:
+            log.warning("box %s holds %d MB of unfinished transfers (quota %d MB): transfer %s waits", msg.device,
+                        held // 1_000_000, r.partial_quota_mb, msg["transfer"])
+            self.store.seen(msg.device, bad=True)
+            return False
+        return True
+
+    def expire_partials(self) -> int:
+        n = self.store.expire_partials(time.time() - self.cfg.receiver.partial_expiry_days * 86400)
+        if n:
+            log.info("%d unfinished transfer(s) expired", n)
+        return n
+
+    def _on_manifest(self, msg: protocol.Message) -> None:
+        self.store.seen(msg.device)
+        if not self._admit(msg):
+            return
+        # Another box's study or instance is never "already stored" for this one: it is refused as a collision.
+        self.store.check_owner(msg.device, msg["study_uid"], msg["sop_instance_uid"])
+        t = self.store.upsert_transfer(msg.device, msg.fields)
+        copy = self.store.stored_copy(msg["sop_instance_uid"])
+        if t["state"] != "complete" and copy is not None:
+            # Same instance already filed (another transfer id, e.g. a re-encode after a box crash): keep one copy.
+            log.info("transfer %s: %s is already stored; acknowledged without storing again", t["transfer_id"],
+                     msg["sop_instance_uid"])
+            self._ack_complete(msg.device, t["transfer_id"], t["count"])
+            return
+        self._ack_state(msg.device, t)
+
+    def _on_chunk(self, msg: protocol.Message) -> None:
+        if msg.get("compact"):
+            t = self._compact_transfer(msg)
+            if t is None:
+                return
+        else:
+            if not self._admit(msg):
+                return
+            t = self.store.upsert_transfer(msg.device, msg.fields)
+        if t["state"] in ("complete", "failed"):
+            self.store.seen(msg.device, chunk=True, dup=True)
+            self._ack_state(msg.device, t)  # a replay after the end: say again how it ended
+            return
+        new = self.store.put_chunk(t["transfer_id"], msg["index"], msg["index"] * t["chunk_size"], msg.data)
+        self.store.seen(msg.device, chunk=True, dup=not new)
+        have = self.store.have(t["transfer_id"])
+        if len(have) == t["count"] and self.store.claim_for_verify(t["transfer_id"], self.claimant):
+            self._finish(msg.device, t["transfer_id"])
+            return
+        self._reply(msg.device, "ack", transfer=t["transfer_id"], status="partial", have=protocol.to_ranges(have),
+                    count=t["count"])
+
+    def _compact_transfer(self, msg: protocol.Message) -> dict | None:
+        """The transfer a compact chunk belongs to, its length checked against the manifest; None if unknown."""
+        tid, index = msg["transfer"], msg["index"]
+        t = self.store.transfer(tid)
+        if t is None:
+            self.store.seen(msg.device, chunk=True, dup=True)
+            log.info("chunk %d of unknown transfer %s from %s: asking for its manifest", index, tid, msg.device)
+            self._reply(msg.device, "ack", transfer=tid, status="unknown", reason="no manifest for this transfer")
+            return None
+        if t["device"] != msg.device:
+            raise ProtocolError(f"chunk for transfer {tid}, which belongs to another device")
+        if not 0 <= index < t["count"]:
+            raise ProtocolError(f"chunk {index} outside 0..{t['count'] - 1} of transfer {tid}")
+        expected = min(t["chunk_size"], t["size"] - index * t["chunk_size"])
+        if len(msg.data) != expected:
+            raise ProtocolError(f"chunk {index} of {tid}: {len(msg.data)} bytes, the manifest says {expected}")
+        return t
+
+    def _finish(self, device: str, tid: str) -> None:
+        """Whole-file sha256, then a full DICOM parse and pixel decode, then file it: only then the final ack."""
+        from sync.wire.codecs import decode_wire
+
+        t = self.store.transfer(tid)
+        data = self.store.part_path(tid).read_bytes()
+        digest = hashlib.sha256(data[: t["size"]]).hexdigest()
+        if len(data) < t["size"] or digest != t["sha256"]:
+            reason = f"assembled file sha256 {digest[:12]} != manifest {t['sha256'][:12]}"
+            log.warning("transfer %s from %s: %s; asking for it again", tid, device, reason)
+            self.store.discard_chunks(tid, reason)
+            self._reply(device, "ack", transfer=tid, status="retry", have=[], count=t["count"], reason=reason)
+            return
+        data = data[: t["size"]]
+        try:
+            ds = decode_wire(data)
+            sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+        except Exception as err:  # noqa: BLE001 - any decode failure is this transfer's, never the receiver's
+            # Our own errors say what is wrong without quoting values; a library's message may quote one.
+            detail = str(err)[:300] if isinstance(err, BadInputError) else type(err).__name__
+            reason = f"not a usable DICOM instance: {detail}"
+            self.store.fail_transfer(tid, reason)
+            self.store.dead_letter(protocol.up_topic(device, "chunk"), device, f"transfer {tid}: {reason}", b"")
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason[:300])
+            return
+        if t["study_uid"] and study != t["study_uid"]:
+            reason = f"instance says study {study}, the transfer said {t['study_uid']}"
+            self.store.fail_transfer(tid, reason)
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason)
+            return
+        # The box's own result objects (SR/SC) travel with the study but are not images the radiologist waits for.
+        from sync.wire.results import is_wasla_result, predecessor_uids
+
+        ours = is_wasla_result(ds)
+        new = self.store.commit_instance(t, sop, study, data, counts_as_image=not ours,
+                                         supersedes=predecessor_uids(ds) if ours else ())
+        log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
+                 "stored" if new else "already stored", t["size"], t["codec"] or "?")
+        self._ack_complete(device, tid, t["count"])
+
+    def _ack_complete(self, device: str, tid: str, count: int) -> None:
+        self._reply(device, "ack", transfer=tid, status="complete", have=[[0, count - 1]], count=count)
+
+    def _ack_state(self, device: str, t: dict) -> None:
+        tid = t["transfer_id"]
+        if t["state"] == "complete":
+            self._ack_complete(device, tid, t["count"])
+        elif t["state"] == "failed":
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=(t["reason"] or "")[:300])
+        else:
+            have = self.store.have(tid)
+            if len(have) == t["count"] and self.store.claim_for_verify(tid, self.claimant):
+                self._finish(device, tid)  # a receiver died between the last chunk and its verdict
+                return
+            self._reply(device, "ack", transfer=tid, status="partial", have=protocol.to_ranges(have), count=t["count"])
+
+    def publish_pending_reads(self, device: str, force: bool = False) -> int:
+        """Reads the box has not confirmed: (re)publish them. The box ignores a read id it has applied already."""
+        if self.client is None:
+            return 0
+        cutoff = time.time() if force else time.time() - self.cfg.receiver.read_resend_seconds
+        n = 0
+        for r in self.store.reads_to_publish(device, cutoff):
+            info = self.client.publish(protocol.down_topic(device, "read"), read_payload(r), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                self.store.read_published(r["read_id"])
+                n += 1
+        return n
+
+
+def read_payload(r: dict) -> bytes:
+    return protocol.encode("read", r["device"], read_id=r["read_id"], study_uid=r["study_uid"],
+                           disposition=r["disposition"], note=r.get("note"), by=r.get("by"), at=r["at"])
+
+
+def run(cfg) -> int:
+    """`wasla-hub run`: receive until SIGTERM/SIGINT."""
+    import signal
+
+    from sync.core.service import sd_notify, setup_logging
+
+    setup_logging(cfg.log.level)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_a: stop.set())
+    # A hub that starts on a full disk waits for space (and says so) instead of exiting "disk I/O error" in a loop.
+    store = open_when_space(lambda: HubStore.from_config(cfg), cfg.studies_dir, "the hub receiver",
+                            stop=stop.is_set, on_wait=lambda m: sd_notify(f"READY=1\nSTATUS={m}\nWATCHDOG=1"))
+    receiver = Receiver(cfg, store).start()
+    from sync.core import metrics
+    from sync.hub.metrics import hub_collector
+
+    exporter = metrics.start(cfg.metrics, hub_collector(receiver.store, hub_id=cfg.hub.id, receiver=receiver))
+    # READY once the broker connection is up (what "running" means for a receiver); a broker still down after a
+    # minute does not hold the start forever: paho keeps retrying and the status says so.
+    deadline = time.monotonic() + 60.0
+    while not stop.is_set() and not receiver.connected.wait(0.5) and time.monotonic() < deadline:
+        pass
+    connected = receiver.connected.is_set()
+    sd_notify("READY=1\nSTATUS=" + ("receiving" if connected else "waiting for the broker"))
+    log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
+    reported: list[str] = []
+    next_expiry = time.monotonic()
+    while not stop.wait(5.0):
+        if time.monotonic() >= next_expiry:
+            next_expiry = time.monotonic() + 3600
+            try:
+                receiver.expire_partials()
+            except Exception as err:  # noqa: BLE001 - housekeeping must never stop the receiver
+                log.error("expiring partial transfers failed: %s", type(err).__name__)
+        # Fed only while paho's thread lives and no message has hung it: systemd restarts a receiver that stalled.
+        try:
+            paused = receiver.tend_disk()
+        except Exception as err:  # noqa: BLE001 - the check itself must not end the receiver
+            log.error("disk check failed: %s", type(err).__name__)
+            paused = None
+        found = problems([receiver])
+        if paused:
+            found = [*found, paused]
+        if found != reported:
+            for p in found:
+                if p != paused:  # the pause is logged by the disk guard itself, and is not ill health
+                    log.error("not healthy: %s", p)
+            sd_notify("STATUS=" + ("; ".join(found) if found else "receiving"))
+            reported = found
+        if not found or found == [paused]:
+            sd_notify("WATCHDOG=1")
+    if exporter is not None:
+        exporter.stop()
+    receiver.stop()
+    log.info("stopped")
+    return 0

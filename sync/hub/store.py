@@ -1,0 +1,461 @@
+"""The hub's store: study files on disk plus an index (transfers, chunks, instances, studies, boxes, reads) in SQLite,
+or in PostgreSQL through sync/hub/store_pg.py."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from sync.core.diskguard import describe_store_error
+from sync.core.errors import StoreError, UidCollisionError
+from sync.core.sqlite import find_study, write_transaction
+
+log = logging.getLogger(__name__)
+
+# Several receivers (one per process) share this database: WAL, a busy timeout and BEGIN IMMEDIATE keep them honest.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+  transfer_id TEXT PRIMARY KEY, device TEXT NOT NULL, study_uid TEXT, sop_instance_uid TEXT, label TEXT,
+  size INTEGER NOT NULL, sha256 TEXT NOT NULL, chunk_size INTEGER NOT NULL, count INTEGER NOT NULL,
+  codec TEXT, transfer_syntax TEXT, original_size INTEGER, ratio REAL,
+  state TEXT NOT NULL DEFAULT 'receiving', claimed_at REAL, retries INTEGER NOT NULL DEFAULT 0,
+  dup_chunks INTEGER NOT NULL DEFAULT 0, reason TEXT, created_at REAL, updated_at REAL, completed_at REAL);
+CREATE TABLE IF NOT EXISTS chunks (transfer_id TEXT NOT NULL, idx INTEGER NOT NULL, at REAL,
+  PRIMARY KEY (transfer_id, idx));
+CREATE TABLE IF NOT EXISTS instances (
+  sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL, transfer_id TEXT,
+  sha256 TEXT, size INTEGER, original_size INTEGER, codec TEXT, transfer_syntax TEXT, path TEXT, stored_at REAL);
+CREATE INDEX IF NOT EXISTS ix_instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS studies (
+  study_uid TEXT PRIMARY KEY, device TEXT NOT NULL, label TEXT, reasons TEXT, modality TEXT,
+  n_expected INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0,
+  wire_bytes INTEGER NOT NULL DEFAULT 0, original_bytes INTEGER NOT NULL DEFAULT 0,
+  flagged_at REAL, first_seen REAL, updated_at REAL, preview_path TEXT,
+  read_disposition TEXT, read_note TEXT, read_by TEXT, read_at REAL);
+CREATE TABLE IF NOT EXISTS flags (flag_id TEXT NOT NULL, device TEXT NOT NULL, study_uid TEXT, label TEXT,
+  received_at REAL, times INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (device, flag_id));
+CREATE TABLE IF NOT EXISTS boxes (device TEXT PRIMARY KEY, first_seen REAL, last_seen REAL, online INTEGER,
+  status_at REAL, heartbeat TEXT, heartbeat_at REAL, queue_depth INTEGER, oldest_unsent_at REAL,
+  messages INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0, dup_chunks INTEGER NOT NULL DEFAULT 0,
+  bad_messages INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS reads (read_id TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL,
+  disposition TEXT NOT NULL, note TEXT, by TEXT, at REAL NOT NULL, published_at REAL, delivered_at REAL);
+CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, at REAL, topic TEXT, device TEXT, reason TEXT,
+  size INTEGER, head TEXT);
+CREATE TABLE IF NOT EXISTS uid_collisions (kind TEXT NOT NULL, uid TEXT NOT NULL, owner TEXT NOT NULL,
+  claimant TEXT NOT NULL, first_at REAL, last_at REAL, times INTEGER NOT NULL DEFAULT 1,
+  PRIMARY KEY (kind, uid, claimant));
+CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
+  at REAL);
+"""
+# Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
+ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT")]
+LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
+SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
+CLAIM_STALE_S = 120.0
+
+
+def safe_name(uid: str) -> str:
+    # A DICOM UID (digits in dot-separated groups) becomes a path component as it is; anything else (".." included)
+    # only as a hash.
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid or "") and len(uid) <= 64:
+        return uid
+    return hashlib.sha256((uid or "").encode()).hexdigest()[:32]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SqliteIndex:
+    """The default index: one SQLite file beside the study files. HubStore runs its SQL on this or on
+    sync.hub.store_pg.PostgresIndex; both offer tx(), query(), close(), instance_lock() and the dialect below."""
+
+    # The few SQL fragments the two dialects spell differently.
+    insert_or_ignore, on_conflict_ignore, greatest = "INSERT OR IGNORE", "", "MAX"
+
+    def __init__(self, db_path: Path):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+            for table, column, kind in ADDED_COLUMNS:
+                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
+        self._lock = threading.RLock()
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def tx(self):
+        # Several receivers share the file: BEGIN may time out, and write_transaction never keeps our lock then.
+        return write_transaction(self._lock, self.conn)
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    @contextlib.contextmanager
+    def instance_lock(self, sop_instance_uid: str):
+        # Receivers beside each other are separate processes sharing this file: an flock on one of 256 lock files
+        # (by UID hash) keeps two of them from filing the same SOP instance at once.
+        slot = hashlib.sha256(sop_instance_uid.encode()).hexdigest()[:2]
+        lock_dir = self.db_path.parent / "locks"
+        lock_dir.mkdir(exist_ok=True)
+        fd = os.open(lock_dir / f"instance-{slot}.lock", os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
+
+class HubStore:
+    def __init__(self, db_path: Path | None, studies_dir: Path, partial_dir: Path, index=None):
+        """`index` (a PostgresIndex) replaces the SQLite file at `db_path`; study files stay under studies_dir."""
+        self.db_path = Path(db_path) if db_path is not None else None
+        self.studies_dir, self.partial_dir = Path(studies_dir), Path(partial_dir)
+        for d in (self.studies_dir, self.partial_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.index = index if index is not None else SqliteIndex(self.db_path)
+
+    @classmethod
+    def from_config(cls, cfg) -> "HubStore":
+        """SQLite under data_dir, or the PostgreSQL database of hub.database_url (psycopg imported only then)."""
+        if cfg.hub.database_url:
+            from sync.hub.store_pg import PostgresIndex
+
+            return cls(None, cfg.studies_dir, cfg.partial_dir, index=PostgresIndex(cfg.hub.database_url))
+        return cls(cfg.db_path, cfg.studies_dir, cfg.partial_dir)
+
+    def close(self) -> None:
+        self.index.close()
+
+    def tx(self):
+        return self.index.tx()
+
+    def query(self, sql: str, params=()) -> list[dict]:
+        return self.index.query(sql, params)
+
+    # --- boxes and dead letters ---------------------------------------------------------------------------------
+    def seen(self, device: str, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO boxes (device, first_seen, last_seen) VALUES (?, ?, ?) ON CONFLICT(device) DO "
+                       "UPDATE SET last_seen = excluded.last_seen", [device, now, now])
+            db.execute("UPDATE boxes SET messages = messages + 1, chunks = chunks + ?, dup_chunks = dup_chunks + ?, "
+                       "bad_messages = bad_messages + ? WHERE device = ?", [int(chunk), int(dup), int(bad), device])
+
+    def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO dead_letters (at, topic, device, reason, size, head) VALUES (?, ?, ?, ?, ?, ?)",
+                       [time.time(), topic[:300], device, reason[:500], len(payload), payload[:64].hex()])
+        log.warning("dead letter on %s: %s", topic, reason)
+
+    def record_status(self, device: str, online: bool, at: float) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE boxes SET online = ?, status_at = ? WHERE device = ?", [int(online), at, device])
+
+    def record_heartbeat(self, device: str, fields: dict) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE boxes SET heartbeat = ?, heartbeat_at = ?, queue_depth = ?, oldest_unsent_at = ?, "
+                       "online = 1 WHERE device = ?",
+                       [json.dumps(fields), time.time(), fields.get("queue_depth"), fields.get("oldest_unsent_at"),
+                        device])
+            for rid in fields.get("reads_applied") or []:
+                db.execute("UPDATE reads SET delivered_at = ? WHERE read_id = ? AND device = ? AND delivered_at IS NULL",
+                           [time.time(), str(rid), device])
+
+    # --- flags --------------------------------------------------------------------------------------------------
+    def study_owner(self, study_uid: str) -> str | None:
+        rows = self.query("SELECT device FROM studies WHERE study_uid = ?", [study_uid])
+        return rows[0]["device"] if rows else None
+
+    def check_owner(self, device: str, study_uid: str | None, sop_uid: str | None = None) -> None:
+        """UidCollisionError when the study or instance is already held for another box (the first box keeps it)."""
+        owner = self.study_owner(study_uid) if study_uid else None
+        if owner is not None and owner != device:
+            raise UidCollisionError("study", study_uid, owner, device)
+        copy = self.stored_copy(sop_uid)
+        if copy is not None and copy["device"] != device:
+            raise UidCollisionError("instance", sop_uid, copy["device"], device)
+
+    def record_collision(self, err: UidCollisionError) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT INTO uid_collisions (kind, uid, owner, claimant, first_at, last_at) "
+                       "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(kind, uid, claimant) DO UPDATE SET "
+                       "last_at = excluded.last_at, times = uid_collisions.times + 1",
+                       [err.kind, err.uid[:128], err.owner, err.claimant, now, now])
+
+    def collisions(self) -> list[dict]:
+        return self.query("SELECT * FROM uid_collisions ORDER BY last_at DESC")
+
+    def record_flag(self, device: str, f: dict, preview: bytes | None) -> None:
+        now = time.time()
+        preview_path = None
+        # Before anything is written: another box's study keeps its preview, reasons and label.
+        self.check_owner(device, f["study_uid"])
+        if preview:
+            folder = self.studies_dir / safe_name(f["study_uid"])
+            folder.mkdir(parents=True, exist_ok=True)
+            preview_path = folder / "preview.jpg"
+            tmp = preview_path.with_suffix(".tmp")
+            tmp.write_bytes(preview)
+            os.replace(tmp, preview_path)
+        with self.tx() as db:
+            db.execute("INSERT INTO flags (flag_id, device, study_uid, label, received_at) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(device, flag_id) DO UPDATE SET times = flags.times + 1",
+                       [f["flag_id"], device, f["study_uid"], f["label"], now])
+            self._touch_study(db, device, f["study_uid"], f["label"], now)
+            db.execute("UPDATE studies SET reasons = ?, modality = COALESCE(?, modality), "
+                       f"n_expected = {self.index.greatest}(n_expected, ?), flagged_at = COALESCE(flagged_at, ?), "
+                       "preview_path = COALESCE(?, preview_path) WHERE study_uid = ?",
+                       [json.dumps(f.get("reasons") or []), f.get("modality"), f.get("n_instances") or 0,
+                        f.get("at") or now, str(preview_path) if preview_path else None, f["study_uid"]])
+
+    @staticmethod
+    def _touch_study(db, device: str, study_uid: str, label: str | None, now: float) -> None:
+        row = db.execute("SELECT label, device FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
+        if row is not None and row["device"] != device:
+            # Checked again inside the transaction: two boxes racing for one study UID cannot both win.
+            raise UidCollisionError("study", study_uid, row["device"], device)
+        if row is None:
+            db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?)",
+                       [study_uid, device, label, now, now])
+        elif label and SEVERITY.get(label, -1) > SEVERITY.get(row["label"] or "", -1):
+            # An escalation (a later image made it urgent) wins; a stale lower label never downgrades.
+            db.execute("UPDATE studies SET label = ?, updated_at = ? WHERE study_uid = ?", [label, now, study_uid])
+
+    # --- transfers ----------------------------------------------------------------------------------------------
+    def upsert_transfer(self, device: str, m: dict) -> dict:
+        """Create the transfer from a manifest or its first chunk (whichever comes first); return its row."""
+        now = time.time()
+        tid = m["transfer"]
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM transfers WHERE transfer_id = ?", [tid]).fetchone()
+            if row is not None and row["device"] != device:
+                raise StoreError(f"transfer {tid} belongs to another device")
+            if row is not None and (row["size"], row["sha256"], row["chunk_size"]) != (m["size"], m["sha256"], m["chunk_size"]):
+                raise StoreError(f"transfer {tid}: size, sha256 or chunk size differ from the first message")
+            if row is None:
+                db.execute("INSERT INTO transfers (transfer_id, device, study_uid, label, size, sha256, chunk_size, count, "
+                           "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [tid, device, m["study_uid"], m.get("label"), m["size"], m["sha256"], m["chunk_size"],
+                            m["count"], now, now])
+                self._touch_study(db, device, m["study_uid"], m.get("label"), now)
+            if "sop_instance_uid" in m:  # a manifest: the descriptive fields
+                db.execute("UPDATE transfers SET sop_instance_uid = ?, codec = ?, transfer_syntax = ?, "
+                           "original_size = ?, ratio = ?, label = COALESCE(?, label) WHERE transfer_id = ?",
+                           [m["sop_instance_uid"], m.get("codec"), m.get("transfer_syntax"), m.get("original_size"),
+                            m.get("ratio"), m.get("label"), tid])
+            return dict(db.execute("SELECT * FROM transfers WHERE transfer_id = ?", [tid]).fetchone())
+
+    def stored_copy(self, sop_instance_uid: str | None) -> dict | None:
+        if not sop_instance_uid:
+            return None
+        rows = self.query("SELECT * FROM instances WHERE sop_instance_uid = ?", [sop_instance_uid])
+        return rows[0] if rows else None
+
+    def part_path(self, tid: str) -> Path:
+        return self.partial_dir / f"{tid}.part"
+
+    def put_chunk(self, tid: str, index: int, offset: int, data: bytes) -> bool:
+        """Write a verified chunk durably, then record it; False when it was already here (a duplicate)."""
+        if self.query("SELECT 1 FROM chunks WHERE transfer_id = ? AND idx = ?", [tid, index]):
+            with self.tx() as db:
+                db.execute("UPDATE transfers SET dup_chunks = dup_chunks + 1 WHERE transfer_id = ?", [tid])
+            return False
+        fd = os.open(self.part_path(tid), os.O_WRONLY | os.O_CREAT, 0o640)
+        try:
+            os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self.tx() as db:
+            cur = db.execute(f"{self.index.insert_or_ignore} INTO chunks (transfer_id, idx, at) VALUES (?, ?, ?)"
+                             f"{self.index.on_conflict_ignore}", [tid, index, time.time()])
+            db.execute("UPDATE transfers SET updated_at = ? WHERE transfer_id = ?", [time.time(), tid])
+            return cur.rowcount > 0
+
+    def have(self, tid: str) -> set[int]:
+        return {r["idx"] for r in self.query("SELECT idx FROM chunks WHERE transfer_id = ?", [tid])}
+
+    def transfer(self, tid: str) -> dict | None:
+        rows = self.query("SELECT * FROM transfers WHERE transfer_id = ?", [tid])
+        return rows[0] if rows else None
+
+    def claim_for_verify(self, tid: str, by: str | None = None) -> bool:
+        """One receiver verifies a complete transfer; a claim left by a crashed receiver goes stale and is retaken
+        (at once by that receiver's next start: release_claims)."""
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute("UPDATE transfers SET state = 'verifying', claimed_at = ?, claimed_by = ? "
+                             "WHERE transfer_id = ? AND "
+                             "(state = 'receiving' OR (state = 'verifying' AND claimed_at < ?))",
+                             [now, by, tid, now - CLAIM_STALE_S])
+            return cur.rowcount > 0
+
+    def release_claims(self, hub_id: str, keep: str) -> int:
+        """At a receiver's start: claims its previous run (same hub id, another claimant) left are given back."""
+        with self.tx() as db:
+            cur = db.execute("UPDATE transfers SET state = 'receiving', claimed_at = NULL, claimed_by = NULL "
+                             "WHERE state = 'verifying' AND claimed_by LIKE ? AND claimed_by != ?",
+                             [f"{hub_id}:%", keep])
+            return cur.rowcount
+
+    def partial_bytes(self, device: str) -> int:
+        """Bytes a box has declared in transfers not yet finished (its quota's measure)."""
+        rows = self.query("SELECT COALESCE(SUM(size), 0) AS n FROM transfers WHERE device = ? AND state IN "
+                          "('receiving', 'verifying')", [device])
+        return int(rows[0]["n"] or 0)
+
+    def expire_partials(self, older_than: float) -> int:
+        """Unfinished transfers untouched since `older_than` lose their chunks and row; a box that comes back
+        sends the manifest again and starts a fresh one."""
+        rows = self.query("SELECT transfer_id FROM transfers WHERE state = 'receiving' AND updated_at < ?",
+                          [older_than])
+        for r in rows:
+            with self.tx() as db:
+                db.execute("DELETE FROM chunks WHERE transfer_id = ?", [r["transfer_id"]])
+                db.execute("DELETE FROM transfers WHERE transfer_id = ? AND state = 'receiving'",
+                           [r["transfer_id"]])
+            self.part_path(r["transfer_id"]).unlink(missing_ok=True)
+        return len(rows)
+
+    def discard_chunks(self, tid: str, reason: str) -> None:
+        """The assembled file failed its sha256: start the transfer over."""
+        with self.tx() as db:
+            db.execute("DELETE FROM chunks WHERE transfer_id = ?", [tid])
+            db.execute("UPDATE transfers SET state = 'receiving', claimed_at = NULL, retries = retries + 1, reason = ?, "
+                       "updated_at = ? WHERE transfer_id = ?", [reason, time.time(), tid])
+        self.part_path(tid).unlink(missing_ok=True)
+
+    def fail_transfer(self, tid: str, reason: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE transfers SET state = 'failed', reason = ?, updated_at = ? WHERE transfer_id = ?",
+                       [reason, time.time(), tid])
+        self.part_path(tid).unlink(missing_ok=True)
+
+    def commit_instance(self, t: dict, sop_uid: str, study_uid: str, data: bytes, counts_as_image: bool = True,
+                        supersedes: tuple[str, ...] = ()) -> bool:
+        """File first (temp, fsync, rename), then its row; exactly one copy per SOP Instance UID. True if new.
+
+        `supersedes`: the result documents this one replaces (its PredecessorDocumentsSequence). Recorded whether or
+        not they have arrived yet, so an older SR that comes in after its successor is hidden as well."""
+        now = time.time()
+        folder = self.studies_dir / safe_name(study_uid)
+        dest = folder / f"{safe_name(sop_uid)}.dcm"
+        # The index's instance lock spans look-up, file and row, so the file on disk is the copy its row describes
+        # even when two receivers file one SOP instance (two transfers of it) at the same moment.
+        with self.index.instance_lock(sop_uid):
+            existing = self.stored_copy(sop_uid)
+            if existing is not None and existing["device"] != t["device"]:
+                raise UidCollisionError("instance", sop_uid, existing["device"], t["device"])
+            if existing is None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{uuid.uuid4().hex}.tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, dest)
+                _fsync_dir(folder)
+            with self.tx() as db:
+                cur = db.execute(
+                    f"{self.index.insert_or_ignore} INTO instances (sop_instance_uid, study_uid, device, transfer_id, "
+                    "sha256, size, original_size, codec, transfer_syntax, path, stored_at) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){self.index.on_conflict_ignore}",
+                    [sop_uid, study_uid, t["device"], t["transfer_id"], t["sha256"], t["size"],
+                     t.get("original_size") or t["size"], t.get("codec"), t.get("transfer_syntax"),
+                     str(dest.relative_to(self.studies_dir)), now])
+                new = cur.rowcount > 0
+                if new:
+                    self._touch_study(db, t["device"], study_uid, t.get("label"), now)
+                    db.execute("UPDATE studies SET n_instances = n_instances + ?, wire_bytes = wire_bytes + ?, "
+                               "original_bytes = original_bytes + ?, updated_at = ? WHERE study_uid = ?",
+                               [int(counts_as_image), t["size"], t.get("original_size") or t["size"], now, study_uid])
+                db.execute("UPDATE transfers SET state = 'complete', completed_at = ?, sop_instance_uid = ?, "
+                           "study_uid = ?, updated_at = ? WHERE transfer_id = ?", [now, sop_uid, study_uid, now,
+                                                                                   t["transfer_id"]])
+                db.execute("DELETE FROM chunks WHERE transfer_id = ?", [t["transfer_id"]])
+                for old in supersedes:
+                    if old != sop_uid:
+                        db.execute(f"{self.index.insert_or_ignore} INTO superseded (sop_instance_uid, by_sop, "
+                                   f"study_uid, at) VALUES (?, ?, ?, ?){self.index.on_conflict_ignore}",
+                                   [old, sop_uid, study_uid, now])
+        self.part_path(t["transfer_id"]).unlink(missing_ok=True)
+        return new
+
+    def instance_file(self, row: dict) -> Path:
+        return self.studies_dir / row["path"]
+
+    # --- reads, worklist, boxes ---------------------------------------------------------------------------------
+    def study(self, study_uid: str) -> dict:
+        s = find_study(self.query, study_uid)
+        # A result document replaced by a later one (an image arrived after the first SR) carries superseded_by.
+        s["instances"] = self.query("SELECT i.*, x.by_sop AS superseded_by FROM instances i LEFT JOIN superseded x "
+                                    "ON x.sop_instance_uid = i.sop_instance_uid WHERE i.study_uid = ? "
+                                    "ORDER BY i.stored_at", [s["study_uid"]])
+        return s
+
+    def add_read(self, study_uid: str, disposition: str, note: str | None, by: str | None) -> dict:
+        s = self.study(study_uid)
+        read = {"read_id": uuid.uuid4().hex, "study_uid": s["study_uid"], "device": s["device"],
+                "disposition": disposition, "note": note, "by": by, "at": time.time()}
+        with self.tx() as db:
+            db.execute("INSERT INTO reads (read_id, study_uid, device, disposition, note, by, at) "
+                       "VALUES (:read_id, :study_uid, :device, :disposition, :note, :by, :at)", read)
+            db.execute("UPDATE studies SET read_disposition = ?, read_note = ?, read_by = ?, read_at = ? "
+                       "WHERE study_uid = ?", [disposition, note, by, read["at"], s["study_uid"]])
+        return read
+
+    def reads_to_publish(self, device: str, older_than: float) -> list[dict]:
+        return self.query("SELECT * FROM reads WHERE device = ? AND delivered_at IS NULL AND "
+                          "(published_at IS NULL OR published_at < ?) ORDER BY at", [device, older_than])
+
+    def read_published(self, read_id: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE reads SET published_at = ? WHERE read_id = ?", [time.time(), read_id])
+
+    def worklist(self, limit: int = 200, unread_only: bool = False) -> list[dict]:
+        where = "WHERE read_disposition IS NULL" if unread_only else ""
+        return self.query(f"SELECT study_uid, device, label, modality, n_instances, n_expected, wire_bytes, "
+                          f"original_bytes, COALESCE(flagged_at, first_seen) AS since, read_disposition "
+                          f"FROM studies {where} ORDER BY {LABEL_ORDER}, since ASC LIMIT ?", [limit])
+
+    def boxes(self) -> list[dict]:
+        rows = self.query("SELECT * FROM boxes ORDER BY device")
+        for r in rows:
+            hb = json.loads(r.pop("heartbeat") or "{}")
+            r["link"] = hb.get("link") or {}
+            r["models"] = hb.get("models") or []
+            r["disk_free_mb"] = hb.get("disk_free_mb")
+            r["dup_ratio"] = round(r["dup_chunks"] / r["chunks"], 3) if r["chunks"] else 0.0
+            r["receiving"] = self.query("SELECT COUNT(*) AS n FROM transfers WHERE device = ? AND state IN "
+                                        "('receiving', 'verifying')", [r["device"]])[0]["n"]
+        return rows
+
+    def dead_letters(self, limit: int = 100) -> list[dict]:
+        return self.query("SELECT id, at, topic, device, reason, size FROM dead_letters ORDER BY id DESC LIMIT ?", [limit])

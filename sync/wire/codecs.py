@@ -1,0 +1,553 @@
+"""Lossless re-encoding of a DICOM instance for the wire: the codecs, the choice between them, bit-exact proof."""
+from __future__ import annotations
+
+import io
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pydicom
+from pydicom import uid
+from pydicom._uid_dict import UID_dictionary
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
+
+from sync.wire import dicom_scan, j2k_guard
+from sync.core.errors import BadInputError, UnsupportedTransferSyntaxError
+
+log = logging.getLogger(__name__)
+j2k_guard.install()  # the hub decodes and the uploader re-encodes untrusted JPEG 2000 too
+
+# Supplement 232 (2024). pydicom 3.0 does not know the UID, so it would refuse to write or parse a file in it
+# (UID.is_transfer_syntax is a dictionary look-up); registering it is additive and a no-op once pydicom has it.
+# pydicom has no decoder for it either: `_frames` decodes it through imagecodecs.
+JPEGXLLossless = uid.UID("1.2.840.10008.1.2.4.110")
+UID_dictionary.setdefault(JPEGXLLossless, ("JPEG XL Lossless", "Transfer Syntax", "", "", "JPEGXLLossless"))
+
+# Pixel data in these is already lossy: re-encoding cannot win anything back, so they travel untouched.
+# J2K .91 and HTJ2K .203 may hold reversible codestreams, but the transfer syntax does not promise it.
+LOSSY_SYNTAXES = frozenset({
+    uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLSNearLossless, uid.JPEG2000, uid.JPEG2000MC, uid.HTJ2K,
+    uid.JPIPHTJ2KReferenced, uid.JPIPHTJ2KReferencedDeflate, *uid.MPEGTransferSyntaxes,
+    "1.2.840.10008.1.2.4.94", "1.2.840.10008.1.2.4.95",  # JPIP referenced (deflate)
+    "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112",  # JPEG XL recompressed JPEG / JPEG XL (lossy)
+})
+NATIVE_SYNTAXES = frozenset({
+    uid.ImplicitVRLittleEndian, uid.ExplicitVRLittleEndian, uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+})
+LOSSLESS_COMPRESSED_SYNTAXES = frozenset({
+    uid.JPEGLossless, uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.JPEG2000MCLossless,
+    uid.HTJ2KLossless, uid.HTJ2KLosslessRPCL, uid.RLELossless, JPEGXLLossless,
+})
+
+# The default candidate list, from the compression table in ANCHORS.md re-measured here (scripts/bench_codecs.py):
+# - JPEG-LS (CharLS) is within 1-5 % of the best ratio on every 10-16 bit CR/DX at 40-150 MB/s: always tried.
+# - JPEG-XL effort 2 matches or beats it on 10-16 bit grey (RG3 +2 %) and is 2.5x better on 8-bit RGB ultrasound;
+#   it runs at 30-100 MB/s, so the pair stays near 20 MB/s per core on the chest CR.
+# - JPEG-XL effort 7 is 3 MB/s but another 15-50 % smaller on 8-bit ultrasound and palette images; it is only tried
+#   on small instances (SLOW_CODEC_MAX_BYTES), where it costs well under a second and the link saves more than that.
+# - HTJ2K and J2K never won on the samples (HTJ2K 3-8 % larger, J2K 12 MB/s); both stay available by name.
+DEFAULT_CODECS = ("jpegls", "jpegxl:2")
+SMALL_IMAGE_CODECS = ("jpegxl:7",)
+SLOW_CODEC_MAX_BYTES = 2 * 1024 * 1024
+# - Larger images the fast pair already compresses >= 3:1 (smooth CR like RG3, ultrasound cine) get effort 7 too: it
+#   wins another 5-15 % there (RG3 7.8 vs 7.2, US 10.2 vs 8.9) while on noisy CR (<= 2:1, RG1) it gains < 1 %. At
+#   ~3 MB/s a 6 MB CR costs 2 s of one core, while a 256 kbit/s uplink needs ~25 s for its bytes, so the trade
+#   pays on a satellite box; above COMPRESSIBLE_MAX_BYTES the encode would hold up the queue too long.
+COMPRESSIBLE_RATIO = 3.0
+COMPRESSIBLE_MAX_BYTES = 64 * 1024 * 1024
+
+
+class CodecUnsuitable(Exception):
+    """This codec cannot carry this image (bit depth, signedness, colour model); the next candidate is tried."""
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What a codec needs to know about a frame beyond its array."""
+
+    bits_stored: int
+    signed: bool
+    photometric: str
+
+
+class Codec:
+    """A lossless image codec for one DICOM frame. Subclasses set `name` and `transfer_syntax_uid`."""
+
+    name: ClassVar[str]
+    transfer_syntax_uid: ClassVar[str | None]
+    # Whether pydicom can decode this transfer syntax itself; if not, the receiver uses `decode`.
+    pydicom_decodes: ClassVar[bool] = True
+
+    @classmethod
+    def available(cls) -> bool:
+        raise NotImplementedError
+
+    def photometric(self, info: FrameInfo) -> str:
+        """Photometric Interpretation the encoded instance must declare."""
+        return info.photometric
+
+    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
+        raise NotImplementedError
+
+    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _imagecodecs(attr: str) -> bool:
+    try:
+        import imagecodecs
+    except ImportError:
+        return False
+    codec = getattr(imagecodecs, attr, None)
+    return bool(codec is not None and codec.available)
+
+
+def _sign_extend(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
+    if not signed:
+        return arr
+    wide = arr.astype(np.int32) if arr.dtype.itemsize < 4 else arr.astype(np.int64)
+    sign = 1 << (bits_stored - 1)
+    out = (wide ^ sign) - sign
+    return out.astype(np.int8 if bits_stored <= 8 else np.int16)
+
+
+class JpegLs(Codec):
+    name = "jpegls"
+    transfer_syntax_uid = uid.JPEGLSLossless
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import jpeg_ls  # noqa: F401
+        except ImportError:
+            return False
+        return _imagecodecs("JPEGLS")
+
+    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
+        if info.bits_stored > 16:
+            raise CodecUnsuitable("JPEG-LS carries at most 16 bits")
+        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
+            raise CodecUnsuitable(f"JPEG-LS here does not carry {info.photometric}")
+        # JPEG-LS has no sign: DICOM stores the two's-complement bit pattern, the decoder sign-extends.
+        if info.signed:
+            unsigned = frame.view(np.dtype(f"u{frame.dtype.itemsize}"))
+            frame = unsigned & unsigned.dtype.type((1 << info.bits_stored) - 1)
+        container = 8 * frame.dtype.itemsize
+        if info.bits_stored == container:
+            # imagecodecs' CharLS is ~50 % faster than pyjpegls but always writes P = the container width,
+            # which DICOM wants equal to Bits Stored; so it is used only where the two agree.
+            import imagecodecs
+            return bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(frame)))
+        import jpeg_ls
+        rows, cols = frame.shape[:2]
+        spp = 1 if frame.ndim == 2 else frame.shape[2]
+        return bytes(jpeg_ls.encode_buffer(
+            np.ascontiguousarray(frame).tobytes(), rows, cols, spp, info.bits_stored,
+            interleave_mode=2 if spp > 1 else None,
+        ))
+
+    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
+        import imagecodecs
+        return _sign_extend(imagecodecs.jpegls_decode(data), info.bits_stored, info.signed)
+
+
+class _J2kFamily(Codec):
+    def photometric(self, info: FrameInfo) -> str:
+        # With the reversible colour transform applied the standard requires YBR_RCT; the decoder undoes it.
+        return "YBR_RCT" if info.photometric == "RGB" else info.photometric
+
+    def _check(self, info: FrameInfo) -> None:
+        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
+            raise CodecUnsuitable(f"{self.name} here does not carry {info.photometric}")
+        if info.bits_stored > 16:
+            raise CodecUnsuitable(f"{self.name} here carries at most 16 bits")
+
+
+class Jpeg2000(_J2kFamily):
+    name = "j2k"
+    transfer_syntax_uid = uid.JPEG2000Lossless
+
+    @classmethod
+    def available(cls) -> bool:
+        return _imagecodecs("JPEG2K")
+
+    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
+        import imagecodecs
+        self._check(info)
+        return bytes(imagecodecs.jpeg2k_encode(
+            np.ascontiguousarray(frame), 0, codecformat="J2K", reversible=True, bitspersample=info.bits_stored,
+            mct=info.photometric == "RGB", numthreads=1,
+        ))
+
+    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
+        import imagecodecs
+        return imagecodecs.jpeg2k_decode(data, numthreads=1)
+
+
+class Htj2k(_J2kFamily):
+    name = "htj2k"
+    transfer_syntax_uid = uid.HTJ2KLossless
+
+    @classmethod
+    def available(cls) -> bool:
+        return _imagecodecs("HTJ2K")
+
+    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
+        import imagecodecs
+        self._check(info)
+        # openjph takes the precision from the dtype (16 for a 12-bit frame); pydicom decodes that correctly.
+        return bytes(imagecodecs.htj2k_encode(
+            np.ascontiguousarray(frame), 0, reversible=True, rgb=info.photometric == "RGB",
+        ))
+
+    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
+        import imagecodecs
+        return imagecodecs.htj2k_decode(data)
+
+
+class JpegXl(Codec):
+    name = "jpegxl"
+    transfer_syntax_uid = JPEGXLLossless
+    pydicom_decodes = False
+
+    def __init__(self, effort: int = 7) -> None:
+        if not 1 <= effort <= 10:
+            raise ValueError(f"JPEG-XL effort must be 1..10, got {effort}")
+        self.effort = effort
+
+    @classmethod
+    def available(cls) -> bool:
+        return _imagecodecs("JPEGXL")
+
+    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
+        import imagecodecs
+        if info.signed:
+            raise CodecUnsuitable("JPEG-XL lossless carries unsigned samples only")
+        if info.bits_stored > 16:
+            raise CodecUnsuitable("JPEG-XL here carries at most 16 bits")
+        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
+            raise CodecUnsuitable(f"JPEG-XL here does not carry {info.photometric}")
+        return bytes(imagecodecs.jpegxl_encode(
+            np.ascontiguousarray(frame), lossless=True, effort=self.effort, bitspersample=info.bits_stored,
+            numthreads=1,
+        ))
+
+    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
+        import imagecodecs
+        return imagecodecs.jpegxl_decode(data, numthreads=1)
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (JpegLs, Jpeg2000, Htj2k, JpegXl)}
+_BY_SYNTAX = {c.transfer_syntax_uid: c for c in CODECS.values()}
+
+
+def make_codec(spec: str) -> Codec:
+    """'jpegls', 'htj2k', 'j2k', 'jpegxl' (effort 7) or 'jpegxl:N' (effort N)."""
+    name, _, arg = spec.partition(":")
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {spec!r}; known: {', '.join(CODECS)}")
+    if name == "jpegxl":
+        return JpegXl(int(arg) if arg else 7)
+    if arg:
+        raise ValueError(f"codec {name!r} takes no argument")
+    return CODECS[name]()
+
+
+def available_codecs() -> list[str]:
+    return [name for name, cls in CODECS.items() if cls.available()]
+
+
+@dataclass
+class WireEncoding:
+    data: bytes                 # a complete DICOM Part-10 file (preamble + meta) in the chosen transfer syntax
+    codec: str                  # "jpegls", "j2k", "htj2k", "jpegxl", "jpegxl:2", or "original"
+    transfer_syntax_uid: str
+    original_size: int
+    ratio: float                # original_size / len(data)
+    # The sent pixels are proven to equal the source: decoded bit-exact, or (codec "original") the bytes are the source.
+    verified: bool
+
+
+def _read(source: bytes | str | Path) -> tuple[Dataset, bytes]:
+    raw = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    # The box's strict, bounded walk first (sync.wire.dicom_scan): deflate bombs, deep or huge sequences, element
+    # floods and cut files are refused before pydicom parses (and inflates) the whole file.
+    scan = dicom_scan.scan_bytes(bytes(raw))
+    if scan.error is not None:
+        raise scan.error
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(raw))
+    except Exception as err:  # noqa: BLE001 - mutated files raise OSError, RecursionError, zlib/struct errors, ...
+        raise BadInputError(dicom_scan.reason(err, "DICOM file")) from err  # the type only: no quoted values
+    # pydicom only warns on a file cut short inside encapsulated pixel data, and CharLS then decodes what is
+    # left without complaint: a truncated transfer must not pass as a good one.
+    if truncated := [str(w.message) for w in caught if "End of file" in str(w.message)]:
+        raise BadInputError(f"truncated DICOM file: {truncated[0]}")
+    for w in caught:
+        log.debug("reading DICOM: %s", w.message)
+    return ds, bytes(raw)
+
+
+def _syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID", uid.ImplicitVRLittleEndian)) if meta else uid.ImplicitVRLittleEndian
+
+
+def _info(ds: Dataset) -> FrameInfo:
+    return FrameInfo(int(ds.BitsStored), int(ds.PixelRepresentation) == 1, str(ds.PhotometricInterpretation))
+
+
+def _jxl_size(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) from a bare JPEG XL codestream's SizeHeader (ISO/IEC 18181-1, D.2); None for anything else
+    (the ISOBMFF container form, which imagecodecs does not write)."""
+    if data[:2] != b"\xff\x0a":
+        return None
+    bits, pos = int.from_bytes(data[2:14], "little"), 0
+
+    def u(n: int) -> int:
+        nonlocal pos
+        value = (bits >> pos) & ((1 << n) - 1)
+        pos += n
+        return value
+
+    def u32() -> int:
+        return 1 + u((9, 13, 18, 30)[u(2)])
+
+    small = u(1)
+    rows = (u(5) + 1) * 8 if small else u32()
+    ratio = u(3)
+    if ratio:
+        num, den = ((1, 1), (12, 10), (4, 3), (3, 2), (16, 9), (5, 4), (2, 1))[ratio - 1]
+        return rows, rows * num // den
+    return rows, (u(5) + 1) * 8 if small else u32()
+
+
+def _frames(ds: Dataset) -> np.ndarray:
+    """All frames as (frames, rows, cols[, samples]); colour values as stored, never colour-converted."""
+    from sync.wire.limits import check_codestreams
+
+    syntax = _syntax(ds)
+    check_codestreams(ds, syntax)  # each frame's own header against the DICOM header, and complete, before decoding
+    codec_cls = _BY_SYNTAX.get(syntax)
+    if codec_cls is not None and not codec_cls.pydicom_decodes:
+        info = _info(ds)
+        codec = codec_cls()
+        n = int(ds.get("NumberOfFrames") or 1)
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = []
+        for index, f in enumerate(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=n)):
+            size = _jxl_size(f)
+            # imagecodecs allocates what the codestream claims; the header's budget was checked, this must fit it.
+            if size is not None and size[0] * size[1] > rows * cols:
+                raise BadInputError(f"frame {index}: its JPEG XL codestream claims {size[1]}x{size[0]}, the header "
+                                    f"{cols}x{rows}")
+            frames.append(codec.decode(f, info))
+        arr = np.stack(frames)
+        expected = (n, rows, cols) + ((int(ds.SamplesPerPixel),) if ds.SamplesPerPixel > 1 else ())
+        if arr.shape != expected:
+            raise ValueError(f"decoded shape {arr.shape} != declared {expected}")
+        return arr
+    # pydicom would pick libjpeg for JPEG-LS, which runs at a quarter of CharLS' speed on the chest CR.
+    plugin = "pyjpegls" if syntax == uid.JPEGLSLossless and JpegLs.available() else ""
+    arr = pixel_array(ds, raw=True, decoding_plugin=plugin)
+    multi = ds.get("NumberOfFrames") is not None and int(ds.NumberOfFrames) > 1
+    return arr if multi else arr[np.newaxis]
+
+
+def _decode_checked(data: bytes) -> tuple[Dataset, np.ndarray | None]:
+    ds, _ = _read(data)
+    try:
+        has_pixels = "PixelData" in ds
+        syntax = _syntax(ds)
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw meta here
+        raise BadInputError(dicom_scan.reason(err, "file meta")) from err
+    if not has_pixels:
+        return ds, None
+    from sync.wire.limits import check_dimensions
+
+    check_dimensions(ds)  # the header's size claims, before a byte is decoded: bombs are refused here
+    if syntax not in NATIVE_SYNTAXES | LOSSLESS_COMPRESSED_SYNTAXES | LOSSY_SYNTAXES:
+        raise UnsupportedTransferSyntaxError(f"unknown transfer syntax {syntax}")
+    try:
+        return ds, _frames(ds)
+    except BadInputError:
+        raise
+    except NotImplementedError as err:
+        raise UnsupportedTransferSyntaxError(f"no installed decoder for {syntax} ({type(err).__name__})") from err
+    except Exception as err:  # codecs raise anything from RuntimeError to their own classes on a bad stream
+        # The type only: a codec's or pydicom's message may quote an element value.
+        raise BadInputError(f"pixel data does not decode ({type(err).__name__})") from err
+
+
+def _uid_of(ds: Dataset, keyword: str) -> str:
+    try:
+        value = str(ds.get(keyword, "") or "").rstrip("\0 ")
+    except Exception as err:  # noqa: BLE001 - a raw value pydicom cannot convert
+        raise BadInputError(f"{keyword} cannot be read ({type(err).__name__})") from err
+    if not _UID_RE.fullmatch(value) or len(value) > 64:
+        raise BadInputError(f"{keyword} is missing or not a valid DICOM UID")
+    return value
+
+
+# PS3.5 9.1, as the box's ingest checks it: the hub files instances by these, so it must never take another form.
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def decode_wire(data: bytes) -> Dataset:
+    """Receiver side: parse a wire instance and prove every frame decodes; BadInputError when it does not.
+
+    An instance without Pixel Data (a report, a KOS) is returned as parsed: there is nothing to decode. Its SOP
+    Instance and Study Instance UIDs are checked: the hub files the instance by them.
+    """
+    ds = _decode_checked(data)[0]
+    _uid_of(ds, "SOPInstanceUID")
+    _uid_of(ds, "StudyInstanceUID")
+    return ds
+
+
+def pixels_equal(a: Dataset, b: Dataset) -> bool:
+    """Bit-exact equality of the stored values of every frame (colour transforms of the codec undone)."""
+    fa, fb = _frames(a), _frames(b)
+    return fa.shape == fb.shape and bool(np.array_equal(fa, fb))
+
+
+def _reencodable(ds: Dataset, syntax: str) -> str | None:
+    """Why this instance must travel as is, or None when it may be re-encoded."""
+    try:
+        return _why_not_reencodable(ds, syntax)
+    except Exception as err:  # noqa: BLE001 - a header value pydicom cannot convert: the bytes still travel
+        return f"header not re-encodable ({type(err).__name__})"
+
+
+def _why_not_reencodable(ds: Dataset, syntax: str) -> str | None:
+    if "PixelData" not in ds:
+        return "no Pixel Data"
+    if syntax in LOSSY_SYNTAXES or str(ds.get("LossyImageCompression", "00")) == "01":
+        return "already lossy"
+    if syntax not in NATIVE_SYNTAXES | LOSSLESS_COMPRESSED_SYNTAXES:
+        return f"unknown transfer syntax {syntax}"
+    if int(ds.get("BitsAllocated", 0)) not in (8, 16):
+        return f"Bits Allocated {ds.get('BitsAllocated')}"
+    spp, pi = int(ds.get("SamplesPerPixel", 1)), str(ds.get("PhotometricInterpretation", ""))
+    if (spp, pi) not in {(1, "MONOCHROME1"), (1, "MONOCHROME2"), (1, "PALETTE COLOR"), (3, "RGB")}:
+        return f"photometric {pi} with {spp} samples"
+    return None
+
+
+def _container(frames: np.ndarray, info: FrameInfo) -> np.ndarray:
+    # 8-bit values in a 16-bit container would make the codecs declare 16-bit precision and compress worse.
+    if not frames.dtype.isnative:  # a big-endian source: the codecs read native words
+        frames = frames.astype(frames.dtype.newbyteorder("="))
+    if info.bits_stored <= 8 and frames.dtype.itemsize > 1:
+        return frames.astype(np.int8 if info.signed else np.uint8)
+    return frames
+
+
+def _build(ds: Dataset, codec: Codec, encoded: list[bytes], info: FrameInfo) -> bytes:
+    out = ds.copy()
+    out.file_meta = ds.file_meta.copy()
+    out.file_meta.TransferSyntaxUID = codec.transfer_syntax_uid
+    out.PixelData = encapsulate(encoded, has_bot=True)
+    out["PixelData"].VR = "OB"
+    out["PixelData"].is_undefined_length = True
+    out.PhotometricInterpretation = codec.photometric(info)
+    if int(out.SamplesPerPixel) > 1:
+        out.PlanarConfiguration = 0  # the codecs interleave; the tag must say so
+    for tag in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if tag in out:
+            del out[tag]
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, out, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _candidates(codecs: list[str] | None, pixel_bytes: int) -> list[str]:
+    if codecs is not None:
+        return list(codecs)
+    chosen = list(DEFAULT_CODECS)
+    if pixel_bytes <= SLOW_CODEC_MAX_BYTES:
+        chosen += SMALL_IMAGE_CODECS
+    return chosen
+
+
+def encode_for_wire(
+    source: bytes | str | Path, *, codecs: list[str] | None = None, frames_limit: int | None = None,
+) -> WireEncoding:
+    """Return the smallest bit-exact lossless encoding of `source`, or the source itself.
+
+    `codecs` names the candidates (see `make_codec`); None means the default policy above. `frames_limit`
+    bounds the frames re-encoded: a longer cine loop travels as is rather than tie up the box's two cores.
+    """
+    ds, raw = _read(source)
+    try:
+        syntax = _syntax(ds)
+        sop = str(ds.get("SOPInstanceUID", "?"))
+    except Exception as err:  # noqa: BLE001 - pydicom converts the raw values here
+        raise BadInputError(dicom_scan.reason(err, "file meta")) from err
+    original = WireEncoding(raw, "original", syntax, len(raw), 1.0, True)
+    reason = _reencodable(ds, syntax)
+    try:
+        n_frames = int(ds.get("NumberOfFrames") or 1) if reason is None else 0
+    except Exception as err:  # noqa: BLE001 - NaN, 1e400, a list: the instance travels as is
+        reason = f"Number of Frames not readable ({type(err).__name__})"
+    if reason is None and frames_limit is not None and n_frames > frames_limit:
+        reason = f"{n_frames} frames > frames_limit {frames_limit}"
+    if reason is not None:
+        log.info("sending %s as is: %s", sop, reason)
+        return original
+    try:
+        info = _info(ds)
+        source_frames = _frames(ds)
+    except Exception as err:  # a source we cannot decode is still sendable byte for byte
+        log.warning("sending %s as is: its pixel data does not decode here (%s)", sop, type(err).__name__)
+        return original
+    frames = _container(source_frames, info)
+
+    best = original
+
+    def attempt(spec: str, best: WireEncoding) -> WireEncoding:
+        codec = make_codec(spec)
+        if not codec.available():
+            log.info("codec %s not installed; skipped for %s", spec, sop)
+            return best
+        try:
+            encoded = [codec.encode(f, info) for f in frames]
+        except CodecUnsuitable as err:
+            log.info("codec %s skipped for %s: %s", spec, sop, err)
+            return best
+        except Exception as err:
+            log.warning("codec %s failed to encode %s: %s", spec, sop, err)
+            return best
+        if sum(map(len, encoded)) >= len(best.data):
+            return best  # cannot win even before the header is added: skip the costly verification
+        try:
+            data = _build(ds, codec, encoded, info)
+            ok = np.array_equal(_decode_checked(data)[1], source_frames)
+        except Exception as err:
+            log.warning("codec %s output for %s does not decode: %s", spec, sop, err)
+            return best
+        if not ok:
+            log.warning("codec %s is not bit-exact on %s; discarded", spec, sop)
+            return best
+        if len(data) < len(best.data):
+            return WireEncoding(data, spec, codec.transfer_syntax_uid, len(raw), len(raw) / len(data), True)
+        return best
+
+    tried = _candidates(codecs, source_frames.nbytes)
+    for spec in tried:
+        best = attempt(spec, best)
+    if codecs is None and best.ratio >= COMPRESSIBLE_RATIO and source_frames.nbytes <= COMPRESSIBLE_MAX_BYTES:
+        for spec in SMALL_IMAGE_CODECS:
+            if spec not in tried:
+                best = attempt(spec, best)
+    log.info("%s: %s, ratio %.2f", sop, best.codec, best.ratio)
+    return best
