@@ -307,7 +307,7 @@ def send_scp(rig, path: Path, deflated: bool) -> str:
             assoc.release()
         code = st.get("Status") if st else None
         return f"0x{code:04X} {st.get('ErrorComment', '')}".strip() if code is not None else "no response"
-    from edge.harness import STORESCU_PROPOSE
+    from harness import STORESCU_PROPOSE
 
     from pydicom.filereader import read_file_meta_info
 

@@ -42,7 +42,7 @@ for p in (REPO, REPO / "scripts", REPO / "tests"):
         sys.path.insert(0, str(p))
 
 import linkemu_lib as le  # noqa: E402
-from edge import harness  # noqa: E402
+import harness  # noqa: E402
 
 PY = sys.executable
 BROKER_PORT = 1883
@@ -193,7 +193,7 @@ class Bench:
         (mq / "mosquitto.conf").write_text(
             f"listener {BROKER_PORT} {le.HUB_IP}\nallow_anonymous true\npersistence false\nset_tcp_nodelay true\n"
             "max_queued_messages 10000\nlog_dest stdout\nlog_type all\n")
-        from edge.harness import mosquitto_binary
+        from harness import mosquitto_binary
 
         self.link.popen_in("hub", [mosquitto_binary(), "-c", str(mq / "mosquitto.conf")],
                            stdout=open(mq / "mosquitto.log", "ab"), stderr=subprocess.STDOUT)
@@ -273,7 +273,7 @@ broker_port = {BROKER_PORT}
         return t
 
     def sample(self, name: str, dest: Path) -> Path:
-        from edge.samples import fresh_copy, sample_path
+        from samples import fresh_copy, sample_path
 
         return fresh_copy(sample_path(name), dest)
 
@@ -448,7 +448,7 @@ broker_port = {BROKER_PORT}
     def storescu(self, f: Path) -> list[str]:
         import pydicom
 
-        from edge.harness import STORESCU_PROPOSE
+        from harness import STORESCU_PROPOSE
 
         ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
         return ["storescu", "-aet", "BOX", "-aec", "HUB", *STORESCU_PROPOSE.get(ts, []), le.HUB_IP, str(CSTORE_PORT),

@@ -19,12 +19,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the demo and benchmark helpers live beside the tests
 
 import pydicom  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 
-from edge import config as config_mod, harness, imaging, samples  # noqa: E402
+from edge import config as config_mod, imaging  # noqa: E402
+import harness
+import samples
 from edge.engine import Engine  # noqa: E402
 from edge.store import InstanceMeta, Store  # noqa: E402
 

@@ -79,7 +79,7 @@ class Daemon:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        from edge.harness import stop_process
+        from harness import stop_process
 
         stop_process(self.proc, timeout=30)
 
@@ -90,7 +90,7 @@ class Daemon:
 
 
 def _hub_ready(d: Daemon) -> None:
-    from edge.harness import wait_until
+    from harness import wait_until
 
     # The hub has no port of its own: it is up once it logged its start (connected or not: the broker may be down).
     wait_until(lambda: not d.alive() or "hub receiver" in d.log_since(d.mark), timeout=60, interval=0.1,
@@ -110,7 +110,7 @@ def _hub_reserve() -> str:
 
 
 def _broker_class():
-    from edge import harness
+    import harness
 
     class Broker(harness.Mosquitto):
         """harness.Mosquitto (which persists, as root too), or the same broker with persistence off."""
@@ -163,7 +163,7 @@ class Rig:
                           self._box_ready)
 
     def _box_ready(self, d: Daemon) -> None:
-        from edge.harness import wait_for_port
+        from harness import wait_for_port
 
         wait_for_port(self.dicom_port, proc=d.proc, timeout=90)
 

@@ -78,7 +78,7 @@ def _full_phase(rig: Rig, sender: Sender, target: str, mount: Path, studies: lis
     first = studies[0]
     sender.release(first)
     try:
-        from edge.harness import wait_until
+        from harness import wait_until
 
         wait_until(lambda: all(i.acked for i in first), timeout=60, interval=0.2, what="first study in")
     except Exception as err:  # noqa: BLE001

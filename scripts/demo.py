@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the demo and benchmark helpers live beside the tests
 
-from edge import harness, samples  # noqa: E402
+import harness  # noqa: E402
+import samples  # noqa: E402
 
 SAMPLES = ["RG1_UNCR.dcm", "RG1_J2KR.dcm", "RG3_J2KR.dcm", "US1_J2KR.dcm", "OBXXXX1A_rle.dcm"]
 

@@ -23,7 +23,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import pydicom  # noqa: E402
 
-from edge import ingest, report, samples  # noqa: E402
+from edge import ingest, report  # noqa: E402
+import samples
 from edge.config import parse  # noqa: E402
 from edge.engine import Engine  # noqa: E402
 from edge.store import Store  # noqa: E402

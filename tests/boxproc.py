@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge import harness
+import harness
 from modelfactory import make_tiny_package
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from edge.config import BoxConfig, Config, DicomConfig, StorageConfig, WatchConfig
-from edge.harness import Mosquitto
+from harness import Mosquitto
 from edge.store import Store
 
 

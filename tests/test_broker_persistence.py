@@ -6,7 +6,7 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from edge.harness import Mosquitto, wait_until
+from harness import Mosquitto, wait_until
 
 
 def _client(port: int, client_id: str, clean: bool) -> mqtt.Client:

@@ -70,7 +70,7 @@ def test_doctor_fails_without_a_model_and_says_why(cfg):
 
 
 def test_ingest_reports_stored_and_quarantined_files(cfg, tmp_path):
-    from edge import samples
+    import samples
 
     good = samples.fresh_copy(samples.sample_path("US1_UNCR.dcm"), tmp_path / "in" / "us.dcm")
     (tmp_path / "in" / "junk.dcm").write_bytes(b"junk")
@@ -123,7 +123,7 @@ def test_models_show_gives_test_figures_and_not_for_clinical_use_and_refuses_a_t
 
 
 def test_doctor_finds_a_spool_file_damaged_on_disk_and_names_the_instance(cfg, tmp_path):
-    from edge import samples
+    import samples
     from edge.config import load
     from edge.store import Store
 

@@ -12,7 +12,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from boxproc import BoxProcess, tiny_models, write_box_config
-from edge import harness, samples
+import harness
+import samples
 
 pytestmark = pytest.mark.skipif(not harness.shutil.which("storescu"), reason="dcmtk storescu not installed")
 

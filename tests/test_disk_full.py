@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from boxproc import BoxProcess, HubProcess, Stopping, tiny_models, write_box_config
-from edge import harness
-from edge.harness import wait_until
+import harness
+from harness import wait_until
 from test_scp import storescu
 from test_sync_support import assert_hub_holds_exactly, make_cr
 

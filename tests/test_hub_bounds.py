@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from pydicom.uid import generate_uid
 
-from edge.harness import wait_until
+from harness import wait_until
 from sync.wire import protocol
 from sync.hub.receiver import Receiver
 from test_sync_support import RawBox, hub_cfg, make_cr

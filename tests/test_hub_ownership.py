@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from edge.harness import wait_until
+from harness import wait_until
 from sync.wire import protocol
 from test_sync_support import Box, RawBox, make_cr, start_hub, triage
 

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 
 from sync.core.errors import ConfigError, StoreError
-from edge.harness import free_port, stop_process, wait_for_port, wait_until
+from harness import free_port, stop_process, wait_for_port, wait_until
 from sync.wire import codecs, protocol
 from sync.hub import config as hub_config
 from sync.hub.store import HubStore

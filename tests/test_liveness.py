@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from edge.harness import wait_until
+from harness import wait_until
 from sync.core.liveness import Beat, problems
 from edge.watch import FolderWatcher
 from test_sync_support import Box, RawBox, make_cr, start_hub, triage

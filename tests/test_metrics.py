@@ -10,7 +10,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from boxproc import BoxProcess, tiny_models, write_box_config
-from edge import harness, samples
+import harness
+import samples
 from edge.metrics import box_collector
 from sync.core import metrics
 from sync.hub.metrics import hub_collector

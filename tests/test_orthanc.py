@@ -15,7 +15,8 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from boxproc import REPO, BoxProcess, tiny_models, write_box_config
-from edge import harness, samples
+import harness
+import samples
 from edge.config import load
 from edge.store import Store
 from test_results_dicom import add_image, triage_next

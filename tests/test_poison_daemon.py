@@ -18,8 +18,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless, generate_uid
 
 from boxproc import BoxProcess, HubProcess, Stopping, tiny_models, write_box_config
-from edge import harness
-from edge.harness import wait_until
+import harness
+from harness import wait_until
 from test_imaging import _jp2_with_box_of_length_zero
 from test_ingest import POISON, _poison
 from test_sync_support import make_cr

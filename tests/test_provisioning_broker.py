@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge import config as box_config_mod
-from edge.harness import free_port, mosquitto_binary, stop_process, wait_for_port, wait_until
+from harness import free_port, mosquitto_binary, stop_process, wait_for_port, wait_until
 from provisioning import ca
 from provisioning.fleet import Fleet, FleetSettings
 from sync.hub import config as hub_config

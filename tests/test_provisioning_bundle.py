@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.harness import free_port
+from harness import free_port
 from modelfactory import make_tiny_package
 from provisioning import bundle
 from provisioning.fleet import Fleet, FleetSettings, sign_model

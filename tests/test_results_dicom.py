@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 
-from edge import ingest, results_dicom, samples
+from edge import ingest, results_dicom
+import samples
 from edge.engine import Outcome
 from sync.core.errors import NotFoundError, StateError
 from edge.store import QUEUED, TRIAGED
@@ -271,7 +272,7 @@ def test_a_refusing_peer_is_a_named_error_with_the_standard_status_name(store, s
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import ComprehensiveSRStorage as SRClass
 
-    from edge import harness
+    import harness
     from edge.send import Destination, StoreRefusedError, send_files
 
     scp = AE(ae_title="FULLPACS")
@@ -290,7 +291,7 @@ def test_a_refusing_peer_is_a_named_error_with_the_standard_status_name(store, s
 
 
 def test_nobody_listening_is_an_association_error_within_the_timeout(store, study):
-    from edge import harness
+    import harness
     from edge.send import AssociationError, Destination, send_files
 
     sr_row, = results_dicom.ensure_results(store, study["uid"], box_id="box-a")

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from edge.harness import wait_for_port
+from harness import wait_for_port
 from edge.scp import StoreSCP
 from edge.store import Store
 

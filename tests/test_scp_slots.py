@@ -8,7 +8,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from edge.harness import wait_until
+from harness import wait_until
 from test_scp import echoscu, start_scp, storescu  # noqa: F401 - start_scp is a fixture
 
 pytestmark = pytest.mark.timeout(120)

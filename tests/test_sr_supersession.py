@@ -7,7 +7,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from edge import results_dicom
-from edge.harness import wait_until
+from harness import wait_until
 from sync.hub import cli as hub_cli
 from test_sync_support import Box, hub_cfg, make_cr, start_hub, triage
 

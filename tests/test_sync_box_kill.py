@@ -5,7 +5,7 @@ import json
 import sqlite3
 
 from boxproc import BoxProcess, tiny_models, write_box_config
-from edge.harness import Mosquitto, wait_until
+from harness import Mosquitto, wait_until
 from test_sync_support import assert_hub_holds_exactly, hub_view, make_cr, start_hub
 
 

@@ -17,7 +17,7 @@ CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
 
 from conftest import make_config
 from edge import ingest
-from edge.harness import wait_until
+from harness import wait_until
 from edge.store import Store
 from sync.wire import codecs, protocol
 from sync.hub import config as hub_config

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from edge.harness import Mosquitto, wait_until
+from harness import Mosquitto, wait_until
 from sync.wire import codecs, protocol
 from test_sync_support import (Box, RawBox, assert_hub_holds_exactly, hub_view, make_cr, start_hub, stored_sops,
                                triage)

@@ -6,7 +6,7 @@ import shutil
 import pydicom
 import pytest
 
-from edge.harness import wait_until
+from harness import wait_until
 from edge.ingest import ingest_file, limits_from_config
 from edge.store import Store
 from edge.watch import FolderWatcher
