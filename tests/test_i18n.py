@@ -43,7 +43,7 @@ def english_afterwards():
 
 
 def test_every_user_facing_string_has_a_french_and_arabic_translation(extract, msgids):
-    """Scans _()/N_() literals in edge/ and sync/hub_cli.py and every help text of both CLIs (new ones included)."""
+    """Scans _()/N_() literals in edge/, sync/core/ and sync/hub/ and every help text of both CLIs (new ones included)."""
     missing = [p for p in extract.problems(msgids) if "no translation" in p or "placeholders" in p]
     assert missing == [], "run `python scripts/i18n_extract.py`, then translate:\n" + "\n".join(missing)
 
