@@ -190,7 +190,7 @@ def short_uid(uid: str | None, keep: int = 28) -> str:
 
 # In Arabic the screen is mirrored here (labels right of their values, panels titled on the right, the first
 # column of panels on the right); the terminal does not reorder anything because every piece is an isolate
-# (see edge/i18n.py).
+# (see sync/core/i18n.py).
 
 def _stack(*rows: Any) -> Table:
     """Renderables one under the other (a Group would put a ProgressBar and the next text on the same line)."""

@@ -6,7 +6,7 @@
 
 Msgids come from two places: every literal `_("...")` / `N_("...")` in edge/, sync/core/ and sync/hub/ (found with
 the AST, so no xgettext is needed), and every help text of the `wasla` and `wasla-hub` command trees (typer
-docstrings and help=, which are translated when the CLI builds its click commands, see edge/i18n.py).
+docstrings and help=, which are translated when the CLI builds its click commands, see sync/core/i18n.py).
 The .mo files are compiled here in pure Python (the same format as GNU msgfmt writes), so neither the box
 nor CI needs the gettext tools; the compiled files are committed.
 """
