@@ -377,12 +377,12 @@ def run(cfg) -> int:
     exporter = metrics.start(cfg.metrics, hub_collector(receiver.store, hub_id=cfg.hub.id, receiver=receiver))
     # READY once the broker connection is up (what "running" means for a receiver); a broker still down after a
     # minute does not hold the start forever: paho keeps retrying and the status says so.
+    log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
     deadline = time.monotonic() + 60.0
     while not stop.is_set() and not receiver.connected.wait(0.5) and time.monotonic() < deadline:
         pass
     connected = receiver.connected.is_set()
     sd_notify("READY=1\nSTATUS=" + ("receiving" if connected else "waiting for the broker"))
-    log.info("hub receiver %s started -> %s:%s", cfg.hub.id, cfg.broker.host, cfg.broker.port)
     reported: list[str] = []
     next_expiry = time.monotonic()
     while not stop.wait(5.0):
