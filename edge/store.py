@@ -409,6 +409,8 @@ class Store:
                 # A quarantined file that never reached the spool (unreadable input) cannot be re-run.
                 if state in states and path and not Path(path).is_absolute():
                     db["instances"].update(iid, {"state": RECEIVED, "label": None, "reason": None, "updated_at": time.time()})
+                    # A pack failure recorded for it (edge/uplink/packer.py) is forgotten: it is tried afresh.
+                    db.execute("DELETE FROM outbox WHERE kind = 'pack' AND instance_id = ?", [iid])
                     n += 1
             return n
 

@@ -220,3 +220,32 @@ def test_uploader_sends_pseudonymised_instances_when_configured(tmp_path):
         assert isinstance(up.outbox, Outbox)
     finally:
         store.close()
+
+
+def test_an_instance_that_cannot_be_pseudonymised_is_not_sent_and_shows_as_a_pack_failure_until_requeued(tmp_path):
+    from edge.doctor import run_checks
+    from edge.store import Store
+    from edge.uplink.uploader import Uploader
+    from test_sync_support import box_config, triage
+
+    cfg = box_config(tmp_path, 1)
+    cfg = replace(cfg, sync=replace(cfg.sync, pseudonymise=True, pseudonym_key_file=tmp_path / "missing.key"))
+    store = Store.from_config(cfg)
+    try:
+        iid = triage(store, make_cr(tmp_path / "in" / "a.dcm", seed=5), "urgent")
+        up = Uploader(cfg, store)  # not started: packing steps only
+        assert up.pack_once()
+        assert not up.pack_once()  # recorded once; not retried on every turn
+        rows = store.query("SELECT kind, state, reason FROM outbox WHERE instance_id = ?", [iid])
+        assert [(r["kind"], r["state"]) for r in rows] == [("pack", "failed")]
+        assert "cannot be prepared for the hub" in rows[0]["reason"] and "pseudonym_key_file" in rows[0]["reason"]
+        assert not store.query("SELECT 1 FROM outbox WHERE kind = 'transfer'")  # fails closed: nothing to send
+        uploads = next(c for c in run_checks(cfg) if c["check"] == "uploads")
+        assert not uploads["ok"] and "cannot be prepared" in uploads["detail"]
+        (tmp_path / "missing.key").write_text(KEY.hex())  # the technician installs the key, then requeues
+        assert store.requeue(instance_id=iid) == 1
+        assert not store.query("SELECT 1 FROM outbox WHERE kind = 'pack'")
+        store.record_triage(store.claim_next()["id"], "urgent", [{"code": "test"}], [])
+        assert up.pack_once() and store.query("SELECT 1 FROM outbox WHERE kind = 'transfer'")
+    finally:
+        store.close()

@@ -14,7 +14,7 @@ from sync.wire import protocol
 
 log = logging.getLogger(__name__)
 
-FLAG, TRANSFER = "flag", "transfer"
+FLAG, TRANSFER, PACK = "flag", "transfer", "pack"  # pack: an instance that cannot be packed (failed rows only)
 PENDING, CONFIRMED, DONE, FAILED = "pending", "confirmed", "done", "failed"
 ACTIVE = (PENDING, CONFIRMED)
 
@@ -59,6 +59,8 @@ class Outbox:
         return self.store.query(
             "SELECT i.*, s.label AS study_label FROM instances i JOIN studies s ON s.study_uid = i.study_uid "
             "WHERE i.state = ? AND s.label IS NOT NULL "
+            # An instance whose packing failed for good waits for `wasla requeue` (which clears the pack row).
+            "AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.kind = 'pack' AND o.instance_id = i.id) "
             "ORDER BY CASE s.label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 ELSE 2 END, i.id LIMIT ?",
             [TRIAGED, limit])
 
@@ -146,6 +148,16 @@ class Outbox:
             cur = db.execute("UPDATE outbox SET state = ?, done_at = ?, updated_at = ? WHERE flag_id = ? AND state = ?",
                              [DONE, time.time(), time.time(), fid, PENDING])
             return cur.rowcount > 0
+
+    def pack_failed(self, inst: dict, reason: str) -> None:
+        """Record that an instance cannot be packed for the wire: shown by `wasla sync` and `wasla doctor`."""
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO outbox (kind, priority, state, study_uid, instance_id, label, reason, created_at, "
+                       "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       [PACK, protocol.study_priority(inst.get("study_label") or "normal"), FAILED, inst["study_uid"],
+                        inst["id"], inst.get("study_label"), reason[:500], now, now])
+        log.error("instance #%s %s", inst["id"], reason)
 
     def flag_failed(self, fid: str, reason: str) -> bool:
         with self.store.transaction() as db:

@@ -1,7 +1,6 @@
 """The box uploader inside `wasla run`: packs triaged studies into the outbox and drains it over MQTT by priority."""
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import shutil
@@ -10,11 +9,12 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from sync.core.diskguard import Pause, is_disk_full
+from sync.core.diskguard import is_disk_full
 from sync.core.errors import ProtocolError
 from sync.core.liveness import Beat, paho_thread
 from sync.wire import protocol
 from edge.uplink.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
+from edge.uplink.packer import Packer
 from edge.uplink.outbox import CONFIRMED, FLAG, Outbox
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,6 @@ class Uploader:
         self._queried: dict[str, float] = {}              # confirmed transfer -> last "are you done?" query
         self._flag_sent: dict[str, float] = {}
         self._ever_sent: dict[str, set[int]] = {}
-        self._skip: set[int] = set()
         self._next_heartbeat = 0.0
         self._nudge_mtime = 0.0
         self.blocked = ""
@@ -67,7 +66,7 @@ class Uploader:
         self.lane_connected = False
         self._threads: list[threading.Thread] = []
         self._mqtt_threads: dict[str, threading.Thread | None] = {}
-        self.disk = Pause("upload packing", store.spool_dir, store.own_reserve_bytes)
+        self.packer = Packer(self.outbox, self.sc, self.models, on_queued=self.wake.set)
         # Send and pack loops wake at least every 0.5 s; a message handler is busy for milliseconds.
         self.beats = {"sync-pack": Beat("upload packing", max_silence=600.0),
                       "sync-send": Beat("upload sending", max_silence=300.0),
@@ -464,91 +463,12 @@ class Uploader:
                     self._queried.clear()
                 self.pack_wake.set()
 
-    # --- the pack loop --------------------------------------------------------------------------------------------
+    # --- the pack loop (edge/uplink/packer.py) ---------------------------------------------------------------------
     def _pack_loop(self) -> None:
-        while not self.stop_event.is_set():
-            self.beats["sync-pack"].tick()
-            try:
-                busy = self.pack_once()
-            except Exception:  # noqa: BLE001 - a bad instance must not stop packing the others
-                log.exception("pack step failed")
-                busy = False
-            if not busy:
-                # The worker wakes us after each triage (daemon wiring); the poll is the fallback for other writers.
-                self.pack_wake.wait(0.25)
-                self.pack_wake.clear()
+        self.packer.loop(self.stop_event, self.pack_wake, self.beats["sync-pack"])
 
     def pack_once(self) -> bool:
-        """Flags for newly labelled (or escalated) studies first, then one instance wire-encoded into the outbox."""
-        from sync.wire import codecs
-
-        for s in self.outbox.studies_needing_flags():
-            payload = {"study_uid": s["study_uid"], "label": s["label"], "reasons": json.loads(s["reasons"] or "[]"),
-                       "modality": s["modality"], "n_instances": s["n_instances"] or 0, "at": time.time(),
-                       "models": self.models}
-            if self.sc.preview:
-                payload["preview_jpeg_b64"] = self._preview(s["study_uid"])
-            self.outbox.add_flag(s["study_uid"], s["label"], payload)
-            log.info("flag queued for study %s (%s)", s["study_uid"], s["label"])
-            self.wake.set()
-        if not self.disk.room():
-            return False  # wire copies wait for space; flags (rows only) went out above
-        for inst in self.outbox.instances_to_pack(limit=len(self._skip) + 1):
-            if inst["id"] in self._skip:
-                continue
-            try:
-                source = self.outbox.store.instance_path(inst)
-                damage = self.outbox.store.spool_damage(inst)
-                if damage:
-                    # What left the modality is not what is on disk (bit rot, a cut copy): never send it as if it
-                    # were; the technician sees why in the quarantine and can ask the modality to send it again.
-                    self.outbox.store.quarantine(inst["id"], damage)
-                    return True
-                if self.sc.pseudonymise:  # fails closed: an instance that cannot be pseudonymised is not sent
-                    from sync.wire import pseudonym
-
-                    source = pseudonym.pseudonymise_file(source, pseudonym.load_key(self.sc.pseudonym_key_file))
-                enc = codecs.encode_for_wire(source, codecs=self.sc.codecs or None,
-                                             frames_limit=self.sc.frames_limit)
-            except Exception as err:  # noqa: BLE001 - e.g. the spool file vanished: report, keep going
-                if is_disk_full(err, self.outbox.store.spool_dir):
-                    self.disk.hit()  # not the instance's fault: packed again once space returns
-                    return False
-                log.error("instance #%s cannot be packed for the wire: %s", inst["id"], err)
-                self._skip.add(inst["id"])
-                return True
-            try:
-                self.outbox.add_transfer(inst, enc, inst["study_label"], self.sc.chunk_bytes)
-            except Exception as err:
-                if is_disk_full(err, self.outbox.store.spool_dir):
-                    self.disk.hit()
-                    return False
-                raise
-            self.wake.set()
-            return True
-        return False
-
-    def _preview(self, study_uid: str) -> str | None:
-        try:
-            import cv2
-            import pydicom
-
-            from edge import imaging
-
-            rows = self.outbox.store.query("SELECT path FROM instances WHERE study_uid = ? AND state != 'quarantined' "
-                                           "ORDER BY id LIMIT 1", [study_uid])
-            if not rows:
-                return None
-            ds = pydicom.dcmread(self.outbox.store.spool_dir / rows[0]["path"])
-            frame = imaging.render(ds, min_side=self.sc.preview_px // 2)[0]
-            img = imaging.thumbnail(frame, self.sc.preview_px)
-            if img.ndim == 3:
-                img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-            ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 70])
-            return base64.b64encode(buf.tobytes()).decode() if ok else None
-        except Exception as err:  # noqa: BLE001 - a flag without a preview is still a flag
-            log.warning("no preview for study %s: %s", study_uid, err)
-            return None
+        return self.packer.pack_once()
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
     def start(self) -> None:
