@@ -11,7 +11,7 @@ from sync.core import diskguard, liveness
 from sync.core.service import sd_notify, setup_logging, watchdog_interval
 from edge.config import Config
 from edge.engine import Engine
-from edge.results_dicom import ResultsWriter
+from edge.results_writer import ResultsWriter
 from edge.store import Store
 from edge.worker import Worker
 

@@ -5,7 +5,7 @@ from typing import Any
 
 from pydicom.multival import MultiValue
 
-from edge.modelpkg import ROUTING_KEYS, ModelPackage
+from edge.modelmanifest import ROUTING_KEYS, ModelPackage
 
 
 def instance_attrs(ds: Any) -> dict[str, str]:

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from sync.core.errors import InferenceError
-from edge.modelpkg import ModelPackage
+from edge.modelmanifest import ModelPackage
 
 LABELS = ("normal", "review", "urgent")
 

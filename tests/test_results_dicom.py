@@ -12,6 +12,7 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from edge import ingest, results_dicom
+from edge.results_writer import ResultsWriter
 import samples
 from edge.engine import Outcome
 from sync.core.errors import NotFoundError, StateError
@@ -219,7 +220,7 @@ def test_results_travel_to_the_hub_with_the_study(store, study, tmp_path):
 
 
 def test_results_writer_waits_for_the_study_to_settle_then_writes_sr_and_sc(store, study):
-    writer = results_dicom.ResultsWriter(store, box_id="box-a", with_sc=True, settle_seconds=5.0)
+    writer = ResultsWriter(store, box_id="box-a", with_sc=True, settle_seconds=5.0)
     writer.notify(study["uid"])
     assert writer.run_once() == 0 and derived(store, study["uid"]) == []  # not quiet long enough yet
     assert writer.run_once(now=time.monotonic() + 5.0) == 1
@@ -227,7 +228,7 @@ def test_results_writer_waits_for_the_study_to_settle_then_writes_sr_and_sc(stor
 
 
 def test_a_box_stopped_between_triage_and_results_writes_them_on_the_next_start(store, study):
-    writer = results_dicom.ResultsWriter(store, box_id="box-a", settle_seconds=0.0)
+    writer = ResultsWriter(store, box_id="box-a", settle_seconds=0.0)
     assert writer.catch_up() == 1  # the notify was lost with the old process
     assert writer.run_once() == 1 and [i["modality"] for i in derived(store, study["uid"])] == ["SR"]
     assert writer.catch_up() == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sync.core.errors import ConfigError, ModelError
 from edge.inference.base import Backend, ramp_tensor
-from edge.modelpkg import ModelPackage
+from edge.modelmanifest import ModelPackage
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from sync.core.errors import ConfigError, InferenceError, ModelError
-from edge.modelpkg import ModelPackage
+from edge.modelmanifest import ModelPackage
 
 log = logging.getLogger(__name__)
 
