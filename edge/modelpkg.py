@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -14,6 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import signing
+from sync.core.fsutil import fsync_dir, fsync_file
 from sync.core.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
 from edge.modelmanifest import (  # noqa: F401 - the package's types and constants, used through modelpkg
     ACTIVATIONS, FORMAT, MANIFEST, ROUTING_KEYS, SIGNATURE, TASKS, _NAME_RE, _SHA256_RE, _VERSION_RE, ModelPackage,
@@ -279,11 +279,11 @@ def _place(package: ModelPackage, models_dir: Path, trusted_keys: dict[str, Ed25
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(package.folder / rel, target)
-            _fsync_file(target)
+            fsync_file(target)
         # The copy is verified again: the source may be on flaky media, or change between check and copy.
         load_package(tmp, trusted_keys)
         os.rename(tmp, dest)
-        _fsync_dir(model_dir)
+        fsync_dir(model_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_model_dir:
@@ -328,17 +328,4 @@ def _write_pointer(path: Path, version: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

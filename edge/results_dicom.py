@@ -31,6 +31,7 @@ from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, Secondar
 from edge import imaging, triage
 from edge.store import PROCESSING, QUARANTINED, RECEIVED, TRIAGED, Store
 from sync.core.errors import BadInputError, NotFoundError, StateError
+from sync.core.fsutil import fsync_dir
 from sync.wire.results import MANUFACTURER as _MANUFACTURER, SERIES_PREFIX
 
 log = logging.getLogger(__name__)
@@ -369,11 +370,7 @@ def _store_derived(store: Store, ds: Dataset, study_uid: str, replaced: list[dic
     dest = store.spool_dir / DERIVED_DIR / f"{sha}.dcm"
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
-    fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(dest.parent)
     now = time.time()
     gone: list[Path] = []
     with store.transaction() as db:

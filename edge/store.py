@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 
 import sqlite_utils
 
+from sync.core.fsutil import fsync_dir
 from sync.core.diskguard import describe_store_error
 from sync.core.sqlite import find_study, write_transaction
 from sync.core.errors import NotFoundError, OutOfResourcesError, StateError, StoreError
@@ -143,17 +144,6 @@ def migrate(db: sqlite_utils.Database) -> list[int]:
     return applied
 
 
-
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -247,7 +237,7 @@ class Store:
                 return AddResult(existing[0], True, self.spool_dir / existing[1])
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp_path, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             now = time.time()  # as late as possible: received_at is when the instance is safely ours
             row = {
                 **meta.__dict__, "path": str(dest.relative_to(self.spool_dir)), "sha256": sha, "size": size,

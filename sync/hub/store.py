@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+from sync.core.fsutil import fsync_dir
 from sync.core.diskguard import describe_store_error
 from sync.core.errors import StoreError, UidCollisionError
 from sync.core.sqlite import find_study, write_transaction
@@ -70,14 +71,6 @@ def safe_name(uid: str) -> str:
     if re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid or "") and len(uid) <= 64:
         return uid
     return hashlib.sha256((uid or "").encode()).hexdigest()[:32]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SqliteIndex:
@@ -381,7 +374,7 @@ class HubStore:
                     fh.flush()
                     os.fsync(fh.fileno())
                 os.replace(tmp, dest)
-                _fsync_dir(folder)
+                fsync_dir(folder)
             with self.tx() as db:
                 cur = db.execute(
                     f"{self.index.insert_or_ignore} INTO instances (sop_instance_uid, study_uid, device, transfer_id, "
