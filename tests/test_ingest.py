@@ -230,39 +230,13 @@ def test_valid_deflated_file_is_stored_not_called_truncated(store, limits):
 
 
 BOMB_PROBE = r"""
-import json, struct, sys, zlib
+import json, sys
 from pathlib import Path
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info, write_dataset
-from pydicom.uid import generate_uid
+sys.path.insert(0, "tests")
+from bombs import deflate_bomb
 from edge import ingest
 
-path = Path(sys.argv[1])
-meta = FileMetaDataset()
-meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
-meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
-ds = Dataset()
-ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-ds.StudyInstanceUID, ds.Modality = generate_uid(), "OT"
-def explicit_le():
-    fp = pydicom.filebase.DicomBytesIO()
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    return fp
-body = explicit_le()
-write_dataset(body, ds)
-head = explicit_le()
-write_file_meta_info(head, meta, enforce_standard=True)
-size = 600 * 2**20  # one private OB element of zeros: a ~600 KB file that inflates to 600 MiB
-with open(path, "wb") as fh:
-    fh.write(b"\0" * 128 + b"DICM" + head.getvalue())
-    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    fh.write(deflater.compress(body.getvalue()))
-    fh.write(deflater.compress(struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, size)))
-    zeros = b"\0" * (1 << 20)
-    for _ in range(size // len(zeros)):
-        fh.write(deflater.compress(zeros))
-    fh.write(deflater.flush())
+path = deflate_bomb(Path(sys.argv[1]))  # ~600 KB that inflates to 600 MiB
 meta_, bad = ingest._judge(path, 100_000_000, 2 * 2**30)
 rss = int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) // 1024
 print(json.dumps({"reason": str(bad) if bad else None, "file_bytes": path.stat().st_size, "peak_rss_mb": rss}))

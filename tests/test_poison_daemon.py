@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -17,6 +15,7 @@ from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEGLSLossless, generate_uid
 
+from bombs import deflate_bomb
 from boxproc import BoxProcess, HubProcess, Stopping, tiny_models, write_box_config
 import harness
 from harness import wait_until
@@ -77,40 +76,8 @@ def poison_files(folder: Path, tag: str) -> list[Path]:
         ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7\x00\x0b\x10\x1f\x40\x1f\x40\x01\x01\x11\x00" + bytes(1100)] * 16)
         ds["PixelData"].VR = "OB"
     out.append(_poison(folder, f"{tag}-jpegls-claims-16-frames-of-8000x8000", frame_bomb))
-    out.append(_deflate_bomb(folder / f"{tag}-deflate-bomb.dcm"))
+    out.append(deflate_bomb(folder / f"{tag}-deflate-bomb.dcm", level=6))
     return out
-
-
-def _deflate_bomb(path: Path, size: int = 600 * 2**20) -> Path:
-    """~600 KB on disk, 600 MiB once inflated: one private OB element of zeros in a deflated data set."""
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_dataset, write_file_meta_info
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.7", generate_uid()
-    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.Modality = generate_uid(), "OT"
-
-    def explicit_le():
-        fp = DicomBytesIO()
-        fp.is_little_endian, fp.is_implicit_VR = True, False
-        return fp
-    body, head = explicit_le(), explicit_le()
-    write_dataset(body, ds)
-    write_file_meta_info(head, meta, enforce_standard=True)
-    with open(path, "wb") as fh:
-        fh.write(b"\0" * 128 + b"DICM" + head.getvalue())
-        deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-        fh.write(deflater.compress(body.getvalue()))
-        fh.write(deflater.compress(struct.pack("<HH2sHI", 0x0009, 0x1000, b"OB", 0, size)))
-        zeros = b"\0" * (1 << 20)
-        for _ in range(size // len(zeros)):
-            fh.write(deflater.compress(zeros))
-        fh.write(deflater.flush())
-    return path
 
 
 def _rows(db: Path) -> list[dict]:
