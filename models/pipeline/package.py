@@ -108,6 +108,7 @@ def write_package(job: Job, out_root: Path, *, ort_int8: Path, ov_xml: Path, thr
                   "mean": meta["mean"], "std": meta["std"], "frames": "middle",
                   **({"preprocess": job.pre().to_manifest()} if job.preprocess else {})},
         "output": {"name": "logits", "activation": "softmax"},
+        "architecture": meta.get("arch", "efficientnet-lite0"),
         "routing": job.routing,
         "backends": {"onnxruntime": "model.int8.onnx", "openvino": "openvino/model.xml"},
         "files": files,

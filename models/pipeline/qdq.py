@@ -97,8 +97,8 @@ def _bn_name(conv: str) -> str:
     return (head + "." if head else "") + _BN_OF[leaf]
 
 
-def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: Path):
-    """An EfficientNet-Lite0 torch model carrying the QDQ graph's weights. Batch norm was folded into each
+def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: Path, arch: str | None = None):
+    """An EfficientNet-Lite (`arch`, default Lite0) torch model carrying the QDQ graph's weights. Batch norm was folded into each
     convolution by the export, so every BN becomes identity-plus-bias (mean 0, var 1 - eps, scale 1): the model
     must be fine-tuned with its BN layers in eval mode (meta "bn_folded")."""
     import onnx
@@ -111,7 +111,7 @@ def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: 
     fp32_from_qdq(onnx_path, fp32)
     graph = onnx.load(str(fp32)).graph
     weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    model = build_model(num_classes, image_size, pretrained=False)
+    model = build_model(num_classes, image_size, pretrained=False, **({"arch": arch} if arch else {}))
     modules = dict(model.named_modules())
     convs = {name for name, mod in modules.items() if isinstance(mod, torch.nn.Conv2d)}
     state, seen = {}, set()
@@ -119,7 +119,7 @@ def torch_from_qdq(onnx_path: Path, num_classes: int, image_size: int, scratch: 
         if node.op_type == "Conv":
             name = node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
             if name not in convs:
-                raise ModelError(f"{onnx_path.name}: convolution {node.name!r} has no counterpart in EfficientNet-Lite0")
+                raise ModelError(f"{onnx_path.name}: convolution {node.name!r} has no counterpart in {arch or 'efficientnet-lite0'}")
             conv, bn = modules[name], modules[_bn_name(name)]
             w = weights[node.input[1]]
             if tuple(w.shape) != tuple(conv.weight.shape):

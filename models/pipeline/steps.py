@@ -35,6 +35,7 @@ def train(work: Work, **options) -> dict:
     job = work.job()
     meta = training.train(work.split, work.checkpoint, abnormal_labels=job.abnormal_labels,
                           image_size=job.image_size, seed=job.seed, pre=job.pre(), device_like=job.device_like,
+                          arch=job.arch,
                           **options)
     return meta
 

@@ -1,4 +1,4 @@
-"""Fine-tuning EfficientNet-Lite0 on a split with box-identical preprocessing and mild augmentation."""
+"""Fine-tuning an EfficientNet-Lite backbone on a split with box-identical preprocessing and mild augmentation."""
 from __future__ import annotations
 
 import copy
@@ -117,7 +117,7 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
           weight_decay: float = 1e-4, image_size: int = 224, seed: int = 0, threads: int = 2,
           pretrained: bool = True, max_minutes: float | None = None, init_checkpoint: Path | None = None,
           mean: list[float] | None = None, std: list[float] | None = None, pre: Preprocess | None = None,
-          device_like: bool = False) -> dict:
+          device_like: bool = False, arch: str = ARCH) -> dict:
     """Train, keep the epoch with the best validation AUC in `out` (a checkpoint), and return its metadata."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
@@ -138,7 +138,7 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
             model._fc = nn.Linear(model._fc.in_features, len(labels))
             log.info("new %d-class head on %s (was %s)", len(labels), init_checkpoint, init_meta["labels"])
     else:
-        model = build_model(len(labels), image_size, pretrained=pretrained)
+        model = build_model(len(labels), image_size, pretrained=pretrained, arch=arch)
     model = model.to(memory_format=torch.channels_last)
 
     t0 = time.monotonic()
@@ -207,7 +207,7 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
         score = -val_nll
         if best is None or score > best[0]:
             best = (score, epoch)
-            meta = {"arch": ARCH, "labels": labels, "abnormal_labels": abnormal_labels, "image_size": image_size,
+            meta = {"arch": arch if init_checkpoint is None else init_meta.get("arch", ARCH), "labels": labels, "abnormal_labels": abnormal_labels, "image_size": image_size,
                     "mean": mean, "std": std, "epoch": epoch, "val_auc": val_auc, "val_accuracy": val_acc,
                     "seed": seed, "pretrained": "imagenet" if pretrained or init_checkpoint else None,
                     "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}

@@ -217,6 +217,38 @@ def collisions(as_json: bool = typer.Option(False, "--json", help="Machine-reada
            ltr_cols=("uid", "owner", "claimant", "times"))
 
 
+@app.command()
+def forwards(state: Optional[str] = typer.Option(None, help="Only rows in this state: queued, sent or dead."),
+             retry: bool = typer.Option(False, "--retry", help="Put dead-lettered forwards back in the queue."),
+             uid: str = typer.Option("", help="With --retry: only this instance or study (UID prefix)."),
+             as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+             limit: int = typer.Option(50, help="Maximum rows.")) -> None:
+    """The forward queue to the PACS: what waits, what was refused and why. Example: wasla-hub forwards --state dead"""
+    from sync.hub import forward
+
+    if state not in (None, "queued", "sent", "dead"):
+        raise typer.BadParameter(_("must be queued, sent or dead"), param_hint="--state")
+    store = _store()
+    if retry:
+        n = forward.requeue(store, uid or None)
+        _echo(_("{count} forward(s) queued again").format(count=ltr(n)))
+        return
+    totals, rows = forward.summary(store), forward.listing(store, state, limit)
+    if as_json:
+        _json({"totals": totals, "rows": rows})
+        return
+    if not _cfg().pacs.host:
+        _echo(_("no PACS configured ([pacs] host in hub.toml): nothing is forwarded"))
+    _echo(_("queued {queued}, sent {sent}, dead {dead}").format(
+        queued=ltr(totals["queued"]), sent=ltr(totals["sent"]), dead=ltr(totals["dead"])))
+    for r in rows:
+        r["when"] = _ts(r["sent_at"] or r["queued_at"])
+        r["reason"] = r["reason"] or ""
+    _table(rows, [("when", _("when")), ("state", _("state")), ("sop_instance_uid", _("UID")),
+                  ("attempts", _("attempts")), ("syntax", _("syntax")), ("reason", _("reason"))],
+           ltr_cols=("sop_instance_uid", "attempts", "syntax", "reason"))
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(app, argv, "wasla-hub")
 

@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 
 from sync.core.config import LogConfig, MetricsConfig, build, validate_metrics
 from sync.core.errors import ConfigError
+from sync.wire.transcode import ORTHANC_RENDERS, TARGETS
 
 DEFAULT_PATHS = (Path("/etc/wasla/hub.toml"),)
 ENV_VAR = "WASLA_HUB_CONFIG"
@@ -68,6 +69,29 @@ class HubReceiverConfig:
 
 
 @dataclass(frozen=True)
+class HubPacsConfig:
+    host: str = ""
+    """The PACS every verified instance (images, the box's SR and SC) is forwarded to by C-STORE; empty = none."""
+    port: int = 4242
+    """Its DICOM port (Orthanc's default 4242)."""
+    ae_title: str = "ORTHANC"
+    """Its AE title (the called AE)."""
+    calling_ae_title: str = "WASLA_HUB"
+    """The hub's AE title towards the PACS (the PACS must know it if it checks callers)."""
+    accept_syntaxes: list[str] = field(default_factory=lambda: list(ORTHANC_RENDERS))
+    """Transfer syntaxes the PACS stores and shows; anything else (JPEG XL, JPEG 2000) is transcoded first."""
+    transcode_to: str = "jpegls"
+    """What a transcoded copy is: "jpegls" (lossless, if accepted) or "explicit" (explicit VR little endian)."""
+    retry_seconds: float = 10.0
+    """First wait after a failed forward; doubled per failure up to 10 minutes."""
+    max_refusals: int = 5
+    """A PACS that refuses an instance this many times (a DICOM failure status) puts it in the dead letter.
+    An unreachable PACS is not a refusal: those instances wait for it however long it is down."""
+    timeout_seconds: float = 30.0
+    """Association and DIMSE timeout."""
+
+
+@dataclass(frozen=True)
 class HubConfig:
     hub: HubSection = field(default_factory=HubSection)
     broker: HubBrokerConfig = field(default_factory=HubBrokerConfig)
@@ -75,6 +99,7 @@ class HubConfig:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """[metrics] enabled / bind / port: the hub's Prometheus endpoint, same keys as the box's."""
+    pacs: HubPacsConfig = field(default_factory=HubPacsConfig)
     source: Path | None = None
 
     @property
@@ -118,6 +143,27 @@ def _validate(cfg: HubConfig) -> None:
     if cfg.log.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
     validate_metrics(cfg.metrics)
+    _validate_pacs(cfg.pacs)
+
+
+def _validate_pacs(p: HubPacsConfig) -> None:
+    if not 0 < p.port <= 65535:
+        raise ConfigError(f"pacs.port: {p.port} is not a TCP port")
+    for key in ("ae_title", "calling_ae_title"):
+        value = getattr(p, key)
+        if not 1 <= len(value) <= 16 or not value.isascii() or "\\" in value or not value.strip():
+            raise ConfigError(f"pacs.{key}: {value!r} is not a DICOM AE title (1-16 ASCII characters)")
+    if p.transcode_to not in TARGETS:
+        raise ConfigError(f"pacs.transcode_to: must be one of {', '.join(TARGETS)}, not {p.transcode_to!r}")
+    for syntax in p.accept_syntaxes:
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)+", syntax):
+            raise ConfigError(f"pacs.accept_syntaxes: {syntax!r} is not a transfer syntax UID")
+    if not 0.1 <= p.retry_seconds <= 3600:
+        raise ConfigError(f"pacs.retry_seconds: must be 0.1-3600, got {p.retry_seconds}")
+    if p.max_refusals < 1:
+        raise ConfigError(f"pacs.max_refusals: must be >= 1, got {p.max_refusals}")
+    if not 1 <= p.timeout_seconds <= 600:
+        raise ConfigError(f"pacs.timeout_seconds: must be 1-600, got {p.timeout_seconds}")
 
 
 def _validate_database_url(url: str) -> None:

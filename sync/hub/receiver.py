@@ -34,6 +34,7 @@ class Receiver:
         self.store = store or HubStore.from_config(cfg)
         self.connected = threading.Event()
         self.client = None
+        self.forwarder = None  # sync.hub.forward.Forwarder when a PACS is configured: woken by each new instance
         self.handled = 0
         self._mqtt_thread = None
         # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
@@ -321,6 +322,8 @@ class Receiver:
         log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
                  "stored" if new else "already stored", t["size"], t["codec"] or "?")
         self._ack_complete(device, tid, t["count"])
+        if new and self.forwarder is not None:
+            self.forwarder.wake.set()
 
     def _ack_complete(self, device: str, tid: str, count: int) -> None:
         self._reply(device, "ack", transfer=tid, status="complete", have=[[0, count - 1]], count=count)
@@ -371,6 +374,12 @@ def run(cfg) -> int:
     store = open_when_space(lambda: HubStore.from_config(cfg), cfg.studies_dir, "the hub receiver",
                             stop=stop.is_set, on_wait=lambda m: sd_notify(f"READY=1\nSTATUS={m}\nWATCHDOG=1"))
     receiver = Receiver(cfg, store).start()
+    forwarder = None
+    if cfg.pacs.host:
+        from sync.hub.forward import Forwarder
+
+        forwarder = Forwarder(cfg, store).start()
+        receiver.forwarder = forwarder
     from sync.core import metrics
     from sync.hub.metrics import hub_collector
 
@@ -398,7 +407,7 @@ def run(cfg) -> int:
         except Exception as err:  # noqa: BLE001 - the check itself must not end the receiver
             log.error("disk check failed: %s", type(err).__name__)
             paused = None
-        found = problems([receiver])
+        found = problems([receiver, *([forwarder] if forwarder else [])])
         if paused:
             found = [*found, paused]
         if found != reported:
@@ -411,6 +420,8 @@ def run(cfg) -> int:
             sd_notify("WATCHDOG=1")
     if exporter is not None:
         exporter.stop()
+    if forwarder is not None:
+        forwarder.stop()
     receiver.stop()
     log.info("stopped")
     return 0

@@ -57,6 +57,11 @@ CREATE TABLE IF NOT EXISTS uid_collisions (kind TEXT NOT NULL, uid TEXT NOT NULL
   PRIMARY KEY (kind, uid, claimant));
 CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
   at REAL);
+CREATE TABLE IF NOT EXISTS forwards (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
+  state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0,
+  queued_at REAL, sent_at REAL, claimed_by TEXT, claimed_at REAL, syntax TEXT, reason TEXT);
+CREATE INDEX IF NOT EXISTS ix_forwards_due ON forwards(state, next_at);
+CREATE INDEX IF NOT EXISTS ix_instances_stored ON instances(stored_at);
 """
 # Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
 ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT")]

@@ -551,3 +551,17 @@ def encode_for_wire(
                 best = attempt(spec, best)
     log.info("%s: %s, ratio %.2f", sop, best.codec, best.ratio)
     return best
+
+
+# The pieces sync.wire.transcode re-uses to make the hub's PACS copy (same reader, decoders and container rules).
+read_dataset = _read
+syntax_of = _syntax
+decode_frames = _frames
+codec_container = _container
+build_encapsulated = _build
+
+
+def check_dimensions(ds: Dataset) -> None:
+    from sync.wire.limits import check_dimensions as check
+
+    check(ds)
