@@ -54,6 +54,21 @@ def ast_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
     return found
 
 
+# Jinja templates of the hub's worklist call _("...") with a literal, as the Python sources do.
+TEMPLATE_CALL = re.compile(r"""\b_\(\s*"((?:[^"\\]|\\.)*)"\s*\)""")
+
+
+def template_msgids() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "sync" / "hub" / "web" / "templates").glob("*.html")):
+        for m in TEMPLATE_CALL.finditer(path.read_text(encoding="utf-8")):
+            msgid = m.group(1).encode().decode("unicode_escape") if "\\" in m.group(1) else m.group(1)
+            where = found.setdefault(msgid, [])
+            if str(path.relative_to(ROOT)) not in where:
+                where.append(str(path.relative_to(ROOT)))
+    return found
+
+
 def help_msgids() -> dict[str, list[str]]:
     """msgid -> ["help: wasla status", ...] for every help text of both CLIs."""
     import typer.main
@@ -87,6 +102,8 @@ class _only:
 
 def all_msgids() -> dict[str, list[str]]:
     found = ast_msgids()
+    for msgid, where in template_msgids().items():
+        found.setdefault(msgid, []).extend(w for w in where if w not in found.get(msgid, []))
     for msgid, where in help_msgids().items():
         found.setdefault(msgid, []).extend(where)
     return dict(sorted(found.items(), key=lambda kv: _order(kv[1][0])))

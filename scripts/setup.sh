@@ -17,6 +17,9 @@ if [[ "$EXTRAS" == *test* || "$EXTRAS" == *dev* ]]; then  # the link-emulator te
   command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
   # tests/test_hub_store_pg.py: a real PostgreSQL server (its own cluster, started by the test) holds the hub index
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+  # tests/test_web_worklist.py: the radiologists' worklist in a real headless browser (selenium drives it)
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -66,7 +66,8 @@ def test_offline_bundle_holds_every_runtime_wheel_and_no_training_stack(offline_
     assert not any(n.startswith(("torch", "nncf")) for n in lowered)
     assert all(n.endswith(".whl") for n in names)
     assert (offline_bundle / "install.sh").stat().st_mode & 0o111
-    assert sorted(p.name for p in (offline_bundle / "systemd").iterdir()) == ["60-wasla-link.conf", "wasla-box.service", "wasla-hub.service"]
+    assert sorted(p.name for p in (offline_bundle / "systemd").iterdir()) == ["60-wasla-link.conf", "wasla-box.service",
+                                                                         "wasla-hub-web.service", "wasla-hub.service"]
 
 
 def test_install_refuses_a_bundle_with_a_corrupted_wheel(offline_bundle, tmp_path):

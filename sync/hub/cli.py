@@ -249,6 +249,86 @@ def forwards(state: Optional[str] = typer.Option(None, help="Only rows in this s
            ltr_cols=("sop_instance_uid", "attempts", "syntax", "reason"))
 
 
+@app.command()
+def web() -> None:
+    """Serve the radiologists' web worklist ([web] bind/port in hub.toml). Example: wasla-hub web"""
+    from sync.hub.web.serve import run_web
+
+    raise typer.Exit(run_web(_cfg()))
+
+
+user_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Worklist accounts: add, passwd, unlock, list.")
+app.add_typer(user_app, name="user")
+
+
+def _password(password_file: Optional[Path]) -> str:
+    if password_file is not None:
+        return password_file.read_text(encoding="utf-8").strip()
+    first = typer.prompt(_("Password"), hide_input=True)
+    if typer.prompt(_("Password again"), hide_input=True) != first:
+        raise typer.BadParameter(_("the two passwords differ"))
+    return first
+
+
+def _accounts():
+    from sync.hub.web.auth import Accounts
+
+    return Accounts(_store())
+
+
+@user_app.command("add")
+def user_add(username: str = typer.Argument(..., help="Login name."),
+             full_name: str = typer.Option("", "--name", help="Name shown on reads, e.g. 'Dr A. Benali'."),
+             role: str = typer.Option("radiologist", help="radiologist or admin (admins also see the audit)."),
+             lang: str = typer.Option("fr", help="Default language of the worklist: en, fr or ar."),
+             password_file: Optional[Path] = typer.Option(None, help="Read the password from this file (else asked).")) -> None:
+    """Create a worklist account. Example: wasla-hub user add benali --name 'Dr A. Benali' --lang ar"""
+    _accounts().add_user(username, _password(password_file), full_name=full_name, role=role,
+                         lang=normalize(lang) or "fr")
+    _echo(_("user {name} created").format(name=ltr(username)))
+
+
+@user_app.command("passwd")
+def user_passwd(username: str = typer.Argument(..., help="Login name."),
+                password_file: Optional[Path] = typer.Option(None, help="Read the password from this file (else asked).")) -> None:
+    """Set a new password (ends the user's sessions). Example: wasla-hub user passwd benali"""
+    _accounts().set_password(username, _password(password_file))
+    _echo(_("password of {name} changed").format(name=ltr(username)))
+
+
+@user_app.command("unlock")
+def user_unlock(username: str = typer.Argument(..., help="Login name.")) -> None:
+    """Unlock an account locked by failed logins. Example: wasla-hub user unlock benali"""
+    _accounts().unlock(username)
+    _echo(_("user {name} unlocked").format(name=ltr(username)))
+
+
+@user_app.command("list")
+def user_list(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Worklist accounts. Example: wasla-hub user list"""
+    rows = _accounts().users()
+    if as_json:
+        _json(rows)
+        return
+    for r in rows:
+        r["locked"] = _ts(r["locked_until"]) if r["locked_until"] and r["locked_until"] > time.time() else ""
+        r["last"] = _ts(r["last_login"])
+    _table(rows, [("username", _("user")), ("full_name", _("name")), ("role", _("role")), ("last", _("last login")),
+                  ("locked", _("locked until"))], ltr_cols=("username",))
+
+
+@app.command("box-info")
+def box_info(box: str = typer.Argument(..., help="Box id."),
+             region: str = typer.Option("", help="Region (wilaya / province) for the worklist's filter."),
+             name: str = typer.Option("", help="Clinic name shown in the worklist.")) -> None:
+    """Name a box and its region for the worklist. Example: wasla-hub box-info box-017 --region Tamanrasset --name 'EPSP In Salah'"""
+    store = _store()
+    with store.tx() as db:
+        db.execute("INSERT INTO box_info (device, region, name) VALUES (?, ?, ?) ON CONFLICT(device) DO UPDATE SET "
+                   "region = excluded.region, name = excluded.name", [box, region[:80] or None, name[:120] or None])
+    _echo(_("box {box}: region {region}, name {name}").format(box=ltr(box), region=region or "-", name=name or "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_cli(app, argv, "wasla-hub")
 

@@ -92,6 +92,27 @@ class HubPacsConfig:
 
 
 @dataclass(frozen=True)
+class HubWebConfig:
+    bind: str = "127.0.0.1"
+    """Address the radiologists' worklist listens on (`wasla-hub web`); put it behind the hospital's TLS proxy, or
+    bind the LAN address only on a trusted network."""
+    port: int = 8042
+    """Its HTTP port."""
+    secure_cookies: bool = False
+    """Mark cookies Secure (set true whenever the worklist is reached over HTTPS)."""
+    session_hours: float = 10.0
+    """A login lasts at most this long (one shift)."""
+    idle_minutes: float = 60.0
+    """A session unused this long ends (a shared reading-room PC)."""
+    max_failures: int = 5
+    """Failed logins in a row that lock an account."""
+    lockout_minutes: float = 15.0
+    """How long a locked account stays locked (`wasla-hub user unlock` ends it sooner)."""
+    threads: int = 8
+    """Worker threads of the web server."""
+
+
+@dataclass(frozen=True)
 class HubConfig:
     hub: HubSection = field(default_factory=HubSection)
     broker: HubBrokerConfig = field(default_factory=HubBrokerConfig)
@@ -100,6 +121,7 @@ class HubConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """[metrics] enabled / bind / port: the hub's Prometheus endpoint, same keys as the box's."""
     pacs: HubPacsConfig = field(default_factory=HubPacsConfig)
+    web: HubWebConfig = field(default_factory=HubWebConfig)
     source: Path | None = None
 
     @property
@@ -144,6 +166,19 @@ def _validate(cfg: HubConfig) -> None:
         raise ConfigError(f"log.level: {cfg.log.level!r} is not DEBUG, INFO, WARNING or ERROR")
     validate_metrics(cfg.metrics)
     _validate_pacs(cfg.pacs)
+    _validate_web(cfg.web)
+
+
+def _validate_web(w: HubWebConfig) -> None:
+    if not 0 < w.port <= 65535:
+        raise ConfigError(f"web.port: {w.port} is not a TCP port")
+    for key, lo, hi in (("session_hours", 0.1, 168), ("idle_minutes", 1, 1440), ("lockout_minutes", 1, 1440)):
+        if not lo <= getattr(w, key) <= hi:
+            raise ConfigError(f"web.{key}: must be {lo}-{hi}, got {getattr(w, key)}")
+    if not 1 <= w.max_failures <= 100:
+        raise ConfigError(f"web.max_failures: must be 1-100, got {w.max_failures}")
+    if not 1 <= w.threads <= 64:
+        raise ConfigError(f"web.threads: must be 1-64, got {w.threads}")
 
 
 def _validate_pacs(p: HubPacsConfig) -> None:

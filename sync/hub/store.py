@@ -62,9 +62,17 @@ CREATE TABLE IF NOT EXISTS forwards (sop_instance_uid TEXT PRIMARY KEY, study_ui
   queued_at REAL, sent_at REAL, claimed_by TEXT, claimed_at REAL, syntax TEXT, reason TEXT);
 CREATE INDEX IF NOT EXISTS ix_forwards_due ON forwards(state, next_at);
 CREATE INDEX IF NOT EXISTS ix_instances_stored ON instances(stored_at);
+CREATE TABLE IF NOT EXISTS box_info (device TEXT PRIMARY KEY, region TEXT, name TEXT);
+CREATE TABLE IF NOT EXISTS web_users (username TEXT PRIMARY KEY, full_name TEXT, role TEXT NOT NULL, lang TEXT,
+  pw_hash TEXT NOT NULL, failed INTEGER NOT NULL DEFAULT 0, locked_until REAL, created_at REAL, last_login REAL);
+CREATE TABLE IF NOT EXISTS web_sessions (token_hash TEXT PRIMARY KEY, username TEXT NOT NULL, csrf TEXT NOT NULL,
+  created_at REAL NOT NULL, last_seen REAL NOT NULL, remote TEXT);
+CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, username TEXT, action TEXT NOT NULL,
+  study_uid TEXT, detail TEXT, remote TEXT);
+CREATE INDEX IF NOT EXISTS ix_audit_study ON audit(study_uid);
 """
 # Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
-ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT")]
+ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT"), ("reads", "findings", "TEXT")]
 LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
 SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
 CLAIM_STALE_S = 120.0
@@ -418,13 +426,15 @@ class HubStore:
                                     "ORDER BY i.stored_at", [s["study_uid"]])
         return s
 
-    def add_read(self, study_uid: str, disposition: str, note: str | None, by: str | None) -> dict:
+    def add_read(self, study_uid: str, disposition: str, note: str | None, by: str | None,
+                 findings: list[str] | None = None) -> dict:
         s = self.study(study_uid)
         read = {"read_id": uuid.uuid4().hex, "study_uid": s["study_uid"], "device": s["device"],
-                "disposition": disposition, "note": note, "by": by, "at": time.time()}
+                "disposition": disposition, "note": note, "by": by, "at": time.time(),
+                "findings": json.dumps(findings) if findings else None}
         with self.tx() as db:
-            db.execute("INSERT INTO reads (read_id, study_uid, device, disposition, note, by, at) "
-                       "VALUES (:read_id, :study_uid, :device, :disposition, :note, :by, :at)", read)
+            db.execute("INSERT INTO reads (read_id, study_uid, device, disposition, note, by, at, findings) "
+                       "VALUES (:read_id, :study_uid, :device, :disposition, :note, :by, :at, :findings)", read)
             db.execute("UPDATE studies SET read_disposition = ?, read_note = ?, read_by = ?, read_at = ? "
                        "WHERE study_uid = ?", [disposition, note, by, read["at"], s["study_uid"]])
         return read

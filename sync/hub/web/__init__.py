@@ -1,0 +1,1 @@
+"""The hub's web worklist for radiologists (sync/hub/web/app.py)."""
