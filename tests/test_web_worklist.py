@@ -236,7 +236,7 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
     wait_until(lambda: hub.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 3, timeout=60,
                what="studies at the hub")
     web_port = harness.free_port()
-    cfg = cfg_for(tmp_path, broker_port=broker.port, web_port=web_port)
+    cfg_for(tmp_path, broker_port=broker.port, web_port=web_port)
     (tmp_path / "pw").write_text(PASSWORD)
     hub_cli = [sys.executable, "-m", "sync.hub.cli", "--config", str(tmp_path / "hub.toml")]
     subprocess.run([*hub_cli, "user", "add", "benali", "--name", "د. بن علي", "--lang", "ar", "--password-file",
@@ -295,8 +295,51 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
             wait_until(lambda: driver.find_element(By.ID, "canvas").get_attribute("data-loaded"), timeout=15,
                        what="the image in the viewer")
             driver.save_screenshot(str(shots / "study-fr.png"))
+            for lang in ("fr", "ar"):
+                driver.get(f"{base}/kpi?lang={lang}")
+                assert driver.find_element(By.ID, "kpi-studies").text == "3"
+                driver.save_screenshot(str(shots / f"kpi-{lang}.png"))
         finally:
             driver.quit()
     finally:
         harness.stop_process(web)
         log.close()
+
+
+def test_pilot_figures_count_bands_times_and_false_normals_and_export_them(site):
+    app, store = site
+    base = time.time() - 7200
+    studies = {}
+    for i, (label, disposition, read_after, delivered_after) in enumerate([
+            ("urgent", "urgent-referral", 600, 20), ("urgent", "abnormal", 1800, 40), ("review", "normal", 3600, None),
+            ("normal", "abnormal", 5000, 10), ("normal", None, None, None)]):
+        uid = flag(store, "box-a", label, base + i)
+        with store.tx() as db:  # the flag reached the hub 3 s after the box triaged it
+            db.execute("UPDATE flags SET received_at = ? WHERE study_uid = ?", [base + i + 3, uid])
+        if disposition:
+            r = store.add_read(uid, disposition, None, "dr")
+            with store.tx() as db:
+                db.execute("UPDATE reads SET at = ?, delivered_at = ? WHERE read_id = ?",
+                           [base + i + 3 + read_after,
+                            None if delivered_after is None else base + i + 3 + read_after + delivered_after,
+                            r["read_id"]])
+        studies[uid] = label
+    from sync.hub.web.kpi import pilot_figures
+
+    fig = pilot_figures(store)
+    o = fig["overall"]
+    assert o["studies"] == 5 and o["bands"] == {"urgent": 2, "review": 1, "normal": 2} and o["read"] == 4
+    assert o["must_read_share"] == pytest.approx(0.6)
+    assert o["flag_to_hub_s"]["median"] == pytest.approx(3, abs=0.01)
+    assert o["flag_to_read_s"]["median"] == pytest.approx((1800 + 3600) / 2, abs=0.01)
+    assert o["urgent_flag_to_read_s"]["median"] == pytest.approx(1200, abs=0.01)
+    assert o["read_to_clinic_s"]["median"] == pytest.approx(20, abs=0.01)
+    c = fig["confusion"]
+    assert c["false_normal"] == 1 and c["read_ai_normal"] == 1 and c["table"]["urgent"]["urgent-referral"] == 1
+    c_ = app.test_client()
+    log_in(c_)
+    page = c_.get("/kpi").get_data(as_text=True)
+    assert re.search(r'id="kpi-false-normal">1<', page) and re.search(r'id="kpi-must-read">60 %<', page)
+    csv_text = c_.get("/kpi.csv").get_data(as_text=True)
+    assert csv_text.splitlines()[1].startswith("overall,all,5,2,1,2,0.600,4,3.000")
+    assert c_.get("/kpi.json").get_json()["overall"]["studies"] == 5

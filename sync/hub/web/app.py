@@ -92,7 +92,7 @@ def create_app(cfg, store, publish=None) -> Flask:
         return {"_": lambda m: translate(g.lang, m), "lang": g.lang, "rtl": g.lang in RTL_LANGUAGES,
                 "user": g.user, "csrf": g.user["csrf"] if g.user else "", "languages": LANGUAGES,
                 "label_name": lambda code: translate(g.lang, LABEL_NAMES.get(code or "pending", code or "")),
-                "when": _when, "dispositions": DISPOSITIONS, "findings": FINDINGS}
+                "when": _when, "dispositions": DISPOSITIONS, "findings": FINDINGS, "duration": _duration}
 
     @app.after_request
     def _headers(rsp: Response) -> Response:
@@ -246,6 +246,30 @@ def create_app(cfg, store, publish=None) -> Flask:
                             type(err).__name__)
         return redirect(url_for("study", uid=s["study_uid"], saved=r["read_id"]))
 
+    @app.get("/kpi")
+    @login_required
+    def kpi():
+        from sync.hub.web.kpi import BANDS, DISPOSITIONS as READS, pilot_figures
+
+        return render_template("kpi.html", fig=pilot_figures(store), bands=BANDS, reads=READS)
+
+    @app.get("/kpi.json")
+    @login_required
+    def kpi_json():
+        from sync.hub.web.kpi import pilot_figures
+
+        accounts.audit(g.user["username"], "export_kpi", detail="json", remote=g.remote)
+        return jsonify(pilot_figures(store))
+
+    @app.get("/kpi.csv")
+    @login_required
+    def kpi_csv():
+        from sync.hub.web.kpi import pilot_figures, to_csv
+
+        accounts.audit(g.user["username"], "export_kpi", detail="csv", remote=g.remote)
+        return Response(to_csv(pilot_figures(store)), mimetype="text/csv",
+                        headers={"Content-Disposition": "attachment; filename=wasla-pilot.csv"})
+
     @app.get("/audit")
     @login_required
     def audit():
@@ -259,6 +283,16 @@ def create_app(cfg, store, publish=None) -> Flask:
         return jsonify({"ok": True})
 
     return app
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _when(t: float | None) -> str:
