@@ -242,42 +242,15 @@ def _evidence(study_uid: str, instances: list[dict]) -> Sequence:
 
 def build_sr(study: dict, sources: list[dict], header: Dataset, *, box_id: str, sop_uid: str, series_uid: str,
              instance_number: int = 1, predecessors: list[dict] | None = None) -> Dataset:
-    """A Comprehensive SR: the study label, then per image its reference, model, score, thresholds and reasons."""
-    ds = _base(ComprehensiveSRStorage, sop_uid, series_uid, SERIES_NUMBER[SR], instance_number, header, box_id, "SR")
-    ds.SeriesDescription = f"{SERIES_PREFIX} (not for clinical use)"
-    ds.ReferencedPerformedProcedureStepSequence = Sequence()
-    ds.PerformedProcedureCodeSequence = Sequence()
-    ds.CompletionFlag = "COMPLETE"
-    # Nobody signs a machine's output: a radiologist's read goes through the hub, not into this document.
-    ds.VerificationFlag = "UNVERIFIED"
-    ds.PreliminaryFlag = "PRELIMINARY"
-    ds.CurrentRequestedProcedureEvidenceSequence = _evidence(study["study_uid"], sources)
-    if predecessors:
-        ds.PredecessorDocumentsSequence = _evidence(study["study_uid"], predecessors)
-    ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = Sequence([_C["root"]])
-    ds.ContinuityOfContent = "SEPARATE"
-    children = [_coded(_C["label"], _LABEL_CODES[study["label"]]),
-                _text(_C["comment"], DISCLAIMER)]
-    children += [_text(_C["reason"], reason_text(r)) for r in study["reasons"] or []]
-    for inst in sources:
-        part = [_image(inst), _coded(_C["label"], _LABEL_CODES[inst["label"]])]
-        for res in inst["results"]:
-            if res["model"]:
-                part += [_text(_C["algorithm"], res["model"]), _text(_C["version"], res["model_version"] or "")]
-                if res["backend"]:
-                    part.append(_text(_C["backend"], res["backend"]))
-                score = result_score(res)
-                if score is not None:
-                    part.append(_num(_C["score"], score))
-                for key in ("review", "urgent"):
-                    value = (res["thresholds"] or {}).get(key)
-                    if isinstance(value, (int, float)):
-                        part.append(_num(_C[key], float(value)))
-            part += [_text(_C["reason"], reason_text(r)) for r in res["reasons"] or []]
-        children.append(_container("CONTAINS", _C["image"], part))
-    ds.ContentSequence = Sequence(children)
-    return ds
+    """The study's TID 1500 measurement report (edge/results_sr.py): its band, then per image the model, the score
+    referencing that image, the thresholds and reasons. Preliminary and unverified: nobody signs a machine's output."""
+    from edge.results_sr import build_measurement_report
+
+    return build_measurement_report(
+        study, sources, header, box_id=box_id, sop_uid=sop_uid, series_uid=series_uid,
+        series_number=SERIES_NUMBER[SR], instance_number=instance_number, software_version=_software_version(),
+        reason_text=reason_text, disclaimer=DISCLAIMER,
+        predecessors=_evidence(study["study_uid"], predecessors) if predecessors else None)
 
 
 def _ascii(text: str) -> str:
@@ -332,6 +305,8 @@ def build_sc(study: dict, key: dict, key_ds: Dataset, *, box_id: str, sop_uid: s
                box_id, "OT")
     ds.SeriesDescription = f"{SERIES_PREFIX} image (not for clinical use)"
     ds.ConversionType = "WSD"
+    # Type 2C (paired body parts): the source's value, empty when it has none (dciodvfy checks it).
+    ds.Laterality = key_ds.get("Laterality", "") or ""
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.BurnedInAnnotation = "YES"
     ds.PatientOrientation = ""

@@ -20,6 +20,8 @@ if [[ "$EXTRAS" == *test* || "$EXTRAS" == *dev* ]]; then  # the link-emulator te
   # tests/test_web_worklist.py: the radiologists' worklist in a real headless browser (selenium drives it)
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
   command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  # dciodvfy (dicom3tools): the box's SR/SC and the hub's read report are checked against the standard's IODs
+  command -v dciodvfy >/dev/null 2>&1 || need_apt+=(dicom3tools)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -254,3 +254,40 @@ def test_forward_queue_survives_the_hub_being_killed_and_orthanc_stopped_mid_for
         o.stop()
     text = (tmp_path / "hub.log").read_text(errors="replace")
     assert "PACS unreachable" in text and "PACS reachable again" in text
+
+
+def test_the_radiologists_read_is_filed_as_a_verified_report_and_reaches_the_pacs_with_its_study(pacs, tmp_path):
+    import shutil as _shutil
+
+    from sync.hub.read_report import BASIC_TEXT_SR, file_report
+
+    cfg = hub_cfg(tmp_path, pacs.dicom_port)
+    store = HubStore.from_config(cfg)
+    src = samples.fresh_copy(samples.sample_path("CT_small.dcm"), tmp_path / "img.dcm")
+    sop = file_on_hub(store, src.read_bytes())
+    study = store.query("SELECT study_uid FROM instances WHERE sop_instance_uid = ?", [sop])[0]["study_uid"]
+    with store.tx() as db:
+        db.execute("INSERT INTO studies (study_uid, device, label, first_seen) VALUES (?, 'box-a', 'urgent', 0) "
+                   "ON CONFLICT(study_uid) DO NOTHING", [study])
+    read = store.add_read(study, "urgent-referral", "التهاب رئوي — évacuer", "Dr A. Benali",
+                          findings=["233604007"])
+    report_uid = file_report(store, read, hub_id="hub-1")
+    row = store.query("SELECT path, sop_class_uid FROM instances WHERE sop_instance_uid = ?", [report_uid])[0]
+    assert row["sop_class_uid"] == BASIC_TEXT_SR
+    ds = pydicom.dcmread(store.studies_dir / row["path"])
+    original = pydicom.dcmread(src, stop_before_pixels=True)
+    assert ds.StudyInstanceUID == study and ds.PatientName == original.PatientName and ds.PatientID == original.PatientID
+    assert ds.VerificationFlag == "VERIFIED" and ds.VerifyingObserverSequence[0].VerifyingObserverName == "Dr A. Benali"
+    texts = [it.TextValue for sec in ds.ContentSequence if "ContentSequence" in sec for it in sec.ContentSequence
+             if it.ValueType == "TEXT"]
+    assert "التهاب رئوي — évacuer" in texts and "Urgent referral to hospital" in texts
+    if _shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", "-new", str(store.studies_dir / row["path"])], capture_output=True,
+                             text=True, timeout=60)
+        assert [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")] == []
+    fwd = forward.Forwarder(cfg, store)
+    fwd.tmp_dir.mkdir(parents=True, exist_ok=True)
+    assert fwd.step() == 2
+    iid = orthanc_instance(pacs, report_uid)
+    assert iid and pacs.get(f"/instances/{iid}/simplified-tags")["StudyInstanceUID"] == study
+    store.close()

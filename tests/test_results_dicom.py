@@ -92,13 +92,28 @@ def test_sr_carries_label_score_thresholds_model_reasons_and_references_every_so
     assert refs == {study["normal"]["sop_instance_uid"]: study["normal"]["sop_class_uid"],
                     study["urgent"]["sop_instance_uid"]: study["urgent"]["sop_class_uid"]}
     texts = content_texts(ds)
-    assert "Triage label=URGENT" in texts  # the study's label, first
-    assert any(t.startswith("Comment=NOT FOR CLINICAL USE") for t in texts)
+    # TID 1500: the study's own group first, its band as a SNOMED CT finding and as the triage category.
+    assert texts.index("Tracking Identifier=study") < texts.index("AI triage category=URGENT") < \
+        texts.index("Tracking Identifier=image 1")
+    assert "Finding=263654008" in texts and "Finding=17621005" in texts and "AI triage category=NORMAL" in texts
+    assert ds.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert ds.ContentDescription.startswith("NOT FOR CLINICAL USE")
     assert {"Algorithm Name=tiny-cxr", "Algorithm Version=1.0.0", "Abnormality score=0.9100",
-            "Review threshold=0.3000", "Urgent threshold=0.8000", "Abnormality score=0.1200"} <= set(texts)
-    assert any(t.startswith("Triage reason=score_above_urgent") for t in texts)
+            "Algorithm Parameters=review threshold 0.3000", "Algorithm Parameters=urgent threshold 0.8000",
+            "Abnormality score=0.1200"} <= set(texts)
+    assert any(t.startswith("Algorithm Parameters=score_above_urgent") for t in texts)
     assert f"Source of Measurement={study['urgent']['sop_instance_uid']}" in texts
     assert ds.VerificationFlag == "UNVERIFIED" and ds.CompletionFlag == "COMPLETE"
+
+
+@pytest.mark.skipif(not shutil.which("dciodvfy"), reason="dicom3tools dciodvfy not installed (scripts/setup.sh)")
+def test_dciodvfy_finds_no_error_in_the_sr_or_the_sc(store, study):
+    for row in results_dicom.ensure_results(store, study["uid"], box_id="box-a",
+                                            kinds=(results_dicom.SR, results_dicom.SC)):
+        out = subprocess.run(["dciodvfy", "-new", str(store.instance_path(row))], capture_output=True, text=True,
+                             timeout=60)
+        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], row["sop_class_uid"]
 
 
 @pytest.mark.skipif(not shutil.which("dsrdump"), reason="dcmtk dsrdump not installed")

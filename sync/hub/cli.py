@@ -165,6 +165,12 @@ def read(study: str = typer.Argument(..., help="Study Instance UID (or a unique 
     store = _store()
     r = store.add_read(study, disposition.strip(), note or None, by or None)
     cfg = _cfg()
+    try:  # the read as a DICOM report filed with the study (forwarded to the PACS when one is set)
+        from sync.hub.read_report import file_report
+
+        file_report(store, r, hub_id=cfg.hub.id)
+    except Exception as err:  # noqa: BLE001 - the read itself is stored and is sent regardless
+        _echo(_("no DICOM report filed for this read ({error})").format(error=ltr(type(err).__name__)), err=True)
     b = cfg.broker
     client = protocol.mqtt_client(f"wasla-hub-{cfg.hub.id}-cli-{int(time.time() * 1000)}", tls_ca_file=b.tls_ca_file,
                                   tls_cert_file=b.tls_cert_file, tls_key_file=b.tls_key_file, username=b.username,

@@ -317,6 +317,7 @@ class Receiver:
         from sync.wire.results import is_wasla_result, predecessor_uids
 
         ours = is_wasla_result(ds)
+        t["sop_class_uid"] = str(ds.get("SOPClassUID", "") or "")[:64] or None
         new = self.store.commit_instance(t, sop, study, data, counts_as_image=not ours,
                                          supersedes=predecessor_uids(ds) if ours else ())
         log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,

@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, user
 CREATE INDEX IF NOT EXISTS ix_audit_study ON audit(study_uid);
 """
 # Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
-ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT"), ("reads", "findings", "TEXT")]
+ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT"), ("reads", "findings", "TEXT"),
+                 ("instances", "sop_class_uid", "TEXT")]
 LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
 SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
 CLAIM_STALE_S = 120.0
@@ -391,11 +392,11 @@ class HubStore:
             with self.tx() as db:
                 cur = db.execute(
                     f"{self.index.insert_or_ignore} INTO instances (sop_instance_uid, study_uid, device, transfer_id, "
-                    "sha256, size, original_size, codec, transfer_syntax, path, stored_at) "
-                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){self.index.on_conflict_ignore}",
+                    "sha256, size, original_size, codec, transfer_syntax, path, stored_at, sop_class_uid) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?){self.index.on_conflict_ignore}",
                     [sop_uid, study_uid, t["device"], t["transfer_id"], t["sha256"], t["size"],
                      t.get("original_size") or t["size"], t.get("codec"), t.get("transfer_syntax"),
-                     str(dest.relative_to(self.studies_dir)), now])
+                     str(dest.relative_to(self.studies_dir)), now, t.get("sop_class_uid")])
                 new = cur.rowcount > 0
                 if new:
                     self._touch_study(db, t["device"], study_uid, t.get("label"), now)

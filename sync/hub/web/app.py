@@ -184,7 +184,10 @@ def create_app(cfg, store, publish=None) -> Flask:
         s = store.study(uid)
         accounts.audit(g.user["username"], "view_study", study_uid=s["study_uid"], remote=g.remote)
         s["reason_texts"] = [describe(r, g.lang) for r in json.loads(s.get("reasons") or "[]")]
-        images = [i for i in s["instances"] if not i.get("superseded_by")]
+        from sync.hub.read_report import SR_CLASS_PREFIX
+
+        images = [i for i in s["instances"] if not i.get("superseded_by")
+                  and not (i.get("sop_class_uid") or "").startswith(SR_CLASS_PREFIX)]
         reads = reads_of(store, s["study_uid"])
         return render_template("study.html", s=s, images=images, reads=reads)
 
@@ -237,6 +240,12 @@ def create_app(cfg, store, publish=None) -> Flask:
         r = store.add_read(s["study_uid"], disposition, text, by, findings=findings)
         accounts.audit(g.user["username"], "read", study_uid=s["study_uid"],
                        detail=f"{disposition} {','.join(findings)}".strip(), remote=g.remote)
+        try:  # the read as a DICOM report, filed with the study (and so forwarded to the PACS)
+            from sync.hub.read_report import file_report
+
+            file_report(store, r, hub_id=cfg.hub.id)
+        except Exception as err:  # noqa: BLE001 - the read itself is stored and goes to the clinic regardless
+            log.warning("read %s: no DICOM report filed (%s)", r["read_id"], type(err).__name__)
         if publish is not None:
             try:
                 if publish(r):
