@@ -1,6 +1,6 @@
 """`wasla report`: the one-page printable triage report (HTML with an inline thumbnail and print CSS) in en/fr/ar.
 
-The patient reference (Patient ID, Accession Number) is read from the stored DICOM file when the report is made:
+The patient reference (name, Patient ID, Accession Number: two identifiers, as a report needs) is read from the stored DICOM file when the report is made:
 the store never holds it, and it goes only into the clinic's own printed page — never into a log line.
 
 The words are kept here, per language, rather than in the gettext catalogue: the report is a document whose
@@ -35,7 +35,7 @@ TEXT: dict[str, dict[str, str]] = {
         "title": "Triage report", "not_clinical": "NOT FOR CLINICAL USE",
         "disclaimer": "Automated triage: it orders the reading list, it is not a diagnosis. "
                       "A radiologist reads every study.",
-        "patient_id": "Patient ID", "accession": "Accession number", "study_date": "Study date",
+        "patient_name": "Patient name", "patient_id": "Patient ID", "accession": "Accession number", "study_date": "Study date",
         "modality": "Modality", "description": "Description", "images": "Images", "received": "Received",
         "result": "Triage result", "reasons": "Reasons", "model": "Model", "version": "Version",
         "backend": "Runtime", "score": "Score", "thresholds": "Thresholds (review / urgent)", "image": "Image",
@@ -57,7 +57,7 @@ TEXT: dict[str, dict[str, str]] = {
         "title": "Rapport de triage", "not_clinical": "NE PAS UTILISER À DES FINS CLINIQUES",
         "disclaimer": "Triage automatique : il ordonne la liste de lecture, ce n'est pas un diagnostic. "
                       "Un radiologue lit chaque examen.",
-        "patient_id": "N° patient", "accession": "N° d'examen (accession)", "study_date": "Date de l'examen",
+        "patient_name": "Nom du patient", "patient_id": "N° patient", "accession": "N° d'examen (accession)", "study_date": "Date de l'examen",
         "modality": "Modalité", "description": "Description", "images": "Images", "received": "Reçu le",
         "result": "Résultat du triage", "reasons": "Motifs", "model": "Modèle", "version": "Version",
         "backend": "Moteur", "score": "Score", "thresholds": "Seuils (relecture / urgence)", "image": "Image",
@@ -81,7 +81,7 @@ TEXT: dict[str, dict[str, str]] = {
     "ar": {
         "title": "تقرير الفرز", "not_clinical": "ليس للاستخدام السريري",
         "disclaimer": "فرز آلي: يرتّب قائمة القراءة وليس تشخيصًا. يقرأ أخصائي الأشعة كل فحص.",
-        "patient_id": "رقم المريض", "accession": "رقم الطلب", "study_date": "تاريخ الفحص",
+        "patient_name": "اسم المريض", "patient_id": "رقم المريض", "accession": "رقم الطلب", "study_date": "تاريخ الفحص",
         "modality": "طريقة التصوير", "description": "الوصف", "images": "الصور", "received": "تاريخ الاستلام",
         "result": "نتيجة الفرز", "reasons": "الأسباب", "model": "النموذج", "version": "الإصدار",
         "backend": "محرك التشغيل", "score": "الدرجة", "thresholds": "العتبات (مراجعة / استعجال)", "image": "صورة",
@@ -113,6 +113,14 @@ def reason_sentence(reason: dict, lang: str) -> str:
         return html.escape(t[code]).format(**params)
     except (KeyError, IndexError):  # a reason without the parameters its sentence names
         return html.escape(code)
+
+
+def person_name(value) -> str:
+    """A DICOM PN as a person reads it: its alphabetic group, components ("Family^Given^Middle") as words."""
+    if not value:
+        return ""
+    alphabetic = str(value).split("=")[0]
+    return " ".join(part for part in alphabetic.split("^") if part).strip()
 
 
 def _ltr(text: str) -> str:
@@ -169,6 +177,7 @@ def gather(store: Store, study_uid: str, *, box_id: str, max_pixels: int = 100_0
             reasons += [r for r in res["reasons"] or [] if r not in reasons]
     return {
         "box": box_id, "study_uid": study["study_uid"], "label": study["label"], "reasons": reasons,
+        "patient_name": person_name(header.get("PatientName")),
         "patient_id": str(header.get("PatientID", "") or ""),
         "accession": str(header.get("AccessionNumber", "") or ""),
         "study_date": _date(str(header.get("StudyDate", "") or "")),
@@ -223,11 +232,14 @@ def render_html(data: dict, lang: str = "en") -> str:
     t = TEXT[lang]
     e = html.escape
     label = data["label"] or "pending"
+    # A name may be Arabic or Latin: its own direction (<bdi>), where identifiers and dates are kept left-to-right.
+    name = f"<bdi>{e(data.get('patient_name') or '')}</bdi>" if data.get("patient_name") else "—"
     rows = [("patient_id", data["patient_id"]), ("accession", data["accession"]), ("study_date", data["study_date"]),
             ("modality", data["modality"]), ("description", data["description"]), ("images", str(data["images"])),
             ("received", data["received"])]
-    ids = "".join(f"<tr><th>{e(t[k])}</th><td>{_ltr(e(v)) if v else '—'}</td></tr>" for k, v in rows if v or k in
-                  ("patient_id", "accession"))
+    ids = f"<tr><th>{e(t['patient_name'])}</th><td class=\"patient-name\">{name}</td></tr>"
+    ids += "".join(f"<tr><th>{e(t[k])}</th><td>{_ltr(e(v)) if v else '—'}</td></tr>" for k, v in rows if v or k in
+                   ("patient_id", "accession"))
     if data["unreadable"]:
         ids += f"<tr><th>{e(t['unreadable'])}</th><td>{data['unreadable']}</td></tr>"
     reasons = "".join(f"<li>{reason_sentence(r, lang)}</li>" for r in data["reasons"])

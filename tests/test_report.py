@@ -15,12 +15,14 @@ from edge import report
 from test_results_dicom import add_image, triage_next
 
 PATIENT_ID, ACCESSION = "CLINIC-PT-0042", "ACC-2026-117"
+PATIENT_NAME = "بن علي^فاطمة"
 
 
 @pytest.fixture
 def urgent_study(store, tmp_path):
     uid = generate_uid()
-    add_image(store, tmp_path, uid, PatientID=PATIENT_ID, AccessionNumber=ACCESSION)
+    add_image(store, tmp_path, uid, PatientID=PATIENT_ID, AccessionNumber=ACCESSION, PatientName=PATIENT_NAME,
+              SpecificCharacterSet="ISO_IR 192")
     triage_next(store, "urgent", 0.93)
     return uid
 
@@ -45,6 +47,8 @@ def test_arabic_page_is_right_to_left_and_french_page_is_french(store, urgent_st
     ar = page(store, urgent_study, "ar", tmp_path)
     assert '<html lang="ar" dir="rtl">' in ar and "عاجل" in ar and "ليس للاستخدام السريري" in ar
     assert f'<bdi dir="ltr">{PATIENT_ID}</bdi>' in ar  # identifiers keep their order inside Arabic text
+    # Two identifiers on the page: the name, in its own direction (an Arabic name reads right to left anywhere).
+    assert '<td class="patient-name"><bdi>بن علي فاطمة</bdi></td>' in ar and "اسم المريض" in ar
     fr = page(store, urgent_study, "fr", tmp_path)
     assert '<html lang="fr" dir="ltr">' in fr and "Rapport de triage" in fr and "seuil d&#x27;urgence" in fr
 
@@ -63,7 +67,7 @@ def test_patient_reference_is_never_logged(store, urgent_study, tmp_path, caplog
     caplog.set_level(logging.DEBUG)
     page(store, urgent_study, "en", tmp_path)
     assert urgent_study in caplog.text  # the study UID is how a log line names it
-    assert PATIENT_ID not in caplog.text and ACCESSION not in caplog.text
+    assert PATIENT_ID not in caplog.text and ACCESSION not in caplog.text and "فاطمة" not in caplog.text
 
 
 def test_a_pending_study_reports_its_images_without_a_label(store, tmp_path):
