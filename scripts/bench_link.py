@@ -199,7 +199,7 @@ class Bench:
                            stdout=open(mq / "mosquitto.log", "ab"), stderr=subprocess.STDOUT)
         self.ns_wait_port("hub", le.HUB_IP, BROKER_PORT, 20)
         # Hub receiver.
-        hub_toml = self.work / "hub.toml"
+        hub_toml = self.hub_toml = self.work / "hub.toml"
         hub_toml.write_text(f'[hub]\nid = "bench-hub"\ndata_dir = "{self.work / "hub"}"\n'
                             f'[broker]\nhost = "{le.HUB_IP}"\nport = {BROKER_PORT}\nkeepalive_seconds = 30\n')
         self.link.popen_in("hub", [PY, "-m", "sync.hub.cli", "--config", str(hub_toml), "run"], cwd=REPO,
@@ -445,6 +445,33 @@ broker_port = {BROKER_PORT}
             f"reconnects {c['reconnects']}, excess wire after restore {c['excess_after'] / 1024:.1f} KiB")
 
     # --- phase 3: DICOM C-STORE over the same link ----------------------------------------------------------------
+    def phase_read(self) -> None:
+        """Radiologists' reads back to the clinic: `wasla-hub read` in the hub namespace (what the web worklist's
+        submit does: store, then publish at once) until the box has applied it, and until its receipt is back."""
+        log("phase read: reads from the hub to the box over the link")
+        studies = [r["study_uid"] for r in q(self.hub_db, "SELECT study_uid FROM studies ORDER BY first_seen")]
+        if len(studies) < self.args.reads:
+            files = [probe_file(self.work / "read-in" / f"r{i}.dcm") for i in range(self.args.reads - len(studies))]
+            self.ingest(files)
+            sops = [self.study_of(f)[1] for f in files]
+            wait_until(lambda: self.acked(sops), 300, "the read phase's studies at the hub")
+            studies = [r["study_uid"] for r in q(self.hub_db, "SELECT study_uid FROM studies ORDER BY first_seen")]
+        to_box, receipts = [], []
+        for uid in studies[: self.args.reads]:
+            t0 = time.time()
+            out = self.link.run_in("hub", [PY, "-m", "sync.hub.cli", "--config", str(self.hub_toml), "read", uid,
+                                           "--disposition", "urgent-referral", "--note", "bench read", "--by",
+                                           "bench"], cwd=REPO, capture_output=True, text=True, timeout=120)
+            if out.returncode != 0:
+                raise RuntimeError(f"wasla-hub read failed: {out.stderr[-300:]}")
+            wait_until(lambda: (q(self.box_db, "SELECT read_disposition FROM studies WHERE study_uid = ?", [uid])
+                                or [{}])[0].get("read_disposition"), 120, "the read at the box", interval=0.05)
+            to_box.append(time.time() - t0)
+            wait_until(lambda: (q(self.hub_db, "SELECT delivered_at FROM reads WHERE study_uid = ? ORDER BY at DESC",
+                                  [uid]) or [{}])[0].get("delivered_at"), 120, "the box's receipt", interval=0.05)
+            receipts.append(time.time() - t0)
+        self.results["read"] = {"to_box": to_box, "receipt": receipts}
+
     def storescu(self, f: Path) -> list[str]:
         import pydicom
 
@@ -585,6 +612,13 @@ broker_port = {BROKER_PORT}
                           and c["wire_after"] < c["size"],
                           f"stored; {c['at_restore']} chunks kept, {c['dup_chunks']} re-received, hub retries "
                           f"{c['retries']}"))
+        rd = R.get("read")
+        if rd:
+            tb, rc = rd["to_box"], rd["receipt"]
+            row("read submitted -> applied on the box, p50", f"{pct(tb, 50):.2f} s",
+                f"{len(tb)} reads; max {max(tb):.2f} s; from the start of `wasla-hub read` (process start included)")
+            row("read submitted -> receipt back at the hub, p50", f"{pct(rc, 50):.2f} s", f"max {max(rc):.2f} s")
+            goals.append(("every read at the box within 10 s of submitting", max(tb) <= 10.0, f"max {max(tb):.2f} s"))
         cs = R.get("cstore")
         if cs:
             pl, cu = cs["plain"], cs["cut"]
@@ -616,7 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="geo", choices=list(le.PROFILES), help="link profile (default geo)")
     ap.add_argument("--quick", action="store_true", help="smaller studies (RG3/US1 instead of RG1): ~5 min")
-    ap.add_argument("--phases", default="backlog,cut,cstore", help="comma list of backlog, cut, cstore")
+    ap.add_argument("--phases", default="backlog,read,cut,cstore", help="comma list of backlog, read, cut, cstore")
+    ap.add_argument("--reads", type=int, default=5, help="reads sent back in the read phase")
     ap.add_argument("--set", action="append", metavar="KEY=TOML",
                     help="a [sync] override in the box config, e.g. --set max_inflight_bytes=65536 (repeatable)")
     ap.add_argument("--no-link-sysctl", action="store_true",
