@@ -544,7 +544,7 @@ broker_port = {BROKER_PORT}
               f"socket_sndbuf_bytes={sc.socket_sndbuf_bytes} flag_lane={str(sc.flag_lane).lower()} "
               f"max_rate_kbps={sc.max_rate_kbps:g} "
               f"(overrides: {' '.join(a.set or []) or 'none'})")
-        print(f"  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
+        print("  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
               + (" (systemd/60-wasla-link.conf not applied)" if a.no_link_sysctl else
                  " (systemd/60-wasla-link.conf applied)") + (f" (set: {' '.join(a.box_sysctl)})" if a.box_sysctl else ""))
         print(f"  total run time {time.time() - started:.0f} s")
