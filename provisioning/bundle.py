@@ -65,7 +65,14 @@ def hub_toml(settings, hub_id: str) -> str:
         'tls_cert_file = "credential:hub.crt"',
         'tls_key_file = "credential:hub.key"',
         "# The fleet's secret shared-subscription group: every receiver of this fleet uses it; never give it to a box.",
-        *([f"share_group = {_toml_str(settings.share_group)}"] if settings.share_group else []), ""])
+        *([f"share_group = {_toml_str(settings.share_group)}"] if settings.share_group else []), "",
+        "# The hospital PACS every verified instance is forwarded to (Debian's orthanc on this machine:",
+        "# apt-get install orthanc orthanc-postgresql). Empty host = no forwarding.",
+        "[pacs]", 'host = "127.0.0.1"', "port = 4242", 'ae_title = "ORTHANC"',
+        "# Orthanc's web address as the reading-room PCs reach it: the worklist links each study there.",
+        '# web_url = "https://pacs.hub.local"', "",
+        "# The radiologists' worklist (wasla-hub web): behind the hospital's TLS proxy, so cookies are Secure.",
+        "[web]", 'bind = "127.0.0.1"', "port = 8042", "secure_cookies = true", ""])
 
 
 def write(fleet, settings, box: str, key, cert, ca_cert, *, data_dir: str, models_dir: str | None,

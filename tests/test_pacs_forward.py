@@ -291,3 +291,30 @@ def test_the_radiologists_read_is_filed_as_a_verified_report_and_reaches_the_pac
     iid = orthanc_instance(pacs, report_uid)
     assert iid and pacs.get(f"/instances/{iid}/simplified-tags")["StudyInstanceUID"] == study
     store.close()
+
+
+def test_the_worklist_links_a_study_to_orthanc_explorer_by_orthancs_own_study_id(pacs, tmp_path):
+    from sync.hub.web.app import create_app
+    from sync.hub.web.auth import Accounts
+
+    cfg = hub_cfg(tmp_path, pacs.dicom_port, web_url=f"http://127.0.0.1:{pacs.http_port}")
+    store = HubStore.from_config(cfg)
+    sop = file_on_hub(store, wire_copy("US1_UNCR.dcm", "jpegxl:2", tmp_path)[0])
+    study = store.query("SELECT study_uid FROM instances WHERE sop_instance_uid = ?", [sop])[0]["study_uid"]
+    fwd = forward.Forwarder(cfg, store)
+    fwd.tmp_dir.mkdir(parents=True, exist_ok=True)
+    assert fwd.step() == 1
+    req = urllib.request.Request(f"http://127.0.0.1:{pacs.http_port}/tools/lookup", data=study.encode())
+    with urllib.request.urlopen(req, timeout=10) as rsp:
+        orthanc_id = next(r["ID"] for r in json.loads(rsp.read()) if r["Type"] == "Study")
+    Accounts(store).add_user("benali", "correct horse battery")
+    app = create_app(cfg, store)
+    c = app.test_client()
+    import re as _re
+
+    page = c.get("/login").get_data(as_text=True)
+    pre = _re.search(r'name="pre" value="([^"]+)"', page).group(1)
+    c.post("/login", data={"username": "benali", "password": "correct horse battery", "pre": pre})
+    html = c.get(f"/study/{study}").get_data(as_text=True)
+    assert f"/app/explorer.html#study?uuid={orthanc_id}" in html
+    store.close()

@@ -89,6 +89,9 @@ class HubPacsConfig:
     An unreachable PACS is not a refusal: those instances wait for it however long it is down."""
     timeout_seconds: float = 30.0
     """Association and DIMSE timeout."""
+    web_url: str = ""
+    """The PACS' web address as reading-room PCs reach it (Orthanc: its HTTP root); the worklist then links each
+    study to Orthanc Explorer there. Empty: no link."""
 
 
 @dataclass(frozen=True)
@@ -197,6 +200,8 @@ def _validate_pacs(p: HubPacsConfig) -> None:
         raise ConfigError(f"pacs.retry_seconds: must be 0.1-3600, got {p.retry_seconds}")
     if p.max_refusals < 1:
         raise ConfigError(f"pacs.max_refusals: must be >= 1, got {p.max_refusals}")
+    if p.web_url and not re.fullmatch(r"https?://[^\s\"'<>]+", p.web_url):
+        raise ConfigError("pacs.web_url: must be an http(s):// address")
     if not 1 <= p.timeout_seconds <= 600:
         raise ConfigError(f"pacs.timeout_seconds: must be 1-600, got {p.timeout_seconds}")
 

@@ -114,6 +114,15 @@ def listing(store, state: str | None = None, limit: int = 100) -> list[dict]:
                        f"reason FROM forwards {where} ORDER BY queued_at DESC LIMIT ?", [*params, limit])
 
 
+def orthanc_study_id(patient_id: str, study_uid: str) -> str:
+    """Orthanc's own identifier of a study (its DicomInstanceHasher: SHA-1 of "PatientID|StudyInstanceUID" in five
+    groups of eight hex digits), so the worklist can link a study in Orthanc Explorer without asking Orthanc."""
+    import hashlib
+
+    h = hashlib.sha1(f"{patient_id}|{study_uid}".encode()).hexdigest()
+    return "-".join(h[i:i + 8] for i in range(0, 40, 8))
+
+
 def backoff(cfg, attempts: int) -> float:
     return min(MAX_BACKOFF_S, cfg.pacs.retry_seconds * (2 ** max(0, attempts - 1)))
 

@@ -189,7 +189,21 @@ def create_app(cfg, store, publish=None) -> Flask:
         images = [i for i in s["instances"] if not i.get("superseded_by")
                   and not (i.get("sop_class_uid") or "").startswith(SR_CLASS_PREFIX)]
         reads = reads_of(store, s["study_uid"])
-        return render_template("study.html", s=s, images=images, reads=reads)
+        return render_template("study.html", s=s, images=images, reads=reads, pacs_url=pacs_link(s, images))
+
+    def pacs_link(s: dict, images: list[dict]) -> str | None:
+        if not cfg.pacs.web_url or not images:
+            return None
+        from sync.hub.forward import orthanc_study_id
+        from sync.wire.codecs import read_dataset
+
+        try:
+            ds, _raw = read_dataset((store.studies_dir / images[0]["path"]).read_bytes())
+            patient_id = str(ds.get("PatientID", "") or "")
+        except Exception:  # noqa: BLE001 - no link rather than no page
+            return None
+        return (f"{cfg.pacs.web_url.rstrip('/')}/app/explorer.html#study?uuid="
+                f"{orthanc_study_id(patient_id, s['study_uid'])}")
 
     @app.get("/study/<uid>/preview.jpg")
     @login_required
