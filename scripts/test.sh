@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "dev,train"
+# Lint first (pyflakes rules and syntax errors, pyproject.toml [tool.ruff]): a second or two, and an undefined name
+# in a rarely-run branch fails here rather than in the field.
+.venv/bin/ruff check edge sync provisioning models scripts tests
 exec .venv/bin/python -m pytest "$@"

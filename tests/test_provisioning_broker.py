@@ -187,7 +187,7 @@ def test_certificate_from_another_ca_is_refused_even_with_an_enrolled_box_id(fle
     ca.write_cert(tmp_path / "c.pem", cert)
     c = Client(fleet.settings.broker_port, fleet.ca_cert, tmp_path / "c.pem", tmp_path / "k.pem")
     clients.append(c)
-    assert not c.connect(), f"a foreign-CA certificate with CN box-a got in"
+    assert not c.connect(), "a foreign-CA certificate with CN box-a got in"
 
 
 def test_expired_certificate_of_the_fleet_ca_is_refused(fleet, broker, clients, tmp_path):
@@ -296,7 +296,7 @@ def test_client_id_is_the_certificate_identity_so_a_box_cannot_take_over_another
     assert b.connect()
     a = connect_as(clients, fleet, "box-a", client_id="box-b")  # tries to kick box-b and take its session
     assert a.connect()
-    time.sleep(0.5)  # noqa: a takeover would disconnect box-b within a round trip; give it that chance
+    time.sleep(0.5)  # a takeover would disconnect box-b within a round trip; give it that chance
     assert b.c.is_connected(), "box-a took over box-b's client id and session"
 
 

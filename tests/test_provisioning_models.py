@@ -107,7 +107,7 @@ def test_box_cli_installs_a_fleet_signed_tarball_with_the_bundle_config(fleet, t
 
 
 # --- the model floor ----------------------------------------------------------------------------------------------
-def _box_toml(tmp_path, fleet) -> "Path":
+def _box_toml(tmp_path, fleet):
     from pathlib import Path
 
     cfg = Path(tmp_path) / "box.toml"
