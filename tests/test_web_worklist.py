@@ -284,6 +284,13 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
                        what="the read at the box")
             at_box = time.monotonic() - submitted
             assert note in box.store.study(study)["read_note"]
+            # What the clinic's technician sees: `wasla show` on the box.
+            box_toml = tmp_path / "box.toml"
+            box_toml.write_text(f'[box]\nid = "box-a"\ndata_dir = "{box.cfg.box.data_dir}"\n[models]\n'
+                                f'dir = "{tmp_path}"\ntrusted_keys = []\n[storage]\nmin_free_mb = 0\n')
+            shown = subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(box_toml), "--lang", "ar",
+                                    "show", study], capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert shown.returncode == 0 and note in shown.stdout and "د. بن علي" in shown.stdout
             # The page shows the clinic has it, without a reload (the box's receipt rides its next heartbeat).
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "td.delivery[data-delivered='1']"),
                        timeout=15, what="delivery shown on the page")
