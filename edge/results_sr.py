@@ -27,8 +27,10 @@ CATEGORY_OF = {"normal": Code("NORMAL", SCHEME, "Likely normal"),
                "urgent": Code("URGENT", SCHEME, "Urgent referral")}
 SCORE = Code("ABNORMALITY-SCORE", SCHEME, "Abnormality score")
 NO_UNITS = Code("1", "UCUM", "no units")
-_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-           "ReferringPhysicianName", "StudyID", "AccessionNumber", "IssuerOfPatientID", "StudyDescription")
+# Type 2 patient/study attributes highdicom copies from the first evidence dataset: written empty when absent.
+_COPIED_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
+_COPIED_OPTIONAL = ("IssuerOfPatientID", "StudyDescription")
 
 
 def _evidence(header: Dataset, sources: list[dict]) -> list[Dataset]:
@@ -36,9 +38,11 @@ def _evidence(header: Dataset, sources: list[dict]) -> list[Dataset]:
     out = []
     for inst in sources:
         ev = Dataset()
-        for kw in _COPIED:
-            if kw in header:
-                setattr(ev, kw, header.get(kw) or "")
+        for kw in _COPIED_TYPE2:
+            setattr(ev, kw, header.get(kw, "") or "")
+        for kw in _COPIED_OPTIONAL:
+            if header.get(kw):
+                setattr(ev, kw, header.get(kw))
         ev.StudyInstanceUID = header.StudyInstanceUID
         ev.SeriesInstanceUID = inst["series_uid"] or header.get("SeriesInstanceUID")
         ev.SOPInstanceUID = inst["sop_instance_uid"]

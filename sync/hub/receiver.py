@@ -6,6 +6,7 @@ import binascii
 import hashlib
 import logging
 import os
+import queue
 import uuid
 import threading
 import time
@@ -25,6 +26,14 @@ class TransferRefused(Exception):
     """A transfer the hub will never take (declared too large): refused with a final answer."""
 
 
+# Small messages (flags, heartbeats, status) are handled in batches of up to MAX_BATCH in one durable transaction:
+# one fsync for the lot instead of two per flag. Chunks and manifests keep one transaction each (a chunk may finish
+# a study, whose verification takes seconds and must not hold the index's write lock for a whole batch).
+BATCHABLE = frozenset({"flag", "heartbeat", "status"})
+MAX_BATCH = 256
+INBOX_MAX = 4096
+
+
 class Receiver:
     """`handle(topic, payload)` is the whole receiving logic; MQTT only feeds it. It never raises: what it cannot
     use goes to the dead-letter table with its reason."""
@@ -39,6 +48,14 @@ class Receiver:
         self._mqtt_thread = None
         # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
         self.beat = Beat("hub receiver", max_busy=300.0)
+        # paho's thread only queues what arrives (and so keeps reading, writing acks and pinging); one worker
+        # handles the queue in order and PUBACKs each message once what it carried is committed.
+        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
+        self._carry = None
+        self._tls = threading.local()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self.worker_beat = Beat("hub message worker", max_busy=300.0)
         self.disk = Pause("receiving", cfg.studies_dir, cfg.receiver.min_free_mb * 1_000_000)
         self._disk_paused = False
         # Who holds a verification claim: this run of this receiver (its next start gives back what this run held).
@@ -52,8 +69,9 @@ class Receiver:
                                       username=b.username, password_file=b.password_file)
         client.on_connect = self._on_connect
         client.on_disconnect = lambda *_a: self.connected.clear()
-        # paho sends the PUBACK after on_message returns: a message is confirmed only once it is stored, so a
-        # receiver killed mid-message gets it again from the broker.
+        # Manual acks: the PUBACK goes once the worker has committed what the message carried, so a receiver killed
+        # mid-message (or mid-batch) gets it again from the broker.
+        client.manual_ack_set(True)
         client.on_message = self._on_message
         return client
 
@@ -67,13 +85,82 @@ class Receiver:
 
     def _on_message(self, _client, _userdata, message) -> None:
         with self.beat.busy():
-            self.handle(message.topic, bytes(message.payload))
+            try:
+                # Blocks only while INBOX_MAX messages wait: then the broker holds the rest (back-pressure).
+                self._inbox.put((message.mid, message.qos, message.topic, bytes(message.payload)))
+            except Exception:  # noqa: BLE001 - paho's thread must outlive anything; unacked, it comes back
+                log.exception("could not queue %s", message.topic)
 
     def problems(self) -> list[str]:
         if self._disk_paused:
             return []  # paused on purpose; `run` reports it in the status line
-        problem = self.beat.problem(self._mqtt_thread, idle_ok=True)
-        return [problem] if problem else []
+        found = [self.beat.problem(self._mqtt_thread, idle_ok=True)]
+        if self._worker is not None:
+            found.append(self.worker_beat.problem(self._worker, idle_ok=True))
+        return [p for p in found if p]
+
+    # --- the worker ---------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            self.worker_beat.tick()
+            first, self._carry = self._carry, None
+            if first is None:
+                try:
+                    first = self._inbox.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+            batch = [first]
+            if _kind(first[2]) in BATCHABLE:
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if _kind(item[2]) not in BATCHABLE:
+                        self._carry = item  # next round, after this batch is committed and acknowledged
+                        break
+                    batch.append(item)
+            with self.worker_beat.busy():
+                try:
+                    self.process(batch)
+                except Exception:  # noqa: BLE001 - the worker must outlive anything; unacked, they come back
+                    log.exception("handling a batch of %d message(s) failed", len(batch))
+
+    def process(self, batch: list[tuple]) -> None:
+        """Handle (mid, qos, topic, payload) items, then publish the replies and PUBACK them: a batch of small ones
+        in one transaction, anything else one by one. Nothing is acknowledged while the disk is full."""
+        if len(batch) > 1:
+            self._tls.deferred = []
+            try:
+                with self.store.batch():
+                    for _mid, _qos, topic, payload in batch:
+                        self.handle(topic, payload)
+            except Exception as err:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is stored
+                self._tls.deferred = None
+                if is_disk_full(err, self.cfg.studies_dir):
+                    self.disk.hit()
+                    self.pause_for_disk()
+                    return
+                log.warning("a batch of %d messages did not commit (%s); handling them one by one", len(batch),
+                            type(err).__name__)
+                for item in batch:
+                    self.process([item])
+                return
+            replies, self._tls.deferred = self._tls.deferred, None
+        else:
+            mid, qos, topic, payload = batch[0]
+            self.handle(topic, payload)
+            replies = []
+        if self._disk_paused:
+            return  # disconnected: unacknowledged, every message of it comes again after the pause
+        for topic, data in replies:
+            self.client.publish(topic, data, qos=1)
+        for mid, qos, _topic, _payload in batch:
+            if qos > 0 and self.client is not None:
+                try:
+                    self.client.ack(mid, qos)
+                except Exception:  # noqa: BLE001 - a lost connection: the broker resends it, handled idempotently
+                    log.debug("ack of message %s not sent", mid)
 
     def start(self) -> "Receiver":
         back = self.store.release_claims(self.cfg.hub.id, keep=self.claimant)
@@ -85,18 +172,28 @@ class Receiver:
                                   properties=protocol.connect_properties(int(b.session_expiry_hours * 3600)))
         self.client.loop_start()
         self._mqtt_thread = paho_thread(self.client)
+        self._worker = threading.Thread(target=self._work, name="hub-worker", daemon=True)
+        self._worker.start()
         return self
 
     def stop(self) -> None:
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
+        self._stopping.set()
+        if self._worker is not None:
+            self._worker.join(timeout=30)  # what is still queued was never acknowledged: the broker keeps it
         self.store.close()
 
     def _reply(self, device: str, kind: str, **fields) -> None:
         if self.client is None:
             return
-        self.client.publish(protocol.down_topic(device, kind), protocol.encode(kind, device, **fields), qos=1)
+        topic, data = protocol.down_topic(device, kind), protocol.encode(kind, device, **fields)
+        deferred = getattr(self._tls, "deferred", None)
+        if deferred is not None:
+            deferred.append((topic, data))  # inside a batch: an ack may only leave once the batch is committed
+            return
+        self.client.publish(topic, data, qos=1)
 
     # --- the logic --------------------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes) -> None:
@@ -354,6 +451,10 @@ class Receiver:
                 self.store.read_published(r["read_id"])
                 n += 1
         return n
+
+
+def _kind(topic: str) -> str:
+    return topic.rsplit("/", 1)[-1]
 
 
 def read_payload(r: dict) -> bytes:

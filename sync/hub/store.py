@@ -110,6 +110,8 @@ class SqliteIndex:
         except sqlite3.Error as err:
             raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self._lock = threading.RLock()
+        self._local = threading.local()
+        self._savepoints = 0
 
     def close(self) -> None:
         with self._lock:
@@ -117,7 +119,34 @@ class SqliteIndex:
 
     def tx(self):
         # Several receivers share the file: BEGIN may time out, and write_transaction never keeps our lock then.
+        if getattr(self._local, "batch", False):
+            return self._savepoint()
         return write_transaction(self._lock, self.conn)
+
+    @contextlib.contextmanager
+    def batch(self):
+        """One durable transaction (one fsync) around many messages' writes: tx() inside it is a SAVEPOINT, so one
+        message's failure rolls back that message only. The caller acknowledges the messages after it returns."""
+        with write_transaction(self._lock, self.conn):
+            self._local.batch = True
+            try:
+                yield
+            finally:
+                self._local.batch = False
+
+    @contextlib.contextmanager
+    def _savepoint(self):
+        with self._lock:
+            self._savepoints += 1
+            name = f"sp{self._savepoints}"
+            self.conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+                raise
+            self.conn.execute(f"RELEASE {name}")
 
     def query(self, sql: str, params=()) -> list[dict]:
         with self._lock:
@@ -161,6 +190,11 @@ class HubStore:
 
     def tx(self):
         return self.index.tx()
+
+    def batch(self):
+        """Many messages in one durable transaction where the index can (SQLite); elsewhere each keeps its own."""
+        batch = getattr(self.index, "batch", None)
+        return batch() if batch is not None else contextlib.nullcontext()
 
     def query(self, sql: str, params=()) -> list[dict]:
         return self.index.query(sql, params)
