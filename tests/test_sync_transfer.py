@@ -399,3 +399,58 @@ def test_spool_files_damaged_on_disk_are_quarantined_not_sent_and_the_rest_still
     reasons = {r["id"]: r["reason"] for r in box.store.query("SELECT id, reason FROM instances")}
     assert "sha256 differs" in reasons[rows[0]["id"]] and "bytes" in reasons[rows[1]["id"]]
     assert stored_sops(tmp_path) == [rows[2]["sop_instance_uid"]]
+
+
+def test_a_burst_of_flags_is_committed_in_batches_where_one_bad_flag_spoils_none_of_the_others(tmp_path, broker,
+                                                                                                  parts):
+    hub = start_hub(tmp_path, broker.port)
+    parts.append(hub)
+    owner, other = RawBox(broker.port, device="box-a"), RawBox(broker.port, device="box-b")
+    owner.pub("flag", protocol.encode("flag", "box-a", flag_id="own-1", study_uid="1.2.9", label="normal",
+                                      at=time.time()))
+    wait_until(lambda: any(a.get("flag_id") == "own-1" for a in owner.acks), timeout=10, what="the owner's flag")
+    # Published without waiting, so the worker finds them queued together: a batch with a poison message and a
+    # collision (box-b claims box-a's study) inside it.
+    for i in range(150):
+        other.c.publish("wasla/v1/box-b/up/flag", protocol.encode(
+            "flag", "box-b", flag_id=f"b-{i}", study_uid=f"1.2.10.{i}", label="urgent", at=time.time()), qos=1)
+        if i == 40:
+            other.c.publish("wasla/v1/box-b/up/flag", b"{broken", qos=1)
+        if i == 80:
+            other.c.publish("wasla/v1/box-b/up/flag", protocol.encode(
+                "flag", "box-b", flag_id="steal", study_uid="1.2.9", label="urgent", at=time.time()), qos=1)
+    wait_until(lambda: len({a["flag_id"] for a in other.acks if a.get("flag_id")}) == 151, timeout=30,
+               what="an answer to every flag")
+    status = {a["flag_id"]: a["status"] for a in other.acks if a.get("flag_id")}
+    assert all(status[f"b-{i}"] == "complete" for i in range(150)) and status["steal"] == "failed"
+    view = hub_view(tmp_path)
+    assert view.query("SELECT COUNT(*) AS n FROM flags WHERE device = 'box-b'")[0]["n"] == 150
+    assert view.query("SELECT device FROM studies WHERE study_uid = '1.2.9'")[0]["device"] == "box-a"
+    assert any("not JSON" in r["reason"] for r in view.dead_letters())
+    for raw in (owner, other):
+        raw.c.loop_stop()
+
+
+def test_a_hub_killed_before_its_batch_commits_gets_every_flag_again_and_files_each_once(tmp_path, broker):
+    from boxproc import HubProcess
+
+    hub = HubProcess(tmp_path, tmp_path / "hub", broker.port).start()
+    raw = RawBox(broker.port, device="box-k")
+    try:
+        wait_until(lambda: (tmp_path / "hub" / "hub.db").exists(), timeout=60, what="the hub's index")
+        time.sleep(1.5)
+        for i in range(300):
+            raw.c.publish("wasla/v1/box-k/up/flag", protocol.encode(
+                "flag", "box-k", flag_id=f"k-{i}", study_uid=f"1.2.11.{i}", label="review", at=time.time()), qos=1)
+        time.sleep(0.05)
+        hub.proc.kill()  # mid-burst: some batches committed, some not, some never read
+        hub.proc.wait(10)
+        hub = HubProcess(tmp_path, tmp_path / "hub", broker.port).start()
+        wait_until(lambda: len({a["flag_id"] for a in raw.acks if a.get("flag_id")}) == 300, timeout=60,
+                   what="every flag acknowledged after the restart")
+        view = hub_view(tmp_path)
+        rows = view.query("SELECT COUNT(*) AS n FROM flags WHERE device = 'box-k'")[0]["n"]
+        assert rows == 300
+    finally:
+        hub.stop()
+        raw.c.loop_stop()

@@ -1,0 +1,155 @@
+"""Hub load bench: simulated boxes send triage flags to a real Mosquitto and a real `wasla-hub run` (SQLite index);
+prints flags committed per second, CPU-ms per flag at the receiver, and the latency of the acks the boxes get back.
+
+    python scripts/bench_hub.py                          # 200 boxes x 20 flags, as fast as they can send
+    python scripts/bench_hub.py --rate 300 --seconds 30  # a steady offered load (flags/s), for ack latency
+    python scripts/bench_hub.py --repo /tmp/old-checkout # the same bench against another checkout's receiver
+
+Every flag must come back acknowledged exactly once and be in the hub's index once (exactly-once is checked, not
+assumed). Figures are medians of one run on this machine; say which CPU when quoting them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import harness  # noqa: E402
+from sync.wire import protocol  # noqa: E402
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=int, default=200)
+    ap.add_argument("--flags", type=int, default=20, help="flags per box")
+    ap.add_argument("--rate", type=float, default=0, help="offered flags/s in total (0: as fast as possible)")
+    ap.add_argument("--clients", type=int, default=8, help="MQTT connections the simulated boxes share")
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose `wasla-hub run` is measured")
+    ap.add_argument("--timeout", type=float, default=300)
+    a = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="wasla-benchhub-"))
+    broker = harness.Mosquitto(work / "mqtt", extra_conf="max_queued_messages 1000000\nmax_inflight_messages 0\n")
+    broker.start()
+    hub_toml = work / "hub.toml"
+    hub_toml.write_text(f'[hub]\nid = "bench"\ndata_dir = "{work / "hub"}"\n[broker]\nport = {broker.port}\n'
+                        '[receiver]\nmin_free_mb = 0\n[log]\nlevel = "WARNING"\n')
+    hub = subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(hub_toml), "run"], cwd=a.repo,
+                           stdout=open(work / "hub.log", "wb"), stderr=subprocess.STDOUT,
+                           env={**os.environ, "PYTHONPATH": str(a.repo)})
+    db = work / "hub" / "hub.db"
+    sent: dict[str, float] = {}
+    acked: dict[str, float] = {}
+    dup_acks = 0
+    lock = threading.Lock()
+
+    def on_ack(_c, _u, m):
+        nonlocal dup_acks
+        now = time.monotonic()
+        try:
+            fid = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536).get("flag_id")
+        except Exception:  # noqa: BLE001 - not a flag ack
+            return
+        if fid:
+            with lock:
+                if fid in acked:
+                    dup_acks += 1
+                else:
+                    acked[fid] = now
+
+    try:
+        harness.wait_until(lambda: db.exists(), timeout=60, what="the hub's index")
+        time.sleep(2.0)
+        listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-acks", protocol=mqtt.MQTTv5)
+        listener.on_message = on_ack
+        listener.connect("127.0.0.1", broker.port)
+        listener.subscribe("wasla/v1/+/down/ack", qos=1)
+        listener.loop_start()
+        senders = []
+        for i in range(a.clients):
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-box-{i}", protocol=mqtt.MQTTv5)
+            c.max_inflight_messages_set(1000)
+            c.max_queued_messages_set(0)
+            c.connect("127.0.0.1", broker.port)
+            c.loop_start()
+            senders.append(c)
+        time.sleep(1.0)
+        boxes = [f"box-{i:04d}" for i in range(a.boxes)]
+        total = a.boxes * a.flags
+        payloads = []
+        for k in range(a.flags):
+            for b in boxes:
+                fid = uuid.uuid4().hex[:24]
+                data = protocol.encode("flag", b, flag_id=fid, study_uid=f"1.2.826.0.1.3680043.10.{abs(hash(fid)) % 10**12}",
+                                       label="urgent" if k % 5 == 0 else "normal", at=time.time(), modality="CR",
+                                       n_instances=1, reasons=[{"code": "score_above_review", "score": 0.5}])
+                payloads.append((protocol.up_topic(b, "flag"), fid, data))
+        cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+        for n, (topic, fid, data) in enumerate(payloads):
+            if a.rate:
+                delay = t0 + n / a.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            with lock:
+                sent[fid] = time.monotonic()
+            senders[n % len(senders)].publish(topic, data, qos=1)
+        t_sent = time.monotonic()
+        harness.wait_until(lambda: len(acked) >= total, timeout=a.timeout, interval=0.2, what="every flag acknowledged")
+        t_done = time.monotonic()
+        cpu = cpu_seconds(hub.pid) - cpu0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            rows = conn.execute("SELECT COUNT(*), SUM(times) FROM flags").fetchone()
+        lat = [acked[f] - sent[f] for f in acked]
+        elapsed = t_done - t0
+        print(f"wasla hub bench: {cpu_name()}, {os.cpu_count()} CPUs; receiver from {a.repo}")
+        print(f"  {a.boxes} boxes x {a.flags} flags = {total} flags over {a.clients} connections, "
+              f"offered {'as fast as possible' if not a.rate else f'{a.rate:g}/s'} (sent in {t_sent - t0:.1f} s)")
+        print(f"  flags committed and acknowledged : {len(acked)} in {elapsed:.2f} s = {len(acked) / elapsed:.0f} flags/s")
+        print(f"  receiver CPU                     : {cpu:.2f} s = {1000 * cpu / max(1, len(acked)):.3f} CPU-ms per flag")
+        print(f"  ack latency (publish -> ack back): p50 {pct(lat, 50):.3f} s, p95 {pct(lat, 95):.3f} s, "
+              f"p99 {pct(lat, 99):.3f} s, max {max(lat):.3f} s")
+        print(f"  exactly once                     : {rows[0]} flag rows for {total} flags, {dup_acks} duplicate acks")
+        ok = rows[0] == total and len(acked) == total
+        return 0 if ok else 1
+    finally:
+        harness.stop_process(hub, timeout=30)
+        broker.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
