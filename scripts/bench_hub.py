@@ -4,6 +4,7 @@ prints flags committed per second, CPU-ms per flag at the receiver, and the late
     python scripts/bench_hub.py                          # 200 boxes x 20 flags, as fast as they can send
     python scripts/bench_hub.py --rate 300 --seconds 30  # a steady offered load (flags/s), for ack latency
     python scripts/bench_hub.py --repo /tmp/old-checkout # the same bench against another checkout's receiver
+    python scripts/bench_hub.py --studies 40 --study-mb 2  # studies instead: MB/s stored, CPU-s per MB
 
 Every flag must come back acknowledged exactly once and be in the hub's index once (exactly-once is checked, not
 assumed). Figures are medians of one run on this machine; say which CPU when quoting them.
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=8, help="MQTT connections the simulated boxes share")
     ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose `wasla-hub run` is measured")
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--studies", type=int, default=0, help="send this many instances (one per box) instead of flags")
+    ap.add_argument("--study-mb", type=float, default=2.0, help="size of each instance (uncompressed noise CR)")
+    ap.add_argument("--chunk-kb", type=int, default=64)
     a = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="wasla-benchhub-"))
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal dup_acks
         now = time.monotonic()
         try:
-            fid = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536).get("flag_id")
+            msg = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536)
+            fid = msg.get("flag_id")
+            if msg.get("transfer") and msg.get("status") == "complete":
+                fid = msg["transfer"]
         except Exception:  # noqa: BLE001 - not a flag ack
             return
         if fid:
@@ -109,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             c.loop_start()
             senders.append(c)
         time.sleep(1.0)
+        if a.studies:
+            return studies(a, senders, hub, db, acked, lock)
         boxes = [f"box-{i:04d}" for i in range(a.boxes)]
         total = a.boxes * a.flags
         payloads = []
@@ -149,6 +158,74 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         harness.stop_process(hub, timeout=30)
         broker.stop()
+
+
+def make_instance(mb: float, seed: int) -> bytes:
+    """A 12-bit CR of noise, explicit VR little endian (what a box sends when no codec wins), with fresh UIDs."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    CRImageStorage = "1.2.840.10008.5.1.4.1.1.1"
+
+    side = int((mb * 1_000_000 / 2) ** 0.5)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("x", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = CRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "CR", "BENCH", "BENCH^HUB"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.Rows, ds.Columns = 1, "MONOCHROME2", side, side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = np.random.default_rng(seed).integers(0, 4096, (side, side), dtype=np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def studies(a, senders, hub, db, acked, lock) -> int:
+    """Each simulated box sends one instance (manifest, then compact chunks, as fast as MQTT takes them)."""
+    import hashlib
+
+    chunk = a.chunk_kb * 1024
+    items = []
+    for i in range(a.studies):
+        data = make_instance(a.study_mb, i)
+        ds_uid = f"bench-{i}"
+        tid = hashlib.sha256(data).hexdigest()[:32]
+        import pydicom
+
+        hdr = pydicom.dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
+        count = -(-len(data) // chunk)
+        box = f"box-{i:04d}"
+        manifest = protocol.encode("manifest", box, transfer=tid, study_uid=str(hdr.StudyInstanceUID),
+                                   sop_instance_uid=str(hdr.SOPInstanceUID), label="normal", size=len(data),
+                                   sha256=hashlib.sha256(data).hexdigest(), chunk_size=chunk, count=count,
+                                   codec="original", transfer_syntax=str(hdr.file_meta.TransferSyntaxUID),
+                                   original_size=len(data))
+        frames = [protocol.encode_chunk(tid, k, data[k * chunk:(k + 1) * chunk]) for k in range(count)]
+        items.append((box, tid, manifest, frames, len(data), ds_uid))
+    total_bytes = sum(x[4] for x in items)
+    cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+    for n, (box, tid, manifest, frames, _size, _u) in enumerate(items):
+        c = senders[n % len(senders)]
+        c.publish(protocol.up_topic(box, "manifest"), manifest, qos=1)
+        for f in frames:
+            c.publish(protocol.up_topic(box, "chunk"), f, qos=1)
+    harness.wait_until(lambda: all(x[1] in acked for x in items), timeout=a.timeout, interval=0.2,
+                       what="every instance stored and acknowledged")
+    elapsed, cpu = time.monotonic() - t0, cpu_seconds(hub.pid) - cpu0
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        stored = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    mb = total_bytes / 1e6
+    print(f"wasla hub bench (studies): {cpu_name()}, {os.cpu_count()} CPUs; receiver from {a.repo}")
+    print(f"  {a.studies} instances x {a.study_mb:g} MB ({mb:.1f} MB, {a.chunk_kb} KiB chunks) from {a.studies} boxes")
+    print(f"  stored, verified and acknowledged : {stored} in {elapsed:.2f} s = {mb / elapsed:.2f} MB/s")
+    print(f"  receiver CPU                      : {cpu:.2f} s = {cpu / mb:.3f} CPU-s per MB")
+    return 0 if stored == a.studies else 1
 
 
 if __name__ == "__main__":
