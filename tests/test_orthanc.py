@@ -67,6 +67,8 @@ class Orthanc:
         return [self.get(f"/instances/{i}/simplified-tags") for i in self.get("/instances")]
 
     def stop(self) -> None:
+        if getattr(self, "proc", None) is None:
+            return  # never started
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

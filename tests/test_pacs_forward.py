@@ -243,6 +243,9 @@ def test_forward_queue_survives_the_hub_being_killed_and_orthanc_stopped_mid_for
         o.dicom_port, o.http_port = ports
         o.start()
         harness.wait_until(lambda: sent() == len(sops), timeout=90, what="every instance forwarded")
+    except BaseException:
+        o.stop()  # whichever Orthanc is running; a failed run must not leave one behind
+        raise
     finally:
         harness.stop_process(proc)
         log.close()
