@@ -14,6 +14,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from sync.core.errors import NotFoundError
+from sync.core.i18n import N_
 from sync.wire import codecs
 
 log = logging.getLogger(__name__)
@@ -23,15 +24,24 @@ SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 SERIES_NUMBER = 9903
 _COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
            "ReferringPhysicianName", "StudyID", "AccessionNumber", "IssuerOfPatientID", "StudyDescription")
-DISPOSITION_TEXT = {
-    "normal": "Normal: no further action",
-    "abnormal": "Abnormal: routine follow-up at the clinic",
-    "urgent-referral": "Urgent referral to hospital",
-    "repeat-image": "Repeat the image (technical quality)",
+# The radiologist's disposition of a study, as the clinic's box shows it (codes stay stable; names translate).
+READ_DISPOSITIONS = {
+    "normal": N_("Normal: no further action"),
+    "abnormal": N_("Abnormal: routine follow-up at the clinic"),
+    "urgent-referral": N_("Urgent referral to hospital"),
+    "repeat-image": N_("Repeat the image (technical quality)"),
 }
-FINDING_NAMES = {"233604007": "Pneumonia", "95436008": "Lung consolidation", "60046008": "Pleural effusion",
-                 "36118008": "Pneumothorax", "8186001": "Cardiomegaly", "46621007": "Atelectasis",
-                 "154283005": "Pulmonary tuberculosis"}
+# Structured findings (SNOMED CT concept ids), so the pilot can count them without parsing free text.
+READ_FINDINGS = {
+    "233604007": N_("Pneumonia"),
+    "95436008": N_("Lung consolidation"),
+    "60046008": N_("Pleural effusion"),
+    "36118008": N_("Pneumothorax"),
+    "8186001": N_("Cardiomegaly"),
+    "46621007": N_("Atelectasis"),
+    "154283005": N_("Pulmonary tuberculosis"),
+}
+
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -110,14 +120,14 @@ def build_report(read: dict, header: Dataset, evidence: list[dict], *, hub_id: s
     for code in json.loads(read.get("findings") or "[]") if isinstance(read.get("findings"), str) else (
             read.get("findings") or []):
         it = _item("CONTAINS", "CODE", _code("121071", "DCM", "Finding"))
-        it.ConceptCodeSequence = Sequence([_code(code, "SCT", FINDING_NAMES.get(code, code))])
+        it.ConceptCodeSequence = Sequence([_code(code, "SCT", READ_FINDINGS.get(code, code))])
         findings.append(it)
     if read.get("note"):
         findings.append(_item("CONTAINS", "TEXT", _code("121071", "DCM", "Finding"), TextValue=read["note"][:2000]))
     section = [_item("CONTAINS", "CONTAINER", _code("121070", "DCM", "Findings"), ContinuityOfContent="SEPARATE",
                      ContentSequence=Sequence(findings))] if findings else []
     impression = _item("CONTAINS", "TEXT", _code("121073", "DCM", "Impression"),
-                       TextValue=DISPOSITION_TEXT.get(read["disposition"], read["disposition"]))
+                       TextValue=READ_DISPOSITIONS.get(read["disposition"], read["disposition"]))
     section.append(_item("CONTAINS", "CONTAINER", _code("121072", "DCM", "Impressions"), ContinuityOfContent="SEPARATE",
                          ContentSequence=Sequence([impression])))
     ds.ContentSequence = Sequence(children + section)

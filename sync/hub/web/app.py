@@ -14,28 +14,14 @@ from flask import Flask, Response, abort, g, jsonify, redirect, render_template,
 
 from sync.core.errors import BadInputError, NotFoundError, WaslaError
 from sync.core.i18n import DOMAIN, LABEL_NAMES, LANGUAGES, LOCALE_DIR, REASON_TEXTS, RTL_LANGUAGES, N_, normalize
+from sync.hub.read_report import READ_DISPOSITIONS, READ_FINDINGS
 from sync.hub.web.auth import Accounts
 
 log = logging.getLogger(__name__)
 
 COOKIE, PRE_COOKIE, LANG_COOKIE = "wasla_session", "wasla_login", "wasla_lang"
-# The radiologist's disposition of a study, as the clinic's box shows it (codes stay stable; names translate).
-DISPOSITIONS = {
-    "normal": N_("Normal: no further action"),
-    "abnormal": N_("Abnormal: routine follow-up at the clinic"),
-    "urgent-referral": N_("Urgent referral to hospital"),
-    "repeat-image": N_("Repeat the image (technical quality)"),
-}
-# Structured findings (SNOMED CT concept ids), so the pilot can count them without parsing free text.
-FINDINGS = {
-    "233604007": N_("Pneumonia"),
-    "95436008": N_("Lung consolidation"),
-    "60046008": N_("Pleural effusion"),
-    "36118008": N_("Pneumothorax"),
-    "8186001": N_("Cardiomegaly"),
-    "46621007": N_("Atelectasis"),
-    "154283005": N_("Pulmonary tuberculosis"),
-}
+# The read's vocabulary (dispositions, coded findings) lives with the report that files it.
+DISPOSITIONS, FINDINGS = READ_DISPOSITIONS, READ_FINDINGS
 MAX_NOTE = 2000
 
 
