@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 FLAG, TRANSFER, PACK = "flag", "transfer", "pack"  # pack: an instance that cannot be packed (failed rows only)
 PENDING, CONFIRMED, DONE, FAILED = "pending", "confirmed", "done", "failed"
 ACTIVE = (PENDING, CONFIRMED)
+# Within a band the transfer with the fewest bytes left goes first (one large CR must not hold a dozen small studies
+# for minutes on a 256 kbit/s link), but a transfer queued longer than this goes in arrival order ahead of newer ones,
+# so a steady stream of small studies can never starve a large one.
+FAIR_AFTER_S = 1800.0
 
 
 def transfer_id(device: str, sop_instance_uid: str, sha256: str) -> str:
@@ -31,6 +35,25 @@ def flag_id(study_uid: str, label: str) -> str:
     if protocol.valid_id(fid):
         return fid
     return f"{label}-h{hashlib.sha256(study_uid.encode('utf-8', 'replace')).hexdigest()[:40]}"
+
+
+def remaining_bytes(row: dict) -> int:
+    """Bytes of a transfer the hub has not confirmed (0 for flags and fully confirmed transfers)."""
+    if row["kind"] != TRANSFER or row["state"] != PENDING:
+        return 0
+    try:
+        have = sum(b - a + 1 for a, b in json.loads(row["have"] or "[]"))
+    except (ValueError, TypeError):
+        have = 0
+    return max(0, int(row["size"] or 0) - have * int(row["chunk_size"] or 0))
+
+
+def _send_order(row: dict, now: float) -> tuple:
+    if row["kind"] != TRANSFER:
+        return (row["priority"], 0, 0, row["id"])
+    if now - (row["created_at"] or now) > FAIR_AFTER_S:
+        return (row["priority"], 0, 0, row["id"])
+    return (row["priority"], 1, remaining_bytes(row), row["id"])
 
 
 class Outbox:
@@ -110,8 +133,17 @@ class Outbox:
         return tid
 
     # --- what to send -----------------------------------------------------------------------------------------
-    def active(self) -> list[dict]:
-        return self.store.query("SELECT * FROM outbox WHERE state IN (?, ?) ORDER BY priority, id", list(ACTIVE))
+    def active(self, now: float | None = None) -> list[dict]:
+        """What may go, in sending order: by band, then fewest bytes remaining (aged rows first, oldest first)."""
+        rows = self.store.query("SELECT * FROM outbox WHERE state IN (?, ?) ORDER BY priority, id", list(ACTIVE))
+        now = time.time() if now is None else now
+        return sorted(rows, key=lambda r: _send_order(r, now))
+
+    def backlog_bytes(self) -> int:
+        """Bytes of transfers still to go: what the link is busy with before a newly packed study's turn."""
+        rows = self.store.query("SELECT kind, state, size, chunk_size, have FROM outbox WHERE kind = ? AND state = ?",
+                                [TRANSFER, PENDING])
+        return sum(remaining_bytes(r) for r in rows)
 
     def get(self, transfer: str) -> dict | None:
         rows = self.store.query("SELECT * FROM outbox WHERE transfer_id = ?", [transfer])

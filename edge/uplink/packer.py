@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -19,17 +20,38 @@ from sync.core.liveness import Beat
 
 log = logging.getLogger(__name__)
 
+# Wire-encoding is background work (it only has to stay ahead of a satellite link); triage of the next image is what
+# a waiting urgent flag depends on. The pack thread (and the codec threads it starts, which inherit it) runs this
+# much nicer than the daemon, so on a two-core box the encoder takes only the CPU triage leaves.
+PACK_NICE = 10
+
+
+def lower_own_priority(step: int = PACK_NICE) -> int | None:
+    """Renice the calling thread (Linux: nice is per thread); returns the new nice value, None where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + step))
+        return os.getpriority(os.PRIO_PROCESS, tid)
+    except (AttributeError, OSError) as err:
+        log.info("pack thread keeps its priority: %s", err)
+        return None
+
 
 class Packer:
-    def __init__(self, outbox: Outbox, sc, models: list[dict], *, on_queued: Callable[[], None]):
+    def __init__(self, outbox: Outbox, sc, models: list[dict], *, on_queued: Callable[[], None],
+                 link_rate: Callable[[], float] | None = None):
         self.outbox = outbox
+        self.link_rate = link_rate
         self.sc = sc
         self.models = models
         self.on_queued = on_queued
         store = outbox.store
         self.disk = Pause("upload packing", store.spool_dir, store.own_reserve_bytes)
+        self.nice: int | None = None
 
     def loop(self, stop: threading.Event, wake: threading.Event, beat: Beat) -> None:
+        self.nice = lower_own_priority()
         while not stop.is_set():
             beat.tick()
             try:
@@ -75,7 +97,8 @@ class Packer:
                 from sync.wire import pseudonym
 
                 source = pseudonym.pseudonymise_file(source, pseudonym.load_key(self.sc.pseudonym_key_file))
-            enc = codecs.encode_for_wire(source, codecs=self.sc.codecs or None, frames_limit=self.sc.frames_limit)
+            enc = codecs.encode_for_wire(source, codecs=self.sc.codecs or None, frames_limit=self.sc.frames_limit,
+                                         link=self._link())
         except Exception as err:  # noqa: BLE001 - the spool file vanished, a codec refused it, no pseudonym key...
             if is_disk_full(err, store.spool_dir):
                 self.disk.hit()  # not the instance's fault: packed again once space returns
@@ -94,6 +117,14 @@ class Packer:
             raise  # e.g. the instance moved on meanwhile: logged by the loop, tried again from the outbox's state
         self.on_queued()
         return True
+
+    def _link(self):
+        """The link this instance will travel over: measured rate and the bytes queued ahead of it."""
+        if self.link_rate is None or self.sc.codecs:
+            return None
+        from sync.wire.codec_policy import Link
+
+        return Link(self.link_rate(), self.outbox.backlog_bytes())
 
     def preview(self, study_uid: str) -> str | None:
         try:
