@@ -150,6 +150,10 @@ class SyncConfig:
     socket_sndbuf_bytes: int = 0
     """SO_SNDBUF of the MQTT socket (0 = kernel default). The in-flight window above already bounds what the kernel
     holds; a small buffer on top only starved the link (bench_link: 0.41 vs 0.48 of the link at 8 KiB)."""
+    link_kbps: float = 256.0
+    """The uplink's rate (8-10000000 kbit/s) assumed until the box has measured it from its own uploads (back-to-back
+    broker acks). It steers the codec choice: a slow, tighter codec is tried only where the link time it saves beats
+    the time it holds the study back (256 = a GEO VSAT; say 5000 for a LEO terminal)."""
     max_rate_kbps: float = 0.0
     """Upload rate cap in kbit/s for all traffic (0 = none). Flags are never delayed by it but are counted."""
     bulk_windows: list[str] = field(default_factory=list)
@@ -267,6 +271,8 @@ def _validate_sync(s: SyncConfig) -> None:
         raise ConfigError(f"sync.max_inflight_bytes: must be >= sync.chunk_bytes ({s.chunk_bytes}), got {s.max_inflight_bytes}")
     if not 0 <= s.socket_sndbuf_bytes <= 16 * 1024 * 1024:
         raise ConfigError(f"sync.socket_sndbuf_bytes: must be 0-16777216, got {s.socket_sndbuf_bytes}")
+    if not 8 <= s.link_kbps <= 10_000_000:
+        raise ConfigError(f"sync.link_kbps: must be 8-10000000, got {s.link_kbps}")
     for key, val in (("max_rate_kbps", s.max_rate_kbps), ("daily_quota_mb", s.daily_quota_mb)):
         if val < 0:
             raise ConfigError(f"sync.{key}: must be >= 0, got {val}")

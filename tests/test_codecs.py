@@ -176,3 +176,45 @@ def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress
         tried.clear()
         wire, received = _round_trip(_large_cr(pixels))
         assert ("jpegxl:7" in tried) is expect, (tried, wire.ratio)  # _round_trip checked the pixels bit-exact
+
+
+def test_on_a_fast_idle_link_the_slow_codec_is_skipped_and_on_a_busy_satellite_link_it_is_tried(monkeypatch):
+    """Shortest delivery, not smallest file: effort 7 holds a large smooth CR back longer than it saves on LEO."""
+    import sync.wire.codecs as codecs_mod
+    from sync.wire.codec_policy import Link
+
+    if "jpegxl" not in available_codecs():
+        pytest.skip("imagecodecs without JPEG-XL")
+    tried = []
+    real = codecs_mod.make_codec
+    monkeypatch.setattr(codecs_mod, "make_codec", lambda spec: tried.append(spec) or real(spec))
+    yy, xx = np.mgrid[0:1400, 0:1400]
+    source = _large_cr(1000 + 800 * np.sin(xx / 150.0) * np.cos(yy / 190.0))  # 3.9 MB of pixels
+    leo = Link(bytes_per_s=5e6 / 8, backlog_bytes=0)
+    wire, _ = _round_trip(source, link=leo)
+    assert "jpegxl:7" not in tried and wire.codec in ("jpegls", "jpegxl:2"), tried
+    tried.clear()
+    geo_busy = Link(bytes_per_s=256e3 / 8, backlog_bytes=20_000_000)  # ten minutes of studies queued ahead
+    wire_geo, _ = _round_trip(source, link=geo_busy)
+    assert "jpegxl:7" in tried
+    assert len(wire_geo.data) <= len(wire.data)
+
+
+def test_codec_verdict_weighs_link_time_saved_against_time_held_and_learns_this_boxs_speed():
+    from sync.wire.codec_policy import Link, SpeedBook, worth_trying
+
+    book = SpeedBook({"jpegxl:7": 3e6})
+    big = dict(pixel_bytes=6_000_000, best_bytes=1_000_000, best_ratio=6.0)
+    idle_leo = worth_trying("jpegxl:7", link=Link(625_000), speeds=book, **big)
+    assert not idle_leo.try_it and idle_leo.cost_s == pytest.approx(2.0)  # 6 MB at 3 MB/s, nothing queued ahead
+    idle_geo = worth_trying("jpegxl:7", link=Link(32_000), speeds=book, **big)
+    assert idle_geo.try_it and idle_geo.saving_s == pytest.approx(1_000_000 * 0.08 / 32_000)
+    # Behind a backlog the encode overlaps the link's work: only a quarter of its CPU time is charged.
+    busy_leo = worth_trying("jpegxl:7", link=Link(625_000, backlog_bytes=50_000_000), speeds=book, **big)
+    assert busy_leo.cost_s == pytest.approx(0.5)
+    for _ in range(20):
+        book.record("jpegxl:7", 6_000_000, 0.5)  # this box turns out to encode at 12 MB/s
+    assert book.speed("jpegxl:7") == pytest.approx(12e6, rel=0.01)
+    assert worth_trying("jpegxl:7", link=Link(125_000), speeds=book, **big).try_it  # a 1 Mbit/s link now
+    book.record("jpegxl:7", 1000, 10.0)  # a tiny image says nothing about speed
+    assert book.speed("jpegxl:7") == pytest.approx(12e6, rel=0.01)

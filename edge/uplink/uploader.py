@@ -14,6 +14,7 @@ from sync.core.errors import ProtocolError
 from sync.core.liveness import Beat, paho_thread
 from sync.wire import protocol
 from edge.uplink.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
+from edge.uplink.linkmeter import LinkMeter
 from edge.uplink.packer import Packer
 from edge.uplink.outbox import CONFIRMED, FLAG, Outbox
 
@@ -66,7 +67,9 @@ class Uploader:
         self.lane_connected = False
         self._threads: list[threading.Thread] = []
         self._mqtt_threads: dict[str, threading.Thread | None] = {}
-        self.packer = Packer(self.outbox, self.sc, self.models, on_queued=self.wake.set)
+        prior = self.sc.link_kbps if not self.sc.max_rate_kbps else min(self.sc.link_kbps, self.sc.max_rate_kbps)
+        self.meter = LinkMeter(prior * 1000 / 8)
+        self.packer = Packer(self.outbox, self.sc, self.models, on_queued=self.wake.set, link_rate=self.meter.rate)
         # Send and pack loops wake at least every 0.5 s; a message handler is busy for milliseconds.
         self.beats = {"sync-pack": Beat("upload packing", max_silence=600.0),
                       "sync-send": Beat("upload sending", max_silence=300.0),
@@ -145,6 +148,7 @@ class Uploader:
             log.warning("disconnected from broker: %s", reason_code)
         self.connected = False
         self.stats["connected_since"] = None
+        self.meter.lost()
 
     def _on_publish(self, _client, _userdata, mid, _reason_code, _props) -> None:
         with self._lock:
@@ -153,6 +157,8 @@ class Uploader:
                 self._early_acks.add(mid)
                 return
             self._inflight_bytes -= entry[0]
+            if entry[0]:
+                self.meter.acked(entry[0])
             rtt = (time.monotonic() - entry[1]) * 1000
             prev = self.stats["puback_rtt_ms"]
             self.stats["puback_rtt_ms"] = round(rtt if prev is None else 0.8 * prev + 0.2 * rtt, 1)
@@ -295,13 +301,20 @@ class Uploader:
             return True
         self._expire(now)
         self.blocked = ""
-        for row in self.outbox.active():
+        rows = self.outbox.active()
+        # A study's images never reach the hub before its flag does: the radiologist's list learns of an urgent study
+        # from its flag, and a chunk that overtook it (a lane still reconnecting after a cut) would arrive unannounced.
+        # So a study's transfers wait while a flag for it is not yet confirmed by the hub: one round trip at most.
+        unflagged = {r["study_uid"] for r in rows if r["kind"] == FLAG}
+        for row in rows:
             if row["kind"] == FLAG:
                 sent = self._flag_sent.get(row["flag_id"])
                 if sent is None or now - sent > self.sc.ack_timeout_seconds:
                     return self._send_flag(row)
                 continue
             tid = row["transfer_id"]
+            if row["study_uid"] in unflagged:
+                continue
             if row["state"] == CONFIRMED:
                 # Every chunk is at the hub; ask again only if its final ack seems lost.
                 last = self._queried.get(tid)
@@ -335,6 +348,7 @@ class Uploader:
                 self.stop_event.wait(min(wait, 0.25))
                 return True
             return self._send_chunk(row, index)
+        self.meter.idle()  # nothing may go: the link is no longer saturated by us
         return False
 
     def _next_index(self, row: dict) -> int | None:
@@ -438,6 +452,8 @@ class Uploader:
             free = 0.0
         link = {k: v for k, v in self.stats.items()}
         link["usage_today"] = self.budget.usage()
+        link["rate_kbps"] = round(self.meter.rate() * 8 / 1000, 1)
+        link["rate_measured"] = self.meter.measured
         link["blocked"] = self.blocked or None
         data = protocol.encode("heartbeat", self.device, at=time.time(), queue_depth=summary["queue_depth"],
                                oldest_unsent_at=summary["oldest_unsent_at"], disk_free_mb=round(free),

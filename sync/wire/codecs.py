@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
-from sync.wire import dicom_scan, j2k_guard
+from sync.wire import codec_policy, dicom_scan, j2k_guard
 from sync.core.errors import BadInputError, UnsupportedTransferSyntaxError
 
 log = logging.getLogger(__name__)
@@ -481,11 +482,14 @@ def _candidates(codecs: list[str] | None, pixel_bytes: int) -> list[str]:
 
 def encode_for_wire(
     source: bytes | str | Path, *, codecs: list[str] | None = None, frames_limit: int | None = None,
+    link: codec_policy.Link | None = None,
 ) -> WireEncoding:
     """Return the smallest bit-exact lossless encoding of `source`, or the source itself.
 
-    `codecs` names the candidates (see `make_codec`); None means the default policy above. `frames_limit`
-    bounds the frames re-encoded: a longer cine loop travels as is rather than tie up the box's two cores.
+    `codecs` names the candidates (see `make_codec`); None means the default policy above, or, given the `link` the
+    instance will travel over, `codec_policy`'s: each candidate after the first only where it should shorten the
+    delivery. `frames_limit` bounds the frames re-encoded: a longer cine loop travels as is rather than tie up the
+    box's two cores.
     """
     ds, raw = _read(source)
     try:
@@ -515,10 +519,18 @@ def encode_for_wire(
     best = original
 
     def attempt(spec: str, best: WireEncoding) -> WireEncoding:
+        if link is not None and best is not original:
+            verdict = codec_policy.worth_trying(spec, pixel_bytes=source_frames.nbytes, best_bytes=len(best.data),
+                                                best_ratio=best.ratio, link=link)
+            log.info("codec %s for %s at %.0f kB/s, %.0f s queued ahead: %s", spec, sop, link.bytes_per_s / 1e3,
+                     link.backlog_s, verdict)
+            if not verdict.try_it:
+                return best
         codec = make_codec(spec)
         if not codec.available():
             log.info("codec %s not installed; skipped for %s", spec, sop)
             return best
+        started = time.perf_counter()
         try:
             encoded = [codec.encode(f, info) for f in frames]
         except CodecUnsuitable as err:
@@ -538,11 +550,12 @@ def encode_for_wire(
         if not ok:
             log.warning("codec %s is not bit-exact on %s; discarded", spec, sop)
             return best
+        codec_policy.SPEEDS.record(spec, source_frames.nbytes, time.perf_counter() - started)
         if len(data) < len(best.data):
             return WireEncoding(data, spec, codec.transfer_syntax_uid, len(raw), len(raw) / len(data), True)
         return best
 
-    tried = _candidates(codecs, source_frames.nbytes)
+    tried = _candidates(codecs, source_frames.nbytes if link is None else 0)
     for spec in tried:
         best = attempt(spec, best)
     if codecs is None and best.ratio >= COMPRESSIBLE_RATIO and source_frames.nbytes <= COMPRESSIBLE_MAX_BYTES:
