@@ -11,9 +11,21 @@ ROOT = "wasla/v1"  # sync.wire.protocol's topic root; provisioning does not impo
 # The largest message a box or hub needs: a chunk (sync.chunk_bytes is at most 1 MiB) or a flag with its preview,
 # both refused by the hub above receiver.max_message_bytes (2 MiB by default), plus MQTT headers.
 MAX_PACKET_BYTES = 2 * 1024 * 1024 + 64 * 1024
-# What the broker holds for one offline client (a box's down/ acks, or the hub's up/ backlog) before it drops QoS 1
-# messages: boxes resend anything the hub has not confirmed, so dropping costs time, never data.
-MAX_QUEUED_BYTES = 256 * 1024 * 1024
+# What the broker holds for one client (a box's down/ acks, or the hub's up/ backlog) before it drops QoS 1 messages:
+# boxes resend anything the hub has not confirmed, so dropping costs time, never data. Sized from the fleet: a box
+# has at most sync.max_inflight_bytes (256 KiB) of chunks unconfirmed, plus its flags, status and heartbeats (a
+# 20-flag backlog with previews is under 64 KiB), so the hub's queue needs PER_BOX_QUEUED_BYTES a box; never less
+# than MIN_QUEUED_BYTES (a hub restart with a handful of boxes), never more than MAX_QUEUED_BYTES of broker memory.
+PER_BOX_QUEUED_BYTES = 320 * 1024
+MIN_QUEUED_BYTES = 64 * 1024 * 1024
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# Messages the broker sends a client before its PUBACKs: the hub acknowledges a whole batch (up to 256 flags) after
+# one commit, and orders a reconnect storm's backlog itself (urgent flags first), so it needs a wide window.
+MAX_INFLIGHT_MESSAGES = 1000
+
+
+def queued_bytes_for(boxes: int) -> int:
+    return min(MAX_QUEUED_BYTES, max(MIN_QUEUED_BYTES, boxes * PER_BOX_QUEUED_BYTES))
 # TLS 1.2 with forward secrecy and AEAD only (our certificates are ECDSA); TLS 1.3 suites are AEAD by definition.
 TLS12_CIPHERS = ":".join(["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
                           "ECDHE-ECDSA-CHACHA20-POLY1305"])
@@ -35,7 +47,8 @@ def acl_text(boxes: list[str], hub_identities: list[str]) -> str:
     return "\n".join(lines)
 
 
-def conf_text(*, port: int, bind: str, conf_dir: Path, persistence_dir: Path, user: str = "mosquitto") -> str:
+def conf_text(*, port: int, bind: str, conf_dir: Path, persistence_dir: Path, user: str = "mosquitto",
+              boxes: int = 0) -> str:
     """A standalone mosquitto.conf: one TLS listener, client certificate required, CRL honoured, persistence on."""
     d = Path(conf_dir)
     return "\n".join([
@@ -47,10 +60,11 @@ def conf_text(*, port: int, bind: str, conf_dir: Path, persistence_dir: Path, us
         "persistence true",
         f"persistence_location {Path(persistence_dir)}/",
         "autosave_interval 60",
-        # QoS 1 chunks of an offline hub wait in the broker; bound them, in messages and in bytes, per client.
+        # QoS 1 messages for an offline or busy hub wait in the broker; bound them, in messages and in bytes, per
+        # client (sized for this fleet's boxes; the figure per box is PER_BOX_QUEUED_BYTES).
         "max_queued_messages 100000",
-        f"max_queued_bytes {MAX_QUEUED_BYTES}",
-        "max_inflight_messages 20",
+        f"max_queued_bytes {queued_bytes_for(boxes)}",
+        f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
         f"max_packet_size {MAX_PACKET_BYTES}",
         # No client may park a message in the broker (a box filling it with retained data, or leaving a stale
         # status for the next reader): the protocol never needs retained messages.
@@ -92,7 +106,8 @@ def write(fleet, *, conf_dir: Path | None = None, persistence_dir: Path | None =
         (out / "data").mkdir(exist_ok=True)
     conf = out / "mosquitto.conf"
     conf.write_text(conf_text(port=settings.broker_port, bind=settings.broker_bind, conf_dir=conf_dir,
-                              persistence_dir=persistence_dir, user=settings.broker_user), encoding="utf-8")
+                              persistence_dir=persistence_dir, user=settings.broker_user,
+                              boxes=len(fleet.enrolled_boxes())), encoding="utf-8")
     return conf
 
 

@@ -400,3 +400,19 @@ def test_the_broker_refuses_cbc_and_sha1_suites_on_tls_1_2(fleet, broker):
     with socket.create_connection(("localhost", fleet.settings.broker_port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             assert tls.version() == "TLSv1.2"
+
+
+def test_the_broker_queue_is_bounded_in_bytes_sized_from_the_fleet_and_its_window_fits_a_batch():
+    from pathlib import Path
+
+    from provisioning import broker
+
+    def conf(boxes):
+        text = broker.conf_text(port=8883, bind="0.0.0.0", conf_dir=Path("/etc/x"), persistence_dir=Path("/var/x"),
+                                boxes=boxes)
+        return dict(line.split(" ", 1) for line in text.splitlines() if line.startswith("max_"))
+
+    assert int(conf(5)["max_queued_bytes"]) == broker.MIN_QUEUED_BYTES
+    assert int(conf(1000)["max_queued_bytes"]) == 1000 * broker.PER_BOX_QUEUED_BYTES
+    assert int(conf(100_000)["max_queued_bytes"]) == broker.MAX_QUEUED_BYTES
+    assert int(conf(10)["max_inflight_messages"]) >= 256  # a whole batch of flags acknowledged after one commit

@@ -17,6 +17,7 @@ from sync.core.errors import BadInputError, ProtocolError, StoreError, UidCollis
 from sync.core.diskguard import Pause, is_disk_full, open_when_space
 from sync.core.liveness import Beat, paho_thread, problems
 from sync.wire import protocol
+from sync.hub.inbox import PriorityInbox, priority as inbox_priority
 from sync.hub.store import HubStore
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,15 @@ class TransferRefused(Exception):
 BATCHABLE = frozenset({"flag", "heartbeat", "status"})
 MAX_BATCH = 256
 UNKNOWN_RECHECKS = 10  # x 0.1 s: how long a chunk waits for its manifest to appear in a shared index
-INBOX_MAX = 4096
+# The inbox holds a reconnect storm's whole backlog of small messages (1,000 boxes x 20 flags + telemetry), so the
+# worker can take the urgent flags out of it first; its byte bound keeps a burst of chunks from taking the memory.
+INBOX_MAX = 100_000
+INBOX_MAX_BYTES = 64 * 1024 * 1024
+# Replies (acks) in flight to the broker at once. paho's default of 20 would hold the rest of a 256-flag batch's acks
+# in this process while the batch's PUBACKs went out at once: a receiver killed then has acknowledged messages whose
+# replies never left, and those boxes wait ack_timeout_seconds to resend. A batch's PUBACKs now wait for its replies.
+REPLY_WINDOW = 4 * MAX_BATCH
+REPLY_CONFIRM_S = 5.0
 
 
 class Receiver:
@@ -51,7 +60,7 @@ class Receiver:
         self.beat = Beat("hub receiver", max_busy=300.0)
         # paho's thread only queues what arrives (and so keeps reading, writing acks and pinging); one worker
         # handles the queue in order and PUBACKs each message once what it carried is committed.
-        self._inbox: queue.Queue = queue.Queue(maxsize=INBOX_MAX)
+        self._inbox = PriorityInbox(INBOX_MAX, INBOX_MAX_BYTES)
         self._carry = None
         self._tls = threading.local()
         self._stopping = threading.Event()
@@ -73,6 +82,7 @@ class Receiver:
         # Manual acks: the PUBACK goes once the worker has committed what the message carried, so a receiver killed
         # mid-message (or mid-batch) gets it again from the broker.
         client.manual_ack_set(True)
+        client.max_inflight_messages_set(REPLY_WINDOW)
         client.on_message = self._on_message
         return client
 
@@ -87,8 +97,10 @@ class Receiver:
     def _on_message(self, _client, _userdata, message) -> None:
         with self.beat.busy():
             try:
-                # Blocks only while INBOX_MAX messages wait: then the broker holds the rest (back-pressure).
-                self._inbox.put((message.mid, message.qos, message.topic, bytes(message.payload)))
+                # Blocks only while the inbox is full: then the broker holds the rest (back-pressure).
+                payload = bytes(message.payload)
+                self._inbox.put((message.mid, message.qos, message.topic, payload),
+                                inbox_priority(message.topic, payload), len(payload))
             except Exception:  # noqa: BLE001 - paho's thread must outlive anything; unacked, it comes back
                 log.exception("could not queue %s", message.topic)
 
@@ -150,18 +162,34 @@ class Receiver:
             replies, self._tls.deferred = self._tls.deferred, None
         else:
             mid, qos, topic, payload = batch[0]
-            self.handle(topic, payload)
-            replies = []
+            self._tls.deferred = []
+            try:
+                self.handle(topic, payload)
+            finally:
+                replies, self._tls.deferred = self._tls.deferred, None
         if self._disk_paused:
             return  # disconnected: unacknowledged, every message of it comes again after the pause
-        for topic, data in replies:
-            self.client.publish(topic, data, qos=1)
+        self._publish_replies(replies)
         for mid, qos, _topic, _payload in batch:
             if qos > 0 and self.client is not None:
                 try:
                     self.client.ack(mid, qos)
                 except Exception:  # noqa: BLE001 - a lost connection: the broker resends it, handled idempotently
                     log.debug("ack of message %s not sent", mid)
+
+    def _publish_replies(self, replies: list[tuple[str, bytes]]) -> None:
+        """Publish the replies and wait (bounded) until the broker has them: only then may the messages that caused
+        them be PUBACKed, or a crash in between would lose the reply and keep the message from coming back."""
+        infos = [self.client.publish(topic, data, qos=1) for topic, data in replies]
+        deadline = time.monotonic() + REPLY_CONFIRM_S
+        for info in infos:
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                break  # not connected: the broker resends the unacknowledged messages after the reconnect
+        if infos and not all(i.is_published() for i in infos):
+            log.warning("%d of %d replies not confirmed by the broker within %.0f s", sum(not i.is_published()
+                        for i in infos), len(infos), REPLY_CONFIRM_S)
 
     def start(self) -> "Receiver":
         back = self.store.release_claims(self.cfg.hub.id, keep=self.claimant)
