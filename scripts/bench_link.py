@@ -163,9 +163,14 @@ class Bench:
 
     def sync_overrides(self) -> str:
         lines = []
+        keys = set()
         for kv in self.args.set or []:
             k, _, v = kv.partition("=")
             lines.append(f"{k.strip()} = {v.strip()}")
+            keys.add(k.strip())
+        if "link_kbps" not in keys and self.link.profile.up.rate_bps:
+            # What the installer states for the terminal (a GEO VSAT or a LEO dish); the box measures it from there.
+            lines.append(f"link_kbps = {self.link.profile.up.rate_bps / 1000:g}")
         return "\n".join(lines)
 
     def start(self) -> None:
@@ -542,7 +547,7 @@ broker_port = {BROKER_PORT}
         print(f"  link: {prof.describe()}")
         print(f"  sync: chunk_bytes={sc.chunk_bytes} max_inflight_bytes={sc.max_inflight_bytes} "
               f"socket_sndbuf_bytes={sc.socket_sndbuf_bytes} flag_lane={str(sc.flag_lane).lower()} "
-              f"max_rate_kbps={sc.max_rate_kbps:g} "
+              f"max_rate_kbps={sc.max_rate_kbps:g} link_kbps={sc.link_kbps:g} "
               f"(overrides: {' '.join(a.set or []) or 'none'})")
         print("  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
               + (" (systemd/60-wasla-link.conf not applied)" if a.no_link_sysctl else

@@ -109,6 +109,11 @@ _GEO = LinkProfile(
     up=DirectionSpec(rate_bps=256_000, delay_ms=300, loss_pct=1),
     down=DirectionSpec(rate_bps=1_024_000, delay_ms=300, loss_pct=1),
 )
+_LEO = LinkProfile(
+    up=DirectionSpec(rate_bps=5_000_000, delay_ms=20, loss_pct=0.5, queue_bytes=250_000),
+    down=DirectionSpec(rate_bps=20_000_000, delay_ms=20, loss_pct=0.5, queue_bytes=1_000_000),
+)
+
 PROFILES: dict[str, LinkProfile] = {
     "geo": _GEO,
     "geo-cuts": replace(_GEO, cut_every_s=120, cut_for_s=30),
@@ -116,6 +121,10 @@ PROFILES: dict[str, LinkProfile] = {
         up=DirectionSpec(rate_bps=5_000_000, delay_ms=20, loss_pct=1),
         down=DirectionSpec(rate_bps=5_000_000, delay_ms=20, loss_pct=1),
     ),
+    # A LEO terminal (the independent emulator): 5 Mbit/s, 40 ms round trip. Handovers between satellites
+    # every ~15 s drop the link for a fraction of a second (a stall, not a disconnect: MQTT keepalive rides it out).
+    "leo": _LEO,
+    "leo-handovers": replace(_LEO, cut_every_s=15, cut_for_s=0.4),
     "clean": LinkProfile(),
 }
 
