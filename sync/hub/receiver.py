@@ -37,11 +37,13 @@ UNKNOWN_RECHECKS = 10  # x 0.1 s: how long a chunk waits for its manifest to app
 # worker can take the urgent flags out of it first; its byte bound keeps a burst of chunks from taking the memory.
 INBOX_MAX = 100_000
 INBOX_MAX_BYTES = 64 * 1024 * 1024
-# Replies (acks) in flight to the broker at once. paho's default of 20 would hold the rest of a 256-flag batch's acks
-# in this process while the batch's PUBACKs went out at once: a receiver killed then has acknowledged messages whose
-# replies never left, and those boxes wait ack_timeout_seconds to resend. A batch's PUBACKs now wait for its replies.
-REPLY_WINDOW = 4 * MAX_BATCH
-REPLY_CONFIRM_S = 5.0
+# Replies (acks) in flight to the broker: unlimited. With paho's default of 20, the rest of a 256-flag batch's acks
+# waited inside this process while the batch's PUBACKs went out at once: a receiver killed then had acknowledged
+# messages whose replies never left, and those boxes waited ack_timeout_seconds to resend. Unlimited, every reply is
+# queued on the socket before the PUBACKs that follow it, and TCP keeps that order: a broker that has a PUBACK has
+# the reply too. (Waiting for the replies' own PUBACKs instead deadlocks once paho's thread is blocked on a full
+# inbox and cannot read them.)
+REPLY_WINDOW = 0
 
 
 class Receiver:
@@ -178,18 +180,9 @@ class Receiver:
                     log.debug("ack of message %s not sent", mid)
 
     def _publish_replies(self, replies: list[tuple[str, bytes]]) -> None:
-        """Publish the replies and wait (bounded) until the broker has them: only then may the messages that caused
-        them be PUBACKed, or a crash in between would lose the reply and keep the message from coming back."""
-        infos = [self.client.publish(topic, data, qos=1) for topic, data in replies]
-        deadline = time.monotonic() + REPLY_CONFIRM_S
-        for info in infos:
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError):
-                break  # not connected: the broker resends the unacknowledged messages after the reconnect
-        if infos and not all(i.is_published() for i in infos):
-            log.warning("%d of %d replies not confirmed by the broker within %.0f s", sum(not i.is_published()
-                        for i in infos), len(infos), REPLY_CONFIRM_S)
+        """Queue the replies on the socket ahead of the PUBACKs of the messages that caused them (see REPLY_WINDOW)."""
+        for topic, data in replies:
+            self.client.publish(topic, data, qos=1)
 
     def start(self) -> "Receiver":
         back = self.store.release_claims(self.cfg.hub.id, keep=self.claimant)
