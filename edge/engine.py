@@ -69,7 +69,7 @@ class Engine:
                     # create_backend loads and warms up; the first real study then pays no JIT/allocation cost.
                     backend = create_recorded(pkg, cfg.inference.backend, cfg.inference.threads,
                                               cfg.inference.providers, cfg.inference.warmup,
-                                              cfg.backend_choice_path)
+                                              cfg.backend_choice_path, cfg.models.trusted_keys)
                 except WaslaError as err:
                     errors.append(f"{folder}: {err}")
                     log.error("model package %s refused: %s", folder, err)

@@ -28,7 +28,7 @@ CLEARLY_FASTER = 1.2
 def _load_plugins() -> dict[str, type[Backend]]:
     # A new backend is a new file in this package, nothing else: import them all, then collect the subclasses.
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name != "base" and not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
     registry: dict[str, type[Backend]] = {}
     for cls in Backend.__subclasses__():
@@ -57,10 +57,12 @@ def create_backend(package: ModelPackage, kind: str, threads: int, providers: li
 
 
 def create_recorded(package: ModelPackage, kind: str, threads: int, providers: list[str], warmup: int,
-                    record: Path | None) -> Backend:
+                    record: Path | None, trusted_keys: list[Path] | None = None) -> Backend:
     """Like create_backend, but "auto" is decided once per package version and kept in `record` (a JSON file):
     a restart loads the recorded backend without timing anything, so the thresholds in force never change
-    between reboots. A recorded backend that no longer loads (runtime removed) is chosen afresh, loudly."""
+    between reboots. A recorded backend that no longer loads (runtime removed) is chosen afresh, loudly.
+    Given the `trusted_keys` the package verified with, the timing runs in a child process (edge.inference._choose)
+    and this process loads only the winner."""
     if kind != AUTO or record is None:
         backend = create_backend(package, kind, threads, providers, warmup)
         backend.choice = "configured" if kind != AUTO else "auto (not recorded)"
@@ -74,7 +76,10 @@ def create_recorded(package: ModelPackage, kind: str, threads: int, providers: l
             return backend
         except (ConfigError, ModelError) as err:
             log.error("recorded backend %s for %s cannot run (%s): choosing again", entry["backend"], package.id, err)
-    backend = _fastest(package, threads, providers, warmup)
+    backend = _chosen_in_child(package, threads, providers, warmup, trusted_keys) if trusted_keys is not None \
+        else None
+    if backend is None:
+        backend = _fastest(package, threads, providers, warmup)
     choices[package.id] = {"backend": backend.TYPE_KEY, "precision": backend.precision,
                            "chosen_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                            "median_ms": getattr(backend, "auto_medians", {})}
@@ -83,6 +88,30 @@ def create_recorded(package: ModelPackage, kind: str, threads: int, providers: l
     except OSError as err:
         log.error("cannot record the backend chosen for %s in %s: %s", package.id, record, err)
     backend.choice = f"auto, chosen {choices[package.id]['chosen_at']}"
+    return backend
+
+
+def _chosen_in_child(package: ModelPackage, threads: int, providers: list[str], warmup: int,
+                     trusted_keys: list[Path]) -> Backend | None:
+    """Time the backends in a child; load the winner here. None (time them here instead) if the child fails."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "edge.inference._choose", "--folder", str(package.folder), "--threads",
+           str(threads), "--providers", json.dumps(list(providers)), "--warmup", str(warmup)]
+    for key in trusted_keys:
+        cmd += ["--key", str(key)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        verdict = json.loads(out.stdout.strip().splitlines()[-1])
+        backend = create_backend(package, verdict["backend"], threads, providers, warmup)
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, KeyError, ConfigError, ModelError) as err:
+        log.warning("timing the backends for %s in a child process failed (%s); timing them here",
+                    package.id, type(err).__name__)
+        return None
+    backend.auto_medians = verdict.get("median_ms", {})
+    log.info("auto backend for %s: %s (median ms: %s; timed in a child process)", package.id, backend.TYPE_KEY,
+             backend.auto_medians)
     return backend
 
 
