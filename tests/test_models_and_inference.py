@@ -454,3 +454,29 @@ def test_unreadable_backend_record_is_chosen_again_not_fatal(tmp_path):
     (tmp_path / "data" / "backend-choice.json").write_text("{not json")
     cfg, engine = _auto_engine(tmp_path, pub, models)
     assert engine.models and "tiny-cxr@1.0.0" in json.loads(cfg.backend_choice_path.read_text())
+
+
+def test_auto_times_the_backends_in_a_child_so_the_daemon_holds_only_the_winners_runtime(tmp_path):
+    """Timing both in process left the loser's runtime resident (~50 MB of the daemon's peak)."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    _folder, pub = make_tiny_package(models, key_dir=tmp_path / "keys")
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_models_and_inference import _auto_engine
+from pathlib import Path
+cfg, engine = _auto_engine(Path({str(tmp_path)!r}), Path({str(pub)!r}), Path({str(models)!r}))
+record = json.loads(cfg.backend_choice_path.read_text())["tiny-cxr@1.0.0"]
+print(json.dumps({{"chosen": engine.models[0].backend.TYPE_KEY, "record": record,
+                   "loaded": [m for m in ("onnxruntime", "openvino") if m in sys.modules]}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["record"]["backend"] == got["chosen"]
+    assert set(got["record"]["median_ms"]) == {"onnxruntime", "openvino"}, "both were timed (in the child)"
+    assert got["loaded"] == [got["chosen"]], "only the chosen runtime is imported in the daemon's process"
