@@ -19,6 +19,9 @@ Phases, all over the same link in the same run:
   2. cut: the comparison study (RG1 chest CR) is sent alone and the link is cut for --cut-seconds once ~30 % of
      its chunks are at the hub; counts what was sent again and checks the transfer resumed, not restarted.
   3. C-STORE: the same study's original file by storescu -> storescp over the same link, without and with a cut.
+  4. order / files (scripts/bench_link_files.py): small studies behind a large one of their band; each sample alone,
+     C-STORE vs Wasla ingest -> ack; and, over the whole run, every study's flag before its first image.
+Profiles: geo, geo-cuts, leo (5 Mbit/s, 40 ms), leo-handovers (0.4 s stall every 15 s), starlink, clean.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ for p in (REPO, REPO / "scripts", REPO / "tests"):
 
 import linkemu_lib as le  # noqa: E402
 import harness  # noqa: E402
+import bench_link_files  # noqa: E402
 
 PY = sys.executable
 BROKER_PORT = 1883
@@ -640,6 +644,7 @@ broker_port = {BROKER_PORT}
             if c and c["name"] == cs["name"]:
                 row(f"{cs['name']} across the cut: C-STORE / Wasla", f"{cu['seconds'] / c['queued_to_ack']:.2f}x",
                     f"{cu['seconds']:.1f} s{'' if cu['ok'] else ' (FAILED)'} vs {c['queued_to_ack']:.1f} s")
+        bench_link_files.report(self, row, goals)
         print()
         fails = 0
         for name, ok, detail in goals:
@@ -655,7 +660,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="geo", choices=list(le.PROFILES), help="link profile (default geo)")
     ap.add_argument("--quick", action="store_true", help="smaller studies (RG3/US1 instead of RG1): ~5 min")
-    ap.add_argument("--phases", default="backlog,read,cut,cstore", help="comma list of backlog, read, cut, cstore")
+    ap.add_argument("--phases", default="backlog,read,cut,cstore,order,files",
+                    help="comma list of backlog, read, cut, cstore, order, files (scripts/bench_link_files.py)")
+    ap.add_argument("--files", default="RG1_UNCR.dcm,RG3_UNCR.dcm,US1_UNCR.dcm",
+                    help="samples the files phase sends alone, by C-STORE and by Wasla")
     ap.add_argument("--reads", type=int, default=5, help="reads sent back in the read phase")
     ap.add_argument("--set", action="append", metavar="KEY=TOML",
                     help="a [sync] override in the box config, e.g. --set max_inflight_bytes=65536 (repeatable)")
@@ -676,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
     started = time.time()
+    bench_link_files.attach(Bench)
     bench = Bench(a)
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     try:
