@@ -6,4 +6,6 @@ bash scripts/setup.sh "dev,train"
 # Lint first (pyflakes rules and syntax errors, pyproject.toml [tool.ruff]): a second or two, and an undefined name
 # in a rarely-run branch fails here rather than in the field.
 .venv/bin/ruff check edge sync provisioning models scripts tests
+# Type check of the shared core and the wire format ([tool.mypy] in pyproject.toml).
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

@@ -114,9 +114,12 @@ def field_docs(cls) -> dict[str, str]:
     import inspect
 
     tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    first = tree.body[0]
+    assert isinstance(first, ast.ClassDef)
+    body = first.body
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant):
             docs[node.target.id] = str(nxt.value.value)
     return docs

@@ -27,7 +27,9 @@ def free_bytes(path: Path) -> int:
 def is_disk_full(err: BaseException, path: Path | None = None) -> bool:
     """True for ENOSPC/EDQUOT anywhere in the cause chain, SQLite's SQLITE_FULL, or an I/O error on a full disk."""
     seen = 0
-    while err is not None and seen < 8:
+    cur: BaseException | None = err
+    while cur is not None and seen < 8:
+        err = cur
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if isinstance(err, sqlite3.Error):
@@ -40,7 +42,7 @@ def is_disk_full(err: BaseException, path: Path | None = None) -> bool:
                     return free_bytes(path) < _NEARLY_NOTHING
                 except OSError:
                     return False
-        err = err.__cause__ or err.__context__
+        cur = err.__cause__ or err.__context__
         seen += 1
     return False
 

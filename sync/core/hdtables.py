@@ -115,5 +115,5 @@ def install() -> bool:
     for name, module in list(sys.modules.items()):
         if (name == "highdicom" or name.startswith("highdicom.")) and \
                 getattr(module, "get_module_attribute_map", None) is original:
-            module.get_module_attribute_map = get_module_attribute_map
+            module.get_module_attribute_map = get_module_attribute_map  # type: ignore[attr-defined]
     return True

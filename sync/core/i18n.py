@@ -60,11 +60,12 @@ def normalize(code: str | None) -> str | None:
 
 def pick_language(explicit: str | None = None, env: dict | None = None) -> str:
     """--lang wins; otherwise the first of LANGUAGE / LC_ALL / LC_MESSAGES / LANG we have a catalogue for."""
-    if explicit and normalize(explicit):
-        return normalize(explicit)
-    env = os.environ if env is None else env
+    chosen = normalize(explicit) if explicit else None
+    if chosen:
+        return chosen
+    environ = os.environ if env is None else env
     for var in ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG"):
-        for part in (env.get(var) or "").split(":"):
+        for part in (environ.get(var) or "").split(":"):
             code = normalize(part)
             if code:
                 return code
@@ -231,10 +232,11 @@ def localized_command(app):
 
 def _localize_framework_strings() -> None:
     """typer's help panels and click's usage line read module-level English strings: point them at ours."""
+    ru: Any = None
     try:
         from typer import rich_utils as ru
     except ImportError:  # pragma: no cover - typer without rich
-        ru = None
+        pass
     if ru is not None:
         ru.DEPRECATED_STRING = _("(deprecated) ")
         ru.DEFAULT_STRING = _("[default: {}]")
@@ -251,7 +253,7 @@ def _localize_framework_strings() -> None:
         def write_usage(self, prog, args="", prefix=None):
             return orig(self, prog, args, _("Usage: ") if prefix is None else prefix)
 
-        write_usage._wasla = True
+        write_usage._wasla = True  # type: ignore[attr-defined]
         formatting.HelpFormatter.write_usage = write_usage
 
 
@@ -333,9 +335,10 @@ def run_cli(app, argv: list[str] | None, prog_name: str) -> int:
         return 130
     except Exception as err:  # click's usage errors (typer vendors click, so match the base class by name)
         if any(c.__name__ == "ClickException" for c in type(err).__mro__):
+            click_err: Any = err  # a click.ClickException, whichever click the typer in use vendors
             if type(err).__name__ == "NoArgsIsHelpError":
-                err.show()
+                click_err.show()
             else:
                 echo("\n".join(click_error_lines(err)), err=True)
-            return err.exit_code
+            return click_err.exit_code
         raise

@@ -455,8 +455,8 @@ def _container(frames: np.ndarray, info: FrameInfo) -> np.ndarray:
 
 def _build(ds: Dataset, codec: Codec, encoded: list[bytes], info: FrameInfo) -> bytes:
     out = ds.copy()
-    out.file_meta = ds.file_meta.copy()
-    out.file_meta.TransferSyntaxUID = codec.transfer_syntax_uid
+    out.file_meta = ds.file_meta.copy()  # type: ignore[assignment]  # a FileMetaDataset's copy is one too
+    out.file_meta.TransferSyntaxUID = codec.transfer_syntax_uid  # type: ignore[assignment]
     out.PixelData = encapsulate(encoded, has_bot=True)
     out["PixelData"].VR = "OB"
     out["PixelData"].is_undefined_length = True
@@ -543,7 +543,7 @@ def encode_for_wire(
             return best  # cannot win even before the header is added: skip the costly verification
         try:
             data = _build(ds, codec, encoded, info)
-            ok = np.array_equal(_decode_checked(data)[1], source_frames)
+            ok = np.array_equal(_decode_checked(data)[1], source_frames)  # type: ignore[arg-type]  # None: False
         except Exception as err:
             log.warning("codec %s output for %s does not decode: %s", spec, sop, err)
             return best
@@ -552,7 +552,8 @@ def encode_for_wire(
             return best
         codec_policy.SPEEDS.record(spec, source_frames.nbytes, time.perf_counter() - started)
         if len(data) < len(best.data):
-            return WireEncoding(data, spec, codec.transfer_syntax_uid, len(raw), len(raw) / len(data), True)
+            return WireEncoding(data, spec, codec.transfer_syntax_uid,  # type: ignore[arg-type]  # set on every codec
+                                len(raw), len(raw) / len(data), True)
         return best
 
     tried = _candidates(codecs, source_frames.nbytes if link is None else 0)

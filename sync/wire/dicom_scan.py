@@ -221,8 +221,8 @@ class _Walk:
 
             value = self._need(src.read(length), length, "an element value") if length else (
                 empty_value_for_VR(vr, raw=True) if vr else b"")
-            self.top[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, value_tell, implicit,
-                                                    self.little)
+            self.top[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value,  # type: ignore[arg-type]
+                                                    value_tell, implicit, self.little)
         elif src.skip(length) < length:
             raise BadInputError(f"truncated DICOM: element ({tag >> 16:04X},{tag & 0xFFFF:04X}) ends beyond the "
                                 "end of the file")

@@ -72,12 +72,12 @@ def install() -> None:
 
     for module in (pixel_utils, decoders_base):
         if getattr(module, "get_j2k_parameters", None) is original:
-            module.get_j2k_parameters = guarded
+            module.get_j2k_parameters = guarded  # type: ignore[attr-defined]
     try:
         import pydicom.pixels.encoders.base as encoders_base
 
         if getattr(encoders_base, "get_j2k_parameters", None) is original:
-            encoders_base.get_j2k_parameters = guarded
+            encoders_base.get_j2k_parameters = guarded  # type: ignore[attr-defined]
     except ImportError:
         pass
     _installed = True

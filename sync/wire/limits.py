@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from pydicom.encaps import generate_frames, get_frame
 from pydicom.pixels import get_decoder
@@ -176,9 +177,10 @@ def check_codestream(frame: bytes, uid: str, rows: int, cols: int, samples: int,
         stream = frame
         h, w, c = _jpeg_size(stream)
     elif uid in _J2K_SYNTAXES:
-        stream = j2k_guard.codestream_of(bytes(frame))
-        if stream is None:
+        found = j2k_guard.codestream_of(bytes(frame))
+        if found is None:
             raise BadInputError(f"frame {index}: JPEG 2000 boxes cannot be walked to the codestream")
+        stream = found
         h, w, c = _j2k_size(stream)
     else:
         return
@@ -197,6 +199,7 @@ def check_codestreams(ds, uid: str, indices: list[int] | None = None) -> None:
     rows, cols = int_attr(ds, "Rows"), int_attr(ds, "Columns")
     samples, n_frames = int_attr(ds, "SamplesPerPixel", 1), number_of_frames(ds)
     try:
+        frames: Iterator[tuple[int, bytes]]
         if indices is None:
             frames = enumerate(generate_frames(ds.PixelData, number_of_frames=n_frames))
         else:
