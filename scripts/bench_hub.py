@@ -6,6 +6,7 @@ prints flags committed per second, CPU-ms per flag at the receiver, and the late
     python scripts/bench_hub.py --repo /tmp/old-checkout # the same bench against another checkout's receiver
     python scripts/bench_hub.py --studies 40 --study-mb 2  # studies instead: MB/s stored, CPU-s per MB
     python scripts/bench_hub.py --storm --boxes 1000       # reconnect storm: a backlog queued while the hub was down
+    python scripts/bench_hub.py --receivers 2 --pg         # two receivers on one shared subscription, PostgreSQL index
 
 Every flag must come back acknowledged exactly once and be in the hub's index once (exactly-once is checked, not
 assumed). Figures are medians of one run on this machine; say which CPU when quoting them. Each run ends with
@@ -83,10 +84,74 @@ def verdicts(rows: list[tuple[str, bool | None, str]]) -> bool:
     return all(r[1] is not False for r in rows)
 
 
-def rss_line(hub_pid: int, broker_pid: int, boxes: int) -> str:
-    hub, broker = peak_rss_mb(hub_pid), peak_rss_mb(broker_pid)
-    return (f"  peak RSS                         : receiver {hub:.0f} MB, broker {broker:.0f} MB "
-            f"({broker * 1024 / max(1, boxes):.0f} KiB of broker per box)")
+def rss_line(hubs: "Hubs", broker_pid: int, boxes: int) -> str:
+    hub, broker = max(peak_rss_mb(p) for p in hubs.pids), peak_rss_mb(broker_pid)
+    return (f"  peak RSS                         : receiver {hub:.0f} MB (the largest of {len(hubs.pids)}), broker "
+            f"{broker:.0f} MB ({broker * 1024 / max(1, boxes):.0f} KiB of broker per box)")
+
+
+class Hubs:
+    """`wasla-hub run` x N on one shared subscription and one index (SQLite file or a private PostgreSQL)."""
+
+    def __init__(self, a, work: Path, broker_port: int):
+        self.a, self.work = a, work
+        self.pg = None
+        index = ""
+        if a.pg:
+            from test_hub_store_pg import PgServer, pg_bin_dir
+
+            if pg_bin_dir() is None:
+                raise SystemExit("--pg needs PostgreSQL's server binaries (apt install postgresql)")
+            self.pg = PgServer(pg_bin_dir()).start()
+            self.url = self.pg.create_database("benchhub")
+            index = f'database_url = "{self.url}"\n'
+        self.tomls = []
+        for i in range(a.receivers):
+            toml = work / f"hub{i}.toml"
+            toml.write_text(f'[hub]\nid = "bench{i}"\ndata_dir = "{work / "hub"}"\n{index}[broker]\n'
+                            f'port = {broker_port}\n[receiver]\nmin_free_mb = 0\n[log]\nlevel = "WARNING"\n')
+            self.tomls.append(toml)
+        self.procs: list[subprocess.Popen] = []
+        self.db = work / "hub" / "hub.db"
+
+    def start(self) -> "Hubs":
+        self.procs = [subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(t), "run"],
+                                       cwd=self.a.repo, stdout=open(self.work / f"{t.stem}.log", "ab"),
+                                       stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(self.a.repo)})
+                      for t in self.tomls]
+        return self
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def cpu(self) -> float:
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def ready(self) -> bool:
+        return self.pg is not None or self.db.exists()
+
+    def one(self, sql: str):
+        if self.pg is not None:
+            import psycopg
+
+            with psycopg.connect(self.url) as conn:
+                return conn.execute(sql).fetchone()
+        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True) as conn:
+            return conn.execute(sql).fetchone()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            harness.stop_process(p, timeout=30)
+
+    def close(self) -> None:
+        self.stop()
+        if self.pg is not None:
+            self.pg.stop()
+            self.pg.cleanup()
+
+    def describe(self) -> str:
+        return f"{len(self.procs)} receiver(s), {'PostgreSQL' if self.pg is not None else 'SQLite'} index"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=0, help="send this many instances (one per box) instead of flags")
     ap.add_argument("--study-mb", type=float, default=2.0, help="size of each instance (uncompressed noise CR)")
     ap.add_argument("--chunk-kb", type=int, default=64)
+    ap.add_argument("--receivers", type=int, default=1, help="receivers sharing the subscription and the index")
+    ap.add_argument("--pg", action="store_true", help="a private PostgreSQL as the index instead of SQLite")
     ap.add_argument("--storm", action="store_true",
                     help="queue every box's status, heartbeat and flags while the hub is down, then start it")
     a = ap.parse_args(argv)
@@ -107,16 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="wasla-benchhub-"))
     broker = harness.Mosquitto(work / "mqtt", extra_conf="max_queued_messages 1000000\nmax_inflight_messages 0\n")
     broker.start()
-    hub_toml = work / "hub.toml"
-    hub_toml.write_text(f'[hub]\nid = "bench"\ndata_dir = "{work / "hub"}"\n[broker]\nport = {broker.port}\n'
-                        '[receiver]\nmin_free_mb = 0\n[log]\nlevel = "WARNING"\n')
-    hub = subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(hub_toml), "run"], cwd=a.repo,
-                           stdout=open(work / "hub.log", "wb"), stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONPATH": str(a.repo)})
-    db = work / "hub" / "hub.db"
+    hub = Hubs(a, work, broker.port).start()
     sent: dict[str, float] = {}
     acked: dict[str, float] = {}
     dup_acks = 0
+    unknown: list[str] = []  # "unknown" answers: a chunk reached a receiver that could not find its manifest
     lock = threading.Lock()
 
     def on_ack(_c, _u, m):
@@ -125,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             msg = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536)
             fid = msg.get("flag_id")
+            if msg.get("transfer") and msg.get("status") == "unknown":
+                unknown.append(msg["transfer"])
             if msg.get("transfer") and msg.get("status") == "complete":
                 fid = msg["transfer"]
         except Exception:  # noqa: BLE001 - not a flag ack
@@ -137,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     acked[fid] = now
 
     try:
-        harness.wait_until(lambda: db.exists(), timeout=60, what="the hub's index")
+        harness.wait_until(hub.ready, timeout=60, what="the hub's index")
         time.sleep(2.0)
         listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-acks", protocol=mqtt.MQTTv5)
         listener.on_message = on_ack
@@ -154,9 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             senders.append(c)
         time.sleep(1.0)
         if a.studies:
-            return studies(a, senders, hub, db, acked, lock, broker)
+            return studies(a, senders, hub, acked, lock, broker, unknown)
         if a.storm:
-            return storm(a, senders, hub, hub_toml, work, db, acked, lock, broker)
+            return storm(a, senders, hub, acked, lock, broker)
         boxes = [f"box-{i:04d}" for i in range(a.boxes)]
         total = a.boxes * a.flags
         payloads = []
@@ -167,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                        label="urgent" if k % 5 == 0 else "normal", at=time.time(), modality="CR",
                                        n_instances=1, reasons=[{"code": "score_above_review", "score": 0.5}])
                 payloads.append((protocol.up_topic(b, "flag"), fid, data))
-        cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+        cpu0, t0 = hub.cpu(), time.monotonic()
         for n, (topic, fid, data) in enumerate(payloads):
             if a.rate:
                 delay = t0 + n / a.rate - time.monotonic()
@@ -179,12 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         t_sent = time.monotonic()
         harness.wait_until(lambda: len(acked) >= total, timeout=a.timeout, interval=0.2, what="every flag acknowledged")
         t_done = time.monotonic()
-        cpu = cpu_seconds(hub.pid) - cpu0
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            rows = conn.execute("SELECT COUNT(*), SUM(times) FROM flags").fetchone()
+        cpu = hub.cpu() - cpu0
+        rows = hub.one("SELECT COUNT(*), SUM(times) FROM flags")
         lat = [acked[f] - sent[f] for f in acked]
         elapsed = t_done - t0
-        print(f"wasla hub bench: {cpu_name()}, {os.cpu_count()} CPUs; receiver from {a.repo}")
+        print(f"wasla hub bench: {cpu_name()}, {os.cpu_count()} CPUs; {hub.describe()}; receiver from {a.repo}")
         print(f"  {a.boxes} boxes x {a.flags} flags = {total} flags over {a.clients} connections, "
               f"offered {'as fast as possible' if not a.rate else f'{a.rate:g}/s'} (sent in {t_sent - t0:.1f} s)")
         print(f"  flags committed and acknowledged : {len(acked)} in {elapsed:.2f} s = {len(acked) / elapsed:.0f} flags/s")
@@ -192,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ack latency (publish -> ack back): p50 {pct(lat, 50):.3f} s, p95 {pct(lat, 95):.3f} s, "
               f"p99 {pct(lat, 99):.3f} s, max {max(lat):.3f} s")
         print(f"  exactly once                     : {rows[0]} flag rows for {total} flags, {dup_acks} duplicate acks")
-        print(rss_line(hub.pid, broker.proc.pid, a.boxes))
+        print(rss_line(hub, broker.proc.pid, a.boxes))
         per_flag = 1000 * cpu / max(1, len(acked))
         ok = verdicts([
             ("<= 0.5 CPU-ms per flag (>= 2,000 flags/s per receiver core)", per_flag <= GOAL_CPU_MS_PER_FLAG,
@@ -205,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         ])
         return 0 if ok and rows[0] == total and len(acked) == total else 1
     finally:
-        harness.stop_process(hub, timeout=30)
+        hub.close()
         broker.stop()
 
 
@@ -235,10 +298,10 @@ def make_instance(mb: float, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def storm(a, senders, hub, hub_toml, work, db, acked, lock, broker) -> int:
+def storm(a, senders, hub, acked, lock, broker) -> int:
     """Every box comes back at once after an outage: its status, a heartbeat and `--flags` flags (one in five
     urgent) were queued at the broker while the hub was down. Timed from the hub's start to the last ack."""
-    harness.stop_process(hub, timeout=30)  # its persistent session stays: the broker queues for it
+    hub.stop()  # their persistent sessions stay: the broker queues for them
     boxes = [f"box-{i:04d}" for i in range(a.boxes)]
     urgent: set[str] = set()
     total = 0
@@ -261,25 +324,23 @@ def storm(a, senders, hub, hub_toml, work, db, acked, lock, broker) -> int:
             total += 1
     time.sleep(2.0)  # let the broker take the whole backlog before the hub returns
     t0 = time.monotonic()
-    hub = subprocess.Popen([sys.executable, "-m", "sync.hub.cli", "--config", str(hub_toml), "run"], cwd=a.repo,
-                           stdout=open(work / "hub.log", "ab"), stderr=subprocess.STDOUT,
-                           env={**os.environ, "PYTHONPATH": str(a.repo)})
+    hub.start()
     try:
         harness.wait_until(lambda: len(acked) >= total, timeout=a.timeout, interval=0.2, what="the backlog absorbed")
-        cpu = cpu_seconds(hub.pid)
+        cpu = hub.cpu()
         done = {f: t - t0 for f, t in acked.items()}
         u = [done[f] for f in urgent if f in done]
         n = [t for f, t in done.items() if f not in urgent]
         last = max(done.values())
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-            rows = conn.execute("SELECT COUNT(*) FROM flags").fetchone()[0]
-            online = conn.execute("SELECT COUNT(*) FROM boxes WHERE online = 1").fetchone()[0]
-        print(f"wasla hub bench (reconnect storm): {cpu_name()}, {os.cpu_count()} CPUs; receiver from {a.repo}")
+        rows = hub.one("SELECT COUNT(*) FROM flags")[0]
+        online = hub.one("SELECT COUNT(*) FROM boxes WHERE online = 1")[0]
+        print(f"wasla hub bench (reconnect storm): {cpu_name()}, {os.cpu_count()} CPUs; {hub.describe()}; "
+              f"receiver from {a.repo}")
         print(f"  {a.boxes} boxes x (status + heartbeat + {a.flags} flags) queued while the hub was down")
         print(f"  absorbed (hub start -> last flag ack): {last:.2f} s; receiver CPU {cpu:.2f} s incl. its start-up")
         print(f"  urgent flags: p50 {pct(u, 50):.2f} s, last {max(u):.2f} s; normal: p50 {pct(n, 50):.2f} s, "
               f"last {max(n):.2f} s (times include the receiver's start-up); {online} boxes online in the index then")
-        print(rss_line(hub.pid, broker.proc.pid, a.boxes))
+        print(rss_line(hub, broker.proc.pid, a.boxes))
         ok = verdicts([
             (f"{a.boxes} boxes x {a.flags} flags absorbed in <= 15 s", last <= GOAL_STORM_S, f"{last:.2f} s"),
             ("urgent first (the last urgent flag before the normals' median)", max(u) <= pct(n, 50),
@@ -288,10 +349,10 @@ def storm(a, senders, hub, hub_toml, work, db, acked, lock, broker) -> int:
         ])
         return 0 if ok else 1
     finally:
-        harness.stop_process(hub, timeout=30)
+        hub.stop()
 
 
-def studies(a, senders, hub, db, acked, lock, broker) -> int:
+def studies(a, senders, hub, acked, lock, broker, unknown: list[str]) -> int:
     """Each simulated box sends one instance (manifest, then compact chunks, as fast as MQTT takes them)."""
     import hashlib
 
@@ -314,7 +375,7 @@ def studies(a, senders, hub, db, acked, lock, broker) -> int:
         frames = [protocol.encode_chunk(tid, k, data[k * chunk:(k + 1) * chunk]) for k in range(count)]
         items.append((box, tid, manifest, frames, len(data), ds_uid))
     total_bytes = sum(x[4] for x in items)
-    cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+    cpu0, t0 = hub.cpu(), time.monotonic()
     for n, (box, tid, manifest, frames, _size, _u) in enumerate(items):
         c = senders[n % len(senders)]
         c.publish(protocol.up_topic(box, "manifest"), manifest, qos=1)
@@ -322,17 +383,19 @@ def studies(a, senders, hub, db, acked, lock, broker) -> int:
             c.publish(protocol.up_topic(box, "chunk"), f, qos=1)
     harness.wait_until(lambda: all(x[1] in acked for x in items), timeout=a.timeout, interval=0.2,
                        what="every instance stored and acknowledged")
-    elapsed, cpu = time.monotonic() - t0, cpu_seconds(hub.pid) - cpu0
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        stored = conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
+    elapsed, cpu = time.monotonic() - t0, hub.cpu() - cpu0
+    stored = hub.one("SELECT COUNT(*) FROM instances")[0]
     mb = total_bytes / 1e6
-    print(f"wasla hub bench (studies): {cpu_name()}, {os.cpu_count()} CPUs; receiver from {a.repo}")
+    print(f"wasla hub bench (studies): {cpu_name()}, {os.cpu_count()} CPUs; {hub.describe()}; receiver from {a.repo}")
     print(f"  {a.studies} instances x {a.study_mb:g} MB ({mb:.1f} MB, {a.chunk_kb} KiB chunks) from {a.studies} boxes")
     print(f"  stored, verified and acknowledged : {stored} in {elapsed:.2f} s = {mb / elapsed:.2f} MB/s")
     print(f"  receiver CPU                      : {cpu:.2f} s = {cpu / mb:.3f} CPU-s per MB")
-    print(rss_line(hub.pid, broker.proc.pid, a.studies))
+    print(rss_line(hub, broker.proc.pid, a.studies))
+    print(f"  'unknown transfer' answers        : {len(unknown)} (a chunk at a receiver without its manifest)")
     ok = verdicts([("<= 0.1 CPU-s per MB (>= 10 MB/s per receiver core)", cpu / mb <= GOAL_CPU_S_PER_MB,
                     f"{cpu / mb:.3f} CPU-s per MB, {mb / elapsed:.2f} MB/s wall on this host"),
+                   ("no chunk reaches a receiver that cannot find its manifest", not unknown,
+                    f"{len(unknown)} 'unknown' answers"),
                    ("exactly once", stored == a.studies, f"{stored} stored of {a.studies}")])
     return 0 if ok else 1
 

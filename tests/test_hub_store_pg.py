@@ -523,3 +523,10 @@ def test_fleet_list_reads_last_seen_from_a_postgresql_hub_index(tmp_path, pg_url
 
     with psycopg.connect(empty) as c:
         assert c.execute("SELECT to_regclass('public.boxes')").fetchone()[0] is None
+
+
+def test_a_burst_of_flags_is_committed_in_batches_in_postgresql_and_one_bad_flag_spoils_none(tmp_path, broker, parts,
+                                                                                            pg_url):
+    from test_sync_transfer import burst_with_a_poison_and_a_collision
+
+    burst_with_a_poison_and_a_collision(tmp_path, broker, parts, pg_url)

@@ -403,7 +403,12 @@ def test_spool_files_damaged_on_disk_are_quarantined_not_sent_and_the_rest_still
 
 def test_a_burst_of_flags_is_committed_in_batches_where_one_bad_flag_spoils_none_of_the_others(tmp_path, broker,
                                                                                                   parts):
-    hub = start_hub(tmp_path, broker.port)
+    burst_with_a_poison_and_a_collision(tmp_path, broker, parts)
+
+
+def burst_with_a_poison_and_a_collision(tmp_path, broker, parts, database_url: str = "") -> None:
+    """Also run on PostgreSQL (tests/test_hub_store_pg.py)."""
+    hub = start_hub(tmp_path, broker.port, database_url=database_url)
     parts.append(hub)
     owner, other = RawBox(broker.port, device="box-a"), RawBox(broker.port, device="box-b")
     owner.pub("flag", protocol.encode("flag", "box-a", flag_id="own-1", study_uid="1.2.9", label="normal",
@@ -423,7 +428,7 @@ def test_a_burst_of_flags_is_committed_in_batches_where_one_bad_flag_spoils_none
                what="an answer to every flag")
     status = {a["flag_id"]: a["status"] for a in other.acks if a.get("flag_id")}
     assert all(status[f"b-{i}"] == "complete" for i in range(150)) and status["steal"] == "failed"
-    view = hub_view(tmp_path)
+    view = hub_view(tmp_path, database_url)
     assert view.query("SELECT COUNT(*) AS n FROM flags WHERE device = 'box-b'")[0]["n"] == 150
     assert view.query("SELECT device FROM studies WHERE study_uid = '1.2.9'")[0]["device"] == "box-a"
     assert any("not JSON" in r["reason"] for r in view.dead_letters())
