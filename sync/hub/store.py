@@ -202,11 +202,14 @@ class HubStore:
     # --- boxes and dead letters ---------------------------------------------------------------------------------
     def seen(self, device: str, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
         now = time.time()
+        # One statement (one round trip on PostgreSQL): it runs for every message a box sends.
         with self.tx() as db:
-            db.execute("INSERT INTO boxes (device, first_seen, last_seen) VALUES (?, ?, ?) ON CONFLICT(device) DO "
-                       "UPDATE SET last_seen = excluded.last_seen", [device, now, now])
-            db.execute("UPDATE boxes SET messages = messages + 1, chunks = chunks + ?, dup_chunks = dup_chunks + ?, "
-                       "bad_messages = bad_messages + ? WHERE device = ?", [int(chunk), int(dup), int(bad), device])
+            db.execute("INSERT INTO boxes (device, first_seen, last_seen, messages, chunks, dup_chunks, bad_messages) "
+                       "VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET last_seen = excluded.last_seen, "
+                       "messages = boxes.messages + 1, chunks = boxes.chunks + excluded.chunks, "
+                       "dup_chunks = boxes.dup_chunks + excluded.dup_chunks, "
+                       "bad_messages = boxes.bad_messages + excluded.bad_messages",
+                       [device, now, now, int(chunk), int(dup), int(bad)])
 
     def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
         with self.tx() as db:
@@ -256,9 +259,10 @@ class HubStore:
     def record_flag(self, device: str, f: dict, preview: bytes | None) -> None:
         now = time.time()
         preview_path = None
-        # Before anything is written: another box's study keeps its preview, reasons and label.
-        self.check_owner(device, f["study_uid"])
         if preview:
+            # Before the preview file is written: another box's study keeps its preview. (Its reasons and label are
+            # kept by the owner check inside the transaction below, which is all a flag without a preview needs.)
+            self.check_owner(device, f["study_uid"])
             folder = self.studies_dir / safe_name(f["study_uid"])
             folder.mkdir(parents=True, exist_ok=True)
             preview_path = folder / "preview.jpg"
