@@ -307,6 +307,12 @@ def test_worklist_boxes_and_a_read_sent_back_to_the_box(tmp_path, broker, parts,
     boxes = json.loads(capsys.readouterr().out)
     wait_until(lambda: hub_view(tmp_path).boxes()[0]["queue_depth"] == 0, timeout=10, what="heartbeat")
     assert boxes[0]["device"] == "box-a" and boxes[0]["online"] == 1
+    # The box's own measure of its uplink rides on its heartbeat (the prior until it has measured: 256 kbit/s).
+    link = hub_view(tmp_path).boxes()[0]["link"]
+    assert link["rate_kbps"] > 0 and isinstance(link["rate_measured"], bool)
+    assert hub_cli.main(["--config", str(hub_toml), "boxes"]) == 0
+    table = capsys.readouterr().out
+    assert "uplink kbit/s" in table and f"{link['rate_kbps']:g}" in table
     study = wl[0]["study_uid"]
     assert hub_cli.main(["--config", str(hub_toml), "read", study, "--disposition", "abnormal",
                          "--note", "consolidation right lower lobe", "--by", "dr-a"]) == 0

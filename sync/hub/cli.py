@@ -117,12 +117,15 @@ def boxes(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
         r["oldest"] = _ts(r["oldest_unsent_at"])
         link = r["link"]
         r["rtt"] = link.get("puback_rtt_ms")
+        # The rate the box measured on its own uplink (its codec choice follows it); "~" marks its configured prior.
+        rate = link.get("rate_kbps")
+        r["rate"] = None if rate is None else f"{rate:g}" + ("" if link.get("rate_measured") else "~")
         r["cuts"] = link.get("disconnects")
         r["resent"] = link.get("chunks_resent")
     _table(rows, [("device", _("box")), ("state", _("state")), ("seen", _("last seen")), ("backlog", _("backlog")),
-                  ("oldest", _("oldest unsent")), ("rtt", _("ack ms")), ("cuts", _("cuts")), ("resent", _("resent")),
+                  ("oldest", _("oldest unsent")), ("rate", _("uplink kbit/s")), ("rtt", _("ack ms")), ("cuts", _("cuts")), ("resent", _("resent")),
                   ("dup_ratio", _("dup")), ("bad_messages", _("bad msgs"))],
-           ltr_cols=("device", "backlog", "rtt", "cuts", "resent", "dup_ratio", "bad_messages"))
+           ltr_cols=("device", "backlog", "rate", "rtt", "cuts", "resent", "dup_ratio", "bad_messages"))
 
 
 @app.command()
