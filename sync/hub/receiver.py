@@ -318,8 +318,7 @@ class Receiver:
                 preview = base64.b64decode(msg["preview_jpeg_b64"], validate=True)
             except (binascii.Error, ValueError):
                 log.warning("flag %s from %s: preview is not base64; ignored", msg["flag_id"], msg.device)
-        self.store.seen(msg.device)
-        self.store.record_flag(msg.device, msg.fields, preview)
+        self.store.record_flag(msg.device, msg.fields, preview, count_message=True)
         log.info("flag %s from %s: study %s %s", msg["flag_id"], msg.device, msg["study_uid"], msg["label"])
         self._reply(msg.device, "ack", flag_id=msg["flag_id"], status="complete")
 

@@ -202,14 +202,18 @@ class HubStore:
     # --- boxes and dead letters ---------------------------------------------------------------------------------
     def seen(self, device: str, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
         now = time.time()
-        # One statement (one round trip on PostgreSQL): it runs for every message a box sends.
         with self.tx() as db:
-            db.execute("INSERT INTO boxes (device, first_seen, last_seen, messages, chunks, dup_chunks, bad_messages) "
-                       "VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET last_seen = excluded.last_seen, "
-                       "messages = boxes.messages + 1, chunks = boxes.chunks + excluded.chunks, "
-                       "dup_chunks = boxes.dup_chunks + excluded.dup_chunks, "
-                       "bad_messages = boxes.bad_messages + excluded.bad_messages",
-                       [device, now, now, int(chunk), int(dup), int(bad)])
+            self._count(db, device, now, chunk=chunk, dup=dup, bad=bad)
+
+    @staticmethod
+    def _count(db, device: str, now: float, *, chunk: bool = False, dup: bool = False, bad: bool = False) -> None:
+        # One statement (one round trip on PostgreSQL): it runs for every message a box sends.
+        db.execute("INSERT INTO boxes (device, first_seen, last_seen, messages, chunks, dup_chunks, bad_messages) "
+                   "VALUES (?, ?, ?, 1, ?, ?, ?) ON CONFLICT(device) DO UPDATE SET last_seen = excluded.last_seen, "
+                   "messages = boxes.messages + 1, chunks = boxes.chunks + excluded.chunks, "
+                   "dup_chunks = boxes.dup_chunks + excluded.dup_chunks, "
+                   "bad_messages = boxes.bad_messages + excluded.bad_messages",
+                   [device, now, now, int(chunk), int(dup), int(bad)])
 
     def dead_letter(self, topic: str, device: str | None, reason: str, payload: bytes) -> None:
         with self.tx() as db:
@@ -256,7 +260,9 @@ class HubStore:
     def collisions(self) -> list[dict]:
         return self.query("SELECT * FROM uid_collisions ORDER BY last_at DESC")
 
-    def record_flag(self, device: str, f: dict, preview: bytes | None) -> None:
+    def record_flag(self, device: str, f: dict, preview: bytes | None, *, count_message: bool = False) -> None:
+        """File a flag; with count_message, the box's message counters go in the same transaction (a flag refused for
+        a collision is then counted once, as a bad message, by the refusal)."""
         now = time.time()
         preview_path = None
         if preview:
@@ -270,6 +276,8 @@ class HubStore:
             tmp.write_bytes(preview)
             os.replace(tmp, preview_path)
         with self.tx() as db:
+            if count_message:
+                self._count(db, device, now)
             db.execute("INSERT INTO flags (flag_id, device, study_uid, label, received_at) VALUES (?, ?, ?, ?, ?) "
                        "ON CONFLICT(device, flag_id) DO UPDATE SET times = flags.times + 1",
                        [f["flag_id"], device, f["study_uid"], f["label"], now])
