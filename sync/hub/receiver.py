@@ -300,15 +300,13 @@ class Receiver:
             log.exception("could not record a dead letter for %s", topic)
 
     def _on_status(self, msg: protocol.Message) -> None:
-        self.store.seen(msg.device)
-        self.store.record_status(msg.device, msg["online"], msg["at"])
+        self.store.record_status(msg.device, msg["online"], msg["at"], count_message=True)
         log.info("box %s is %s", msg.device, "online" if msg["online"] else "offline")
         if msg["online"]:
             self.publish_pending_reads(msg.device, force=True)
 
     def _on_heartbeat(self, msg: protocol.Message) -> None:
-        self.store.seen(msg.device)
-        self.store.record_heartbeat(msg.device, msg.fields)
+        self.store.record_heartbeat(msg.device, msg.fields, count_message=True)
         self.publish_pending_reads(msg.device)
 
     def _on_flag(self, msg: protocol.Message) -> None:

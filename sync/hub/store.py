@@ -221,12 +221,16 @@ class HubStore:
                        [time.time(), topic[:300], device, reason[:500], len(payload), payload[:64].hex()])
         log.warning("dead letter on %s: %s", topic, reason)
 
-    def record_status(self, device: str, online: bool, at: float) -> None:
+    def record_status(self, device: str, online: bool, at: float, *, count_message: bool = False) -> None:
         with self.tx() as db:
+            if count_message:  # the row exists after this, for the UPDATE below
+                self._count(db, device, time.time())
             db.execute("UPDATE boxes SET online = ?, status_at = ? WHERE device = ?", [int(online), at, device])
 
-    def record_heartbeat(self, device: str, fields: dict) -> None:
+    def record_heartbeat(self, device: str, fields: dict, *, count_message: bool = False) -> None:
         with self.tx() as db:
+            if count_message:
+                self._count(db, device, time.time())
             db.execute("UPDATE boxes SET heartbeat = ?, heartbeat_at = ?, queue_depth = ?, oldest_unsent_at = ?, "
                        "online = 1 WHERE device = ?",
                        [json.dumps(fields), time.time(), fields.get("queue_depth"), fields.get("oldest_unsent_at"),
