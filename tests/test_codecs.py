@@ -160,15 +160,21 @@ def _large_cr(pixels: np.ndarray) -> bytes:
     return _part10(ds)
 
 
-def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress_well(monkeypatch):
-    """JPEG-XL effort 7 costs ~3 MB/s: worth it on smooth images (5-15 % smaller), not on noisy ones."""
+@pytest.fixture
+def tried(monkeypatch) -> list[str]:
+    """The codec specs encode_for_wire instantiates, in order (JPEG-XL must be installed)."""
     import sync.wire.codecs as codecs_mod
 
     if "jpegxl" not in available_codecs():
         pytest.skip("imagecodecs without JPEG-XL")
-    tried = []
+    specs: list[str] = []
     real = codecs_mod.make_codec
-    monkeypatch.setattr(codecs_mod, "make_codec", lambda spec: tried.append(spec) or real(spec))
+    monkeypatch.setattr(codecs_mod, "make_codec", lambda spec: specs.append(spec) or real(spec))
+    return specs
+
+
+def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress_well(tried):
+    """JPEG-XL effort 7 costs ~3 MB/s: worth it on smooth images (5-15 % smaller), not on noisy ones."""
     yy, xx = np.mgrid[0:1100, 0:1100]
     smooth = 1000 + 800 * np.sin(xx / 150.0) * np.cos(yy / 190.0)   # 2.4 MB of pixels, > the small-image limit
     noisy = np.random.default_rng(0).integers(0, 4096, (1100, 1100))
@@ -178,16 +184,10 @@ def test_slow_high_effort_codec_is_tried_on_large_images_only_when_they_compress
         assert ("jpegxl:7" in tried) is expect, (tried, wire.ratio)  # _round_trip checked the pixels bit-exact
 
 
-def test_on_a_fast_idle_link_the_slow_codec_is_skipped_and_on_a_busy_satellite_link_it_is_tried(monkeypatch):
+def test_on_a_fast_idle_link_the_slow_codec_is_skipped_and_on_a_busy_satellite_link_it_is_tried(tried):
     """Shortest delivery, not smallest file: effort 7 holds a large smooth CR back longer than it saves on LEO."""
-    import sync.wire.codecs as codecs_mod
     from sync.wire.codec_policy import Link
 
-    if "jpegxl" not in available_codecs():
-        pytest.skip("imagecodecs without JPEG-XL")
-    tried = []
-    real = codecs_mod.make_codec
-    monkeypatch.setattr(codecs_mod, "make_codec", lambda spec: tried.append(spec) or real(spec))
     yy, xx = np.mgrid[0:1400, 0:1400]
     source = _large_cr(1000 + 800 * np.sin(xx / 150.0) * np.cos(yy / 190.0))  # 3.9 MB of pixels
     leo = Link(bytes_per_s=5e6 / 8, backlog_bytes=0)

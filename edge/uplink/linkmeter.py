@@ -42,12 +42,8 @@ class LinkMeter:
                 self._run_start, self._run_bytes, self._run_acks = now, 0, 0
 
     def idle(self) -> None:
-        """The sender has nothing it may send: the run (if any) ends here."""
-        with self._lock:
-            self._run_start = None
-
-    def lost(self) -> None:
-        """The connection dropped: a run spanning the cut would measure the outage, not the link."""
+        """The sender has nothing it may send, or its connection dropped (a run spanning a cut would measure the
+        outage, not the link): the run, if any, ends here."""
         with self._lock:
             self._run_start = None
 

@@ -49,9 +49,8 @@ def remaining_bytes(row: dict) -> int:
 
 
 def _send_order(row: dict, now: float) -> tuple:
-    if row["kind"] != TRANSFER:
-        return (row["priority"], 0, 0, row["id"])
-    if now - (row["created_at"] or now) > FAIR_AFTER_S:
+    # Flags and aged transfers: arrival order, ahead of the fresh transfers of their band, which go smallest first.
+    if row["kind"] != TRANSFER or now - (row["created_at"] or now) > FAIR_AFTER_S:
         return (row["priority"], 0, 0, row["id"])
     return (row["priority"], 1, remaining_bytes(row), row["id"])
 

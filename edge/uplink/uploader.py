@@ -148,7 +148,7 @@ class Uploader:
             log.warning("disconnected from broker: %s", reason_code)
         self.connected = False
         self.stats["connected_since"] = None
-        self.meter.lost()
+        self.meter.idle()
 
     def _on_publish(self, _client, _userdata, mid, _reason_code, _props) -> None:
         with self._lock:
