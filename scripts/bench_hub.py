@@ -17,6 +17,7 @@ throughput goals are judged on it (2,000 flags/s per receiver core = 0.5 CPU-ms 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sqlite3
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import harness  # noqa: E402
+from sync.hub.partitions import MEMBERS_ROOT  # noqa: E402
 from sync.wire import protocol  # noqa: E402
 
 
@@ -203,11 +205,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         harness.wait_until(hub.ready, timeout=60, what="the hub's index")
         time.sleep(2.0)
+        claims: dict[str, set[int]] = {}
+
+        def on_member(_c, _u, m):
+            try:
+                claims[m.topic.rsplit("/", 1)[-1]] = set(json.loads(m.payload)["partitions"]) if m.payload else set()
+            except Exception:  # noqa: BLE001 - a malformed announcement only delays the start
+                pass
+
         listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-acks", protocol=mqtt.MQTTv5)
         listener.on_message = on_ack
+        listener.message_callback_add(f"{MEMBERS_ROOT}/hub/+", on_member)
         listener.connect("127.0.0.1", broker.port)
         listener.subscribe("wasla/v1/+/down/ack", qos=1)
+        listener.subscribe(f"{MEMBERS_ROOT}/hub/+", qos=1)
         listener.loop_start()
+        # Measured once the receivers have split the partitions between them (sync/hub/partitions.py): each
+        # announces what it holds every 10 s, and at once when that changes.
+        harness.wait_until(lambda: len(claims) == a.receivers and all(claims.values()) and
+                           sum(len(c) for c in claims.values()) == protocol.PARTITIONS ==
+                           len(set().union(*claims.values())), timeout=60, what="receivers settled")
         senders = []
         for i in range(a.clients):
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-box-{i}", protocol=mqtt.MQTTv5)

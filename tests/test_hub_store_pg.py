@@ -222,24 +222,65 @@ def test_duplicated_replayed_and_resent_chunks_end_in_one_exact_copy_in_postgres
         view.close()
 
 
-def test_two_receivers_sharing_one_postgresql_database_file_each_study_once(tmp_path, broker, parts, pg_url):
+def test_two_receivers_sharing_one_postgresql_database_split_the_boxes_and_file_each_study_once(
+        tmp_path, broker, parts, pg_url):
+    from sync.hub.partitions import owners
+    from test_hub_partitions import _both_see_each_other, _boxes_for
+
     h1 = start_hub(tmp_path, broker.port, "hub-1", database_url=pg_url)
     h2 = start_hub(tmp_path, broker.port, "hub-2", database_url=pg_url)
     parts += [h1, h2]
-    box = Box(tmp_path, broker.port).start()
-    parts.append(box)
+    wait_until(lambda: _both_see_each_other(h1, h2), timeout=20, what="receivers see each other")
+    ids = _boxes_for(owners(["hub-1", "hub-2"]), ["hub-1", "hub-2"])
+    boxes = [Box(tmp_path / d, broker.port, d).start() for d in ids]
+    parts += boxes
     study = pydicom.uid.generate_uid()
-    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i, study_uid=study if i < 3 else None) for i in range(5)]
-    for i, f in enumerate(files):
-        triage(box.store, f, ("urgent", "review", "normal", "normal", "review")[i])
-    wait_until(lambda: _acked(box, 5), timeout=90, what="all acknowledged")
-    assert h1.handled > 0 and h2.handled > 0, "the shared subscription split the messages"
+    files = []
+    for n, box in enumerate(boxes):
+        mine = [make_cr(tmp_path / "in" / f"{n}-{i}.dcm", seed=10 * n + i, study_uid=study if n == 0 and i < 3 else None)
+                for i in range(4)]
+        for i, f in enumerate(mine):
+            triage(box.store, f, ("urgent", "review", "normal", "normal")[i])
+        files += mine
+    wait_until(lambda: all(_acked(b, 4) for b in boxes), timeout=90, what="all acknowledged")
+    assert set(h1.by_device) == {ids[0]} and set(h2.by_device) == {ids[1]}, "each box stays with its receiver"
     assert_hub_holds_exactly(tmp_path, files, database_url=pg_url)
     view = hub_view(tmp_path, pg_url)
     try:
         assert view.study(study)["n_instances"] == 3 and view.study(study)["label"] == "urgent"
     finally:
         view.close()
+
+
+def test_receivers_writing_for_different_boxes_never_wait_for_each_other_only_for_a_shared_row(tmp_path, pg_url):
+    """No global write lock: while one receiver's batch is open, another files another box's flag at once; a flag
+    for the very study the open batch holds waits for that row only, then lands."""
+    a, b = _store(tmp_path, pg_url), _store(tmp_path, pg_url)
+
+    def flag(store, device, fid, study, label):
+        store.record_flag(device, {"flag_id": fid, "study_uid": study, "label": label, "at": time.time()}, None,
+                          count_message=True)
+
+    try:
+        done = {"other": threading.Event(), "same": threading.Event()}
+        with a.batch():
+            flag(a, "box-a", "f1", "1.2.3.1", "normal")
+            other = threading.Thread(target=lambda: (flag(b, "box-b", "f2", "1.2.3.2", "urgent"),
+                                                     done["other"].set()))
+            other.start()
+            assert done["other"].wait(5), "another box's flag waited for an unrelated open batch"
+            same = threading.Thread(target=lambda: (flag(b, "box-a", "f3", "1.2.3.1", "urgent"), done["same"].set()))
+            same.start()
+            assert not done["same"].wait(0.5), "a write to the row the open batch holds must wait for its commit"
+        assert done["same"].wait(10)
+        other.join(5)
+        same.join(5)
+        assert a.study("1.2.3.1")["label"] == "urgent" and a.study("1.2.3.2")["label"] == "urgent"
+        assert {r["device"]: r["messages"] for r in a.query("SELECT device, messages FROM boxes")} == \
+            {"box-a": 2, "box-b": 1}
+    finally:
+        a.close()
+        b.close()
 
 
 def test_racing_stores_claim_each_transfer_once_and_file_each_sop_once(tmp_path, pg_url):

@@ -28,7 +28,41 @@ def test_every_message_kind_round_trips_through_its_topic():
     got = protocol.decode(protocol.down_topic("box-1", "ack"), ack, direction="down", max_bytes=4096,
                           expect_device="box-1")
     assert protocol.from_ranges(got["have"]) == {0, 1, 2, 3, 7}
-    assert protocol.hub_filter() == "$share/hub/wasla/v1/+/up/#"
+    assert protocol.hub_filter() == "$share/hub/wasla/v1/+/up/+"
+
+
+def _matches(filt: str, topic: str) -> bool:
+    import paho.mqtt.client as mqtt
+
+    return mqtt.topic_matches_sub(filt.split("/", 2)[2] if filt.startswith("$share/") else filt, topic)
+
+
+def test_a_box_topic_matches_exactly_one_hub_subscription_its_own_partition():
+    for device in ("box-1", "box-2", "clinic-tamanrasset-07", "x"):
+        topic = protocol.up_topic(device, "chunk")
+        assert topic.startswith(f"wasla/v1/{device}/up/chunk/")
+        filters = [protocol.hub_filter("g")] + [protocol.partition_filter("g", p) for p in range(protocol.PARTITIONS)]
+        hits = [f for f in filters if _matches(f, topic)]
+        assert hits == [protocol.partition_filter("g", protocol.partition_of(device))]
+        assert protocol.parse_topic(topic, "up") == (device, "chunk")
+        assert protocol.topic_kind(topic) == "chunk"
+        # A box from before partitions: its 5-level topic matches the catch-all only, and still parses.
+        legacy = f"wasla/v1/{device}/up/flag"
+        assert [f for f in filters if _matches(f, legacy)] == [protocol.hub_filter("g")]
+        assert protocol.parse_topic(legacy, "up") == (device, "flag")
+
+
+def test_partitions_spread_boxes_and_a_wrong_partition_is_refused():
+    counts = [0] * protocol.PARTITIONS
+    for i in range(1600):
+        counts[protocol.partition_of(f"box-{i:04d}")] += 1
+    assert min(counts) > 60 and max(counts) < 140, counts  # about 100 each
+    device = "box-1"
+    wrong = (protocol.partition_of(device) + 1) % protocol.PARTITIONS
+    with pytest.raises(ProtocolError, match="partition"):
+        protocol.parse_topic(f"wasla/v1/{device}/up/flag/{wrong}", "up")
+    with pytest.raises(ProtocolError):
+        protocol.parse_topic(f"wasla/v1/{device}/down/ack/{protocol.partition_of(device)}", "down")
 
 
 @pytest.mark.parametrize("topic, payload, reason", [

@@ -269,20 +269,6 @@ def test_malformed_messages_go_to_dead_letters_and_the_receiver_keeps_going(tmp_
     raw.c.loop_stop()
 
 
-def test_two_receivers_share_the_subscription_and_file_each_study_once(tmp_path, broker, parts):
-    h1 = start_hub(tmp_path, broker.port, "hub-1")
-    h2 = start_hub(tmp_path, broker.port, "hub-2")
-    parts += [h1, h2]
-    box = Box(tmp_path, broker.port).start()
-    parts.append(box)
-    files = [make_cr(tmp_path / "in" / f"{i}.dcm", seed=i) for i in range(4)]
-    for i, f in enumerate(files):
-        triage(box.store, f, ("urgent", "review", "normal", "normal")[i])
-    wait_until(lambda: _acked(box, 4), timeout=60, what="all acknowledged")
-    assert h1.handled > 0 and h2.handled > 0
-    assert_hub_holds_exactly(tmp_path, files)
-
-
 def test_worklist_boxes_and_a_read_sent_back_to_the_box(tmp_path, broker, parts, capsys):
     from edge import cli as box_cli
     from sync.hub import cli as hub_cli

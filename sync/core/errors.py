@@ -70,6 +70,11 @@ class OutOfResourcesError(StoreError):
     """Not enough free disk (or another resource) to accept new data safely."""
 
 
+class ConflictError(StoreError):
+    """Another writer held what a transaction needed (a deadlock, a lock wait past its timeout): nothing of it was
+    stored, and the same writes are expected to succeed when tried again."""
+
+
 class StateError(StoreError):
     """A state transition that the study state machine does not allow."""
 

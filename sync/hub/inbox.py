@@ -13,13 +13,15 @@ import itertools
 import queue
 import threading
 
+from sync.wire import protocol
+
 PRIO_URGENT_FLAG, PRIO_FLAG, PRIO_TRANSFER, PRIO_TELEMETRY = range(4)
 _BY_KIND = {"flag": PRIO_FLAG, "manifest": PRIO_TRANSFER, "chunk": PRIO_TRANSFER, "heartbeat": PRIO_TELEMETRY,
             "status": PRIO_TELEMETRY}
 
 
 def priority(topic: str, payload: bytes) -> int:
-    kind = topic.rsplit("/", 1)[-1]
+    kind = protocol.topic_kind(topic)
     prio = _BY_KIND.get(kind, PRIO_TRANSFER)
     # A cheap look, not a parse: the worker decodes and validates. A mislabelled flag only changes its turn.
     if prio == PRIO_FLAG and b'"urgent"' in payload[:4096]:

@@ -16,6 +16,12 @@ def hub_collector(store, *, hub_id: str, receiver=None) -> Callable[[], list[Met
         if receiver is not None:
             out.append(Metric("wasla_hub_messages_handled_total", "counter", "Messages handled by this receiver.")
                        .add(receiver.handled))
+            if receiver.partitions is not None:
+                out += [Metric("wasla_hub_partitions_owned", "gauge",
+                               "Box partitions this receiver takes (of sync.wire.protocol.PARTITIONS).")
+                        .add(len(receiver.partitions.owned)),
+                        Metric("wasla_hub_receivers_alive", "gauge", "Receivers of this hub's group this one hears.")
+                        .add(len(receiver.partitions.members()))]
         transfers = Metric("wasla_hub_transfers", "gauge", "Transfers by state.")
         for r in store.query("SELECT state, COUNT(*) AS n FROM transfers GROUP BY state"):
             transfers.add(r["n"], state=r["state"])

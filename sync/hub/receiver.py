@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import hashlib
 import logging
 import os
@@ -13,12 +14,13 @@ import time
 
 import paho.mqtt.client as mqtt
 
-from sync.core.errors import BadInputError, ProtocolError, StoreError, UidCollisionError
+from sync.core.errors import BadInputError, ConflictError, ProtocolError, StoreError, UidCollisionError
 from sync.core.diskguard import Pause, is_disk_full, open_when_space
 from sync.core.liveness import Beat, paho_thread, problems
 from sync.wire import protocol
 from sync.hub.inbox import PriorityInbox, priority as inbox_priority
-from sync.hub.store import HubStore
+from sync.hub.partitions import Partitions
+from sync.hub.store import HubStore, SqliteIndex
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,7 @@ class TransferRefused(Exception):
 # a study, whose verification takes seconds and must not hold the index's write lock for a whole batch).
 BATCHABLE = frozenset({"flag", "heartbeat", "status"})
 MAX_BATCH = 256
+CONFLICT_RETRIES = 3  # a message that met another receiver's transaction (PostgreSQL) is tried this many more times
 UNKNOWN_RECHECKS = 10  # x 0.1 s: how long a chunk waits for its manifest to appear in a shared index
 # The inbox holds a reconnect storm's whole backlog of small messages (1,000 boxes x 20 flags + telemetry), so the
 # worker can take the urgent flags out of it first; its byte bound keeps a burst of chunks from taking the memory.
@@ -57,6 +60,7 @@ class Receiver:
         self.client = None
         self.forwarder = None  # sync.hub.forward.Forwarder when a PACS is configured: woken by each new instance
         self.handled = 0
+        self.by_device: collections.Counter[str] = collections.Counter()  # messages handled, per box
         self._mqtt_thread = None
         # A message is handled in milliseconds (a study's verification in seconds): five minutes in one is a hang.
         self.beat = Beat("hub receiver", max_busy=300.0)
@@ -70,6 +74,8 @@ class Receiver:
         self.worker_beat = Beat("hub message worker", max_busy=300.0)
         self.disk = Pause("receiving", cfg.studies_dir, cfg.receiver.min_free_mb * 1_000_000)
         self._disk_paused = False
+        self.partitions: Partitions | None = None
+        self._warned_sqlite = False
         # Who holds a verification claim: this run of this receiver (its next start gives back what this run held).
         self.claimant = f"{cfg.hub.id}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
 
@@ -86,15 +92,25 @@ class Receiver:
         client.manual_ack_set(True)
         client.max_inflight_messages_set(REPLY_WINDOW)
         client.on_message = self._on_message
+        # "connected" once the receiver holds its partitions, which it takes after hearing the other receivers.
+        self.partitions = Partitions(client, self.cfg.broker.share_group, self.cfg.hub.id,
+                                     on_change=self._partitions_changed, on_settled=self.connected.set)
         return client
+
+    def _partitions_changed(self, _mine: set[int], alive: set[str]) -> None:
+        if len(alive) > 1 and isinstance(self.store.index, SqliteIndex) and not self._warned_sqlite:
+            # Receivers beside each other take turns on SQLite's one write lock: correct, but no faster than one.
+            self._warned_sqlite = True
+            log.warning("%d receivers share a SQLite index: run one receiver, or use PostgreSQL (hub.database_url) "
+                        "to spread the boxes over several", len(alive))
 
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
         if reason_code.is_failure:
             log.warning("broker refused the connection: %s", reason_code)
             return
         client.subscribe(protocol.hub_filter(self.cfg.broker.share_group), qos=1)
+        self.partitions.on_connect()
         log.info("hub receiver %s connected (session present: %s)", self.cfg.hub.id, flags.session_present)
-        self.connected.set()
 
     def _on_message(self, _client, _userdata, message) -> None:
         with self.beat.busy():
@@ -125,13 +141,13 @@ class Receiver:
                 except queue.Empty:
                     continue
             batch = [first]
-            if _kind(first[2]) in BATCHABLE:
+            if protocol.topic_kind(first[2]) in BATCHABLE:
                 while len(batch) < MAX_BATCH:
                     try:
                         item = self._inbox.get_nowait()
                     except queue.Empty:
                         break
-                    if _kind(item[2]) not in BATCHABLE:
+                    if protocol.topic_kind(item[2]) not in BATCHABLE:
                         self._carry = item  # next round, after this batch is committed and acknowledged
                         break
                     batch.append(item)
@@ -145,13 +161,14 @@ class Receiver:
         """Handle (mid, qos, topic, payload) items, then publish the replies and PUBACK them: a batch of small ones
         in one transaction, anything else one by one. Nothing is acknowledged while the disk is full."""
         if len(batch) > 1:
-            self._tls.deferred = []
+            self._tls.deferred, self._tls.in_batch = [], True
             try:
                 with self.store.batch():
                     for _mid, _qos, topic, payload in batch:
                         self.handle(topic, payload)
             except Exception as err:  # noqa: BLE001 - the COMMIT failed: nothing of the batch is stored
                 self._tls.deferred = None
+                self._tls.in_batch = False
                 if is_disk_full(err, self.cfg.studies_dir):
                     self.disk.hit()
                     self.pause_for_disk()
@@ -162,6 +179,7 @@ class Receiver:
                     self.process([item])
                 return
             replies, self._tls.deferred = self._tls.deferred, None
+            self._tls.in_batch = False
         else:
             mid, qos, topic, payload = batch[0]
             self._tls.deferred = []
@@ -194,12 +212,15 @@ class Receiver:
                                   properties=protocol.connect_properties(int(b.session_expiry_hours * 3600)))
         self.client.loop_start()
         self._mqtt_thread = paho_thread(self.client)
+        self.partitions.start()
         self._worker = threading.Thread(target=self._work, name="hub-worker", daemon=True)
         self._worker.start()
         return self
 
     def stop(self) -> None:
         if self.client is not None:
+            if self.partitions is not None:
+                self.partitions.leave()
             self.client.disconnect()
             self.client.loop_stop()
         self._stopping.set()
@@ -234,12 +255,15 @@ class Receiver:
             self._dead(topic, device, f"decode error: {type(err).__name__}: {str(err)[:200]}", payload)
             return
         try:
-            getattr(self, f"_on_{msg.kind}")(msg)
-            self.handled += 1
+            self._dispatch(msg)
         except UidCollisionError as err:
             self._collision(topic, msg, err, payload)
         except TransferRefused as err:
             self._refuse(topic, msg, str(err), payload)
+        except ConflictError as err:
+            if getattr(self._tls, "in_batch", False):
+                raise  # the batch is rolled back and its messages taken one at a time, where a conflict is retried
+            self._dead(topic, device, str(err), payload)
         except (ProtocolError, StoreError, BadInputError) as err:
             self._dead(topic, device, str(err), payload)
         except Exception as err:  # noqa: BLE001 - the receiver must outlive any message
@@ -252,12 +276,29 @@ class Receiver:
             log.exception("handling %s failed", topic)
             self._dead(topic, device, f"handler error: {type(err).__name__}", payload)
 
+    def _dispatch(self, msg: protocol.Message) -> None:
+        """Handle one decoded message; a conflict with another receiver's transaction is tried again, not
+        dead-lettered (inside a batch it ends the batch, which process() then takes one message at a time)."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                getattr(self, f"_on_{msg.kind}")(msg)
+                self.handled += 1
+                self.by_device[msg.device] += 1
+                return
+            except ConflictError:
+                if getattr(self._tls, "in_batch", False) or attempt == CONFLICT_RETRIES:
+                    raise
+                log.info("%s from %s met another writer; trying again", msg.kind, msg.device)
+                time.sleep(0.05 * (attempt + 1))
+
     # --- a full disk ----------------------------------------------------------------------------------------------
     def pause_for_disk(self) -> None:
         """Disconnect from the broker (our persistent session keeps queueing); tend_disk() reconnects."""
         if self._disk_paused or self.client is None:
             return
         self._disk_paused = True
+        if self.partitions is not None:
+            self.partitions.leave(stop=False)  # the other receivers take this one's boxes while it waits
         self.client.disconnect()
 
     def tend_disk(self) -> str | None:
@@ -479,10 +520,6 @@ class Receiver:
                 self.store.read_published(r["read_id"])
                 n += 1
         return n
-
-
-def _kind(topic: str) -> str:
-    return topic.rsplit("/", 1)[-1]
 
 
 def read_payload(r: dict) -> bytes:

@@ -93,6 +93,7 @@ class SqliteIndex:
 
     # The few SQL fragments the two dialects spell differently.
     insert_or_ignore, on_conflict_ignore, greatest = "INSERT OR IGNORE", "", "MAX"
+    for_update = ""  # BEGIN IMMEDIATE already holds the whole file
 
     def __init__(self, db_path: Path):
         self.db_path = Path(db_path)
@@ -292,16 +293,19 @@ class HubStore:
                        [json.dumps(f.get("reasons") or []), f.get("modality"), f.get("n_instances") or 0,
                         f.get("at") or now, str(preview_path) if preview_path else None, f["study_uid"]])
 
-    @staticmethod
-    def _touch_study(db, device: str, study_uid: str, label: str | None, now: float) -> None:
-        row = db.execute("SELECT label, device FROM studies WHERE study_uid = ?", [study_uid]).fetchone()
-        if row is not None and row["device"] != device:
-            # Checked again inside the transaction: two boxes racing for one study UID cannot both win.
+    def _touch_study(self, db, device: str, study_uid: str, label: str | None, now: float) -> None:
+        # Insert-then-lock, not look-then-insert: receivers sharing a PostgreSQL index take no global lock, so the
+        # row is created by whichever comes first and the other waits on its row lock, then sees it.
+        cur = db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?) "
+                         "ON CONFLICT(study_uid) DO NOTHING", [study_uid, device, label, now, now])
+        if cur.rowcount > 0:
+            return
+        row = db.execute(f"SELECT label, device FROM studies WHERE study_uid = ?{self.index.for_update}",
+                         [study_uid]).fetchone()
+        if row["device"] != device:
+            # Checked inside the transaction: two boxes racing for one study UID cannot both win.
             raise UidCollisionError("study", study_uid, row["device"], device)
-        if row is None:
-            db.execute("INSERT INTO studies (study_uid, device, label, first_seen, updated_at) VALUES (?, ?, ?, ?, ?)",
-                       [study_uid, device, label, now, now])
-        elif label and SEVERITY.get(label, -1) > SEVERITY.get(row["label"] or "", -1):
+        if label and SEVERITY.get(label, -1) > SEVERITY.get(row["label"] or "", -1):
             # An escalation (a later image made it urgent) wins; a stale lower label never downgrades.
             db.execute("UPDATE studies SET label = ?, updated_at = ? WHERE study_uid = ?", [label, now, study_uid])
 
@@ -311,17 +315,20 @@ class HubStore:
         now = time.time()
         tid = m["transfer"]
         with self.tx() as db:
-            row = db.execute("SELECT * FROM transfers WHERE transfer_id = ?", [tid]).fetchone()
-            if row is not None and row["device"] != device:
-                raise StoreError(f"transfer {tid} belongs to another device")
-            if row is not None and (row["size"], row["sha256"], row["chunk_size"]) != (m["size"], m["sha256"], m["chunk_size"]):
-                raise StoreError(f"transfer {tid}: size, sha256 or chunk size differ from the first message")
-            if row is None:
-                db.execute("INSERT INTO transfers (transfer_id, device, study_uid, label, size, sha256, chunk_size, count, "
-                           "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           [tid, device, m["study_uid"], m.get("label"), m["size"], m["sha256"], m["chunk_size"],
-                            m["count"], now, now])
+            cur = db.execute("INSERT INTO transfers (transfer_id, device, study_uid, label, size, sha256, chunk_size, "
+                             "count, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                             "ON CONFLICT(transfer_id) DO NOTHING",
+                             [tid, device, m["study_uid"], m.get("label"), m["size"], m["sha256"], m["chunk_size"],
+                              m["count"], now, now])
+            if cur.rowcount > 0:
                 self._touch_study(db, device, m["study_uid"], m.get("label"), now)
+            else:
+                row = db.execute(f"SELECT device, size, sha256, chunk_size FROM transfers WHERE transfer_id = ?"
+                                 f"{self.index.for_update}", [tid]).fetchone()
+                if row["device"] != device:
+                    raise StoreError(f"transfer {tid} belongs to another device")
+                if (row["size"], row["sha256"], row["chunk_size"]) != (m["size"], m["sha256"], m["chunk_size"]):
+                    raise StoreError(f"transfer {tid}: size, sha256 or chunk size differ from the first message")
             if "sop_instance_uid" in m:  # a manifest: the descriptive fields
                 db.execute("UPDATE transfers SET sop_instance_uid = ?, codec = ?, transfer_syntax = ?, "
                            "original_size = ?, ratio = ?, label = COALESCE(?, label) WHERE transfer_id = ?",

@@ -7,6 +7,7 @@ import math
 import re
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,9 +62,25 @@ def check_device(device: str) -> str:
     return device
 
 
+# A box's traffic always lands on one receiver: its up topics end in its partition (a hash of its id), and each
+# receiver subscribes to the partitions it owns (sync/hub/partitions.py). The number is part of the protocol: box and
+# hub compute the same partition without asking each other. 5-level topics (boxes before partitions) stay valid.
+PARTITIONS = 16
+
+
+def partition_of(device: str) -> int:
+    return zlib.crc32(check_device(device).encode()) % PARTITIONS
+
+
 def up_topic(device: str, kind: str) -> str:
     assert kind in UP_KINDS, kind
-    return f"{ROOT}/v{VERSION}/{check_device(device)}/up/{kind}"
+    return f"{ROOT}/v{VERSION}/{check_device(device)}/up/{kind}/{partition_of(device)}"
+
+
+def topic_kind(topic: str) -> str:
+    """The message kind a topic names, without validating it (the inbox's cheap look); "" when it names none."""
+    parts = topic.split("/", 5)
+    return parts[4] if len(parts) > 4 else ""
 
 
 def down_topic(device: str, kind: str) -> str:
@@ -76,13 +93,25 @@ def down_filter(device: str) -> str:
 
 
 def hub_filter(group: str = "hub") -> str:
-    # A shared subscription: the broker hands each message to one receiver of the group, so receivers scale out.
-    return f"$share/{group}/{ROOT}/v{VERSION}/+/up/#"
+    """Unpartitioned up topics (boxes from before partitions), one level short of the partition filters, so no
+    message matches both. A shared subscription: the broker hands each message to one receiver of the group."""
+    return f"$share/{group}/{ROOT}/v{VERSION}/+/up/+"
+
+
+def partition_filter(group: str, partition: int) -> str:
+    # Shared too: while receivers hand a partition over, both may hold it for a moment, and each message still goes
+    # to one of them.
+    assert 0 <= partition < PARTITIONS, partition
+    return f"$share/{group}/{ROOT}/v{VERSION}/+/up/+/{partition}"
 
 
 def parse_topic(topic: str, direction: str) -> tuple[str, str]:
     """(device, kind) of a topic in this protocol version; ProtocolError for anything else."""
     parts = topic.split("/")
+    if direction == "up" and len(parts) == 6:
+        part = parts.pop()
+        if not DEVICE_RE.fullmatch(parts[2]) or part != str(partition_of(parts[2])):
+            raise ProtocolError(f"topic {topic!r}: {part!r} is not the device's partition")
     if len(parts) != 5 or parts[0] != ROOT or parts[2] == "" or parts[3] != direction:
         raise ProtocolError(f"topic {topic!r} is not {ROOT}/v{VERSION}/<device>/{direction}/<kind>")
     if parts[1] != f"v{VERSION}":
