@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         # announces what it holds every 10 s, and at once when that changes.
         harness.wait_until(lambda: len(claims) == a.receivers and all(claims.values()) and
                            sum(len(c) for c in claims.values()) == protocol.PARTITIONS ==
-                           len(set().union(*claims.values())), timeout=60, what="receivers settled")
+                           len(set().union(*claims.values())), timeout=60,
+                           what=f"receivers settled (heard: {claims})")
         senders = []
         for i in range(a.clients):
             c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-box-{i}", protocol=mqtt.MQTTv5)

@@ -104,10 +104,18 @@ class SqliteIndex:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")
             self.conn.executescript(SCHEMA)
-            for table, column, kind in ADDED_COLUMNS:
-                have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            # Receivers starting together on a new file: one adds the columns, the others then see them (without
+            # the lock, the second died on "duplicate column name").
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                for table, column, kind in ADDED_COLUMNS:
+                    have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as err:
             raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self._lock = threading.RLock()
