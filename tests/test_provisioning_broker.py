@@ -291,6 +291,26 @@ def test_box_cannot_read_another_box_down_or_up_topics(fleet, broker, clients):
     assert not any(p in (b"for box-b only", b"box-b flag") for _t, p in a.messages)
 
 
+def test_a_box_can_neither_announce_itself_as_a_receiver_nor_hear_the_receivers(fleet, broker, clients):
+    """The members topic decides which receiver takes which boxes: a box posing as a receiver could take partitions
+    from the real ones (their boxes' messages would then wait for it), so only hub identities reach it."""
+    from sync.hub.partitions import members_topic
+
+    group = _hub_group(fleet)
+    hub = connect_as(clients, fleet, "hub")
+    assert hub.connect()
+    hub.subscribe(members_topic(group, "+"))
+    rogue = connect_as(clients, fleet, "box-a")
+    assert rogue.connect()
+    rogue.subscribe(members_topic(group, "+"))
+    assert not rogue.publish(members_topic(group, "hub-evil"), b'{"member": "hub-evil", "partitions": []}')
+    assert hub.publish(members_topic(group, "hub-1"), b'{"member": "hub-1", "partitions": [0]}')
+    wait_until(lambda: hub.messages, timeout=10, what="the hub hears its own group")
+    time.sleep(0.3)
+    assert [t for t, _p in hub.messages] == [members_topic(group, "hub-1")]
+    assert rogue.messages == []
+
+
 def test_client_id_is_the_certificate_identity_so_a_box_cannot_take_over_another_session(fleet, broker, clients):
     b = connect_as(clients, fleet, "box-b", client_id="box-b")
     assert b.connect()
