@@ -78,7 +78,7 @@ def _json(obj) -> None:
 @app.command()
 def run() -> None:
     """Receive flags and studies from the boxes until stopped. Example: wasla-hub run"""
-    from sync.hub.receiver import run as run_receiver
+    from sync.hub.service import run as run_receiver
 
     raise typer.Exit(run_receiver(_cfg()))
 

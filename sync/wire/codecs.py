@@ -1,4 +1,4 @@
-"""Lossless re-encoding of a DICOM instance for the wire: the codecs, the choice between them, bit-exact proof."""
+"""Lossless re-encoding of a DICOM instance for the wire: the choice between codecs (each in its codec_*.py), bit-exact proof."""
 from __future__ import annotations
 
 import io
@@ -8,27 +8,23 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pydicom
 from pydicom import uid
-from pydicom._uid_dict import UID_dictionary
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
 from sync.wire import codec_policy, dicom_scan, j2k_guard
+from sync.wire.codec_base import JPEGXLLossless, Codec, CodecUnsuitable, FrameInfo  # noqa: F401 - the codecs' API
+from sync.wire.codec_j2k import Htj2k, Jpeg2000
+from sync.wire.codec_jpegls import JpegLs
+from sync.wire.codec_jpegxl import JpegXl
 from sync.core.errors import BadInputError, UnsupportedTransferSyntaxError
 
 log = logging.getLogger(__name__)
 j2k_guard.install()  # the hub decodes and the uploader re-encodes untrusted JPEG 2000 too
-
-# Supplement 232 (2024). pydicom 3.0 does not know the UID, so it would refuse to write or parse a file in it
-# (UID.is_transfer_syntax is a dictionary look-up); registering it is additive and a no-op once pydicom has it.
-# pydicom has no decoder for it either: `_frames` decodes it through imagecodecs.
-JPEGXLLossless = uid.UID("1.2.840.10008.1.2.4.110")
-UID_dictionary.setdefault(JPEGXLLossless, ("JPEG XL Lossless", "Transfer Syntax", "", "", "JPEGXLLossless"))
 
 # Pixel data in these is already lossy: re-encoding cannot win anything back, so they travel untouched.
 # J2K .91 and HTJ2K .203 may hold reversible codestreams, but the transfer syntax does not promise it.
@@ -63,186 +59,6 @@ SLOW_CODEC_MAX_BYTES = 2 * 1024 * 1024
 #   pays on a satellite box; above COMPRESSIBLE_MAX_BYTES the encode would hold up the queue too long.
 COMPRESSIBLE_RATIO = 3.0
 COMPRESSIBLE_MAX_BYTES = 64 * 1024 * 1024
-
-
-class CodecUnsuitable(Exception):
-    """This codec cannot carry this image (bit depth, signedness, colour model); the next candidate is tried."""
-
-
-@dataclass(frozen=True)
-class FrameInfo:
-    """What a codec needs to know about a frame beyond its array."""
-
-    bits_stored: int
-    signed: bool
-    photometric: str
-
-
-class Codec:
-    """A lossless image codec for one DICOM frame. Subclasses set `name` and `transfer_syntax_uid`."""
-
-    name: ClassVar[str]
-    transfer_syntax_uid: ClassVar[str | None]
-    # Whether pydicom can decode this transfer syntax itself; if not, the receiver uses `decode`.
-    pydicom_decodes: ClassVar[bool] = True
-
-    @classmethod
-    def available(cls) -> bool:
-        raise NotImplementedError
-
-    def photometric(self, info: FrameInfo) -> str:
-        """Photometric Interpretation the encoded instance must declare."""
-        return info.photometric
-
-    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
-        raise NotImplementedError
-
-    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
-        raise NotImplementedError
-
-
-def _imagecodecs(attr: str) -> bool:
-    try:
-        import imagecodecs
-    except ImportError:
-        return False
-    codec = getattr(imagecodecs, attr, None)
-    return bool(codec is not None and codec.available)
-
-
-def _sign_extend(arr: np.ndarray, bits_stored: int, signed: bool) -> np.ndarray:
-    if not signed:
-        return arr
-    wide = arr.astype(np.int32) if arr.dtype.itemsize < 4 else arr.astype(np.int64)
-    sign = 1 << (bits_stored - 1)
-    out = (wide ^ sign) - sign
-    return out.astype(np.int8 if bits_stored <= 8 else np.int16)
-
-
-class JpegLs(Codec):
-    name = "jpegls"
-    transfer_syntax_uid = uid.JPEGLSLossless
-
-    @classmethod
-    def available(cls) -> bool:
-        try:
-            import jpeg_ls  # noqa: F401
-        except ImportError:
-            return False
-        return _imagecodecs("JPEGLS")
-
-    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
-        if info.bits_stored > 16:
-            raise CodecUnsuitable("JPEG-LS carries at most 16 bits")
-        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
-            raise CodecUnsuitable(f"JPEG-LS here does not carry {info.photometric}")
-        # JPEG-LS has no sign: DICOM stores the two's-complement bit pattern, the decoder sign-extends.
-        if info.signed:
-            unsigned = frame.view(np.dtype(f"u{frame.dtype.itemsize}"))
-            frame = unsigned & unsigned.dtype.type((1 << info.bits_stored) - 1)
-        container = 8 * frame.dtype.itemsize
-        if info.bits_stored == container:
-            # imagecodecs' CharLS is ~50 % faster than pyjpegls but always writes P = the container width,
-            # which DICOM wants equal to Bits Stored; so it is used only where the two agree.
-            import imagecodecs
-            return bytes(imagecodecs.jpegls_encode(np.ascontiguousarray(frame)))
-        import jpeg_ls
-        rows, cols = frame.shape[:2]
-        spp = 1 if frame.ndim == 2 else frame.shape[2]
-        return bytes(jpeg_ls.encode_buffer(
-            np.ascontiguousarray(frame).tobytes(), rows, cols, spp, info.bits_stored,
-            interleave_mode=2 if spp > 1 else None,
-        ))
-
-    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
-        import imagecodecs
-        return _sign_extend(imagecodecs.jpegls_decode(data), info.bits_stored, info.signed)
-
-
-class _J2kFamily(Codec):
-    def photometric(self, info: FrameInfo) -> str:
-        # With the reversible colour transform applied the standard requires YBR_RCT; the decoder undoes it.
-        return "YBR_RCT" if info.photometric == "RGB" else info.photometric
-
-    def _check(self, info: FrameInfo) -> None:
-        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
-            raise CodecUnsuitable(f"{self.name} here does not carry {info.photometric}")
-        if info.bits_stored > 16:
-            raise CodecUnsuitable(f"{self.name} here carries at most 16 bits")
-
-
-class Jpeg2000(_J2kFamily):
-    name = "j2k"
-    transfer_syntax_uid = uid.JPEG2000Lossless
-
-    @classmethod
-    def available(cls) -> bool:
-        return _imagecodecs("JPEG2K")
-
-    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
-        import imagecodecs
-        self._check(info)
-        return bytes(imagecodecs.jpeg2k_encode(
-            np.ascontiguousarray(frame), 0, codecformat="J2K", reversible=True, bitspersample=info.bits_stored,
-            mct=info.photometric == "RGB", numthreads=1,
-        ))
-
-    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
-        import imagecodecs
-        return imagecodecs.jpeg2k_decode(data, numthreads=1)
-
-
-class Htj2k(_J2kFamily):
-    name = "htj2k"
-    transfer_syntax_uid = uid.HTJ2KLossless
-
-    @classmethod
-    def available(cls) -> bool:
-        return _imagecodecs("HTJ2K")
-
-    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
-        import imagecodecs
-        self._check(info)
-        # openjph takes the precision from the dtype (16 for a 12-bit frame); pydicom decodes that correctly.
-        return bytes(imagecodecs.htj2k_encode(
-            np.ascontiguousarray(frame), 0, reversible=True, rgb=info.photometric == "RGB",
-        ))
-
-    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
-        import imagecodecs
-        return imagecodecs.htj2k_decode(data)
-
-
-class JpegXl(Codec):
-    name = "jpegxl"
-    transfer_syntax_uid = JPEGXLLossless
-    pydicom_decodes = False
-
-    def __init__(self, effort: int = 7) -> None:
-        if not 1 <= effort <= 10:
-            raise ValueError(f"JPEG-XL effort must be 1..10, got {effort}")
-        self.effort = effort
-
-    @classmethod
-    def available(cls) -> bool:
-        return _imagecodecs("JPEGXL")
-
-    def encode(self, frame: np.ndarray, info: FrameInfo) -> bytes:
-        import imagecodecs
-        if info.signed:
-            raise CodecUnsuitable("JPEG-XL lossless carries unsigned samples only")
-        if info.bits_stored > 16:
-            raise CodecUnsuitable("JPEG-XL here carries at most 16 bits")
-        if info.photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
-            raise CodecUnsuitable(f"JPEG-XL here does not carry {info.photometric}")
-        return bytes(imagecodecs.jpegxl_encode(
-            np.ascontiguousarray(frame), lossless=True, effort=self.effort, bitspersample=info.bits_stored,
-            numthreads=1,
-        ))
-
-    def decode(self, data: bytes, info: FrameInfo) -> np.ndarray:
-        import imagecodecs
-        return imagecodecs.jpegxl_decode(data, numthreads=1)
 
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (JpegLs, Jpeg2000, Htj2k, JpegXl)}
