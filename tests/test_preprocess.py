@@ -66,6 +66,7 @@ def test_training_picture_gives_the_same_tensor_in_the_pipeline_and_through_the_
 
 
 def test_training_step_pictures_come_from_the_box_preprocessing(tmp_path):
+    pytest.importorskip("torch", reason="the model pipeline's extra (train) is not installed")
     from models.pipeline.data import load_images, read_grey
     from models.pipeline.train import render_device_like
 
