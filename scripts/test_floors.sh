@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv-floor/bin/python ] || python3 -m venv .venv-floor
 .venv/bin/uv pip install --python .venv-floor/bin/python --resolution lowest-direct -q -e ".[box,hub,test,samples]"
 .venv/bin/uv pip list --python .venv-floor/bin/python 2>/dev/null | grep -i -E \
-  "^(numpy|pydicom|paho-mqtt|typer|imagecodecs|onnxruntime|openvino|opencv-python-headless|pynetdicom|sqlite-utils|highdicom|psycopg|flask) " \
+  "^(numpy|pydicom|paho-mqtt|prometheus-client|typer|imagecodecs|onnxruntime|openvino|opencv-python-headless|pynetdicom|sqlite-utils|highdicom|psycopg|flask) " \
   | tr -s ' ' | paste -sd ',' | sed 's/^/floors: /'
 # store (sqlite-utils), wire and codecs (paho, pydicom, imagecodecs, pylibjpeg, pyjpegls), inference (onnxruntime,
 # openvino, opencv), results (highdicom), DICOM in/out (pynetdicom), CLIs (typer, rich), pseudonyms
@@ -19,4 +19,4 @@ exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_imaging.py tests/test_preprocess.py tests/test_results_dicom.py tests/test_sr_supersession.py \
   tests/test_scp.py tests/test_ingest.py tests/test_cli.py tests/test_cli_languages.py tests/test_report.py \
   tests/test_pseudonym_table.py tests/test_sync_transfer.py tests/test_hub_partitions.py tests/test_hub_store_pg.py \
-  tests/test_web_worklist.py tests/test_config.py
+  tests/test_web_worklist.py tests/test_config.py tests/test_metrics.py

@@ -1,17 +1,22 @@
 """The Prometheus endpoint box and hub share: `GET /metrics` in the text exposition format (0.0.4).
 
-A small http.server thread rather than prometheus_client: the numbers are read from the SQLite store when scraped
-(they survive restarts and need no second bookkeeping), the only in-process series is the triage latency histogram,
-and the format is a dozen lines — not worth a dependency on an appliance that installs offline.
+The numbers are read from the store when scraped (they survive restarts and need no second bookkeeping), so box and
+hub describe them as `Metric`s from a collect function; prometheus_client's custom-collector interface renders them
+(text format, escaping, counter naming) and serves them from a WSGI app that answers /metrics only.
 """
 from __future__ import annotations
 
 import logging
 import math
+import socketserver
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import generate_latest
+from prometheus_client.metrics_core import Metric as _Family
+from prometheus_client.registry import Collector, CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -34,27 +39,33 @@ class Metric:
         return self
 
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
 def _number(v: float) -> str:
     if math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"
     return "NaN" if math.isnan(v) else repr(float(v)) if v != int(v) else str(int(v))
 
 
+class _Adapter(Collector):
+    """Our Metrics as prometheus_client families, collected afresh at each scrape."""
+
+    def __init__(self, collect: Callable[[], Iterable[Metric]]):
+        self._collect = collect
+
+    def collect(self):
+        for m in self._collect():
+            # prometheus_client names a counter family without its _total; the samples keep their full names.
+            base = m.name[:-len("_total")] if m.kind == "counter" and m.name.endswith("_total") else m.name
+            family = _Family(base, m.help, m.kind)
+            for labels, value in m.samples:
+                labels = dict(labels)
+                family.add_sample(labels.pop("__name__", m.name), labels, value)
+            yield family
+
+
 def exposition(metrics: Iterable[Metric]) -> str:
-    out = []
-    for m in metrics:
-        out.append(f"# HELP {m.name} {m.help}")
-        out.append(f"# TYPE {m.name} {m.kind}")
-        for labels, value in m.samples:
-            labels = dict(labels)
-            name = labels.pop("__name__", m.name)
-            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {_number(value)}" if lab else f"{name} {_number(value)}")
-    return "\n".join(out) + "\n"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Adapter(lambda: list(metrics)))
+    return generate_latest(registry).decode()
 
 
 class Histogram:
@@ -87,35 +98,35 @@ class Histogram:
         return m
 
 
+class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - wsgiref's signature
+        log.debug("metrics %s " + format, self.client_address[0], *args)
+
+
 class MetricsServer:
     """`GET /metrics` on bind:port; `collect()` is called per scrape. Port 0 picks a free one (see `.port`)."""
 
     def __init__(self, bind: str, port: int, collect: Callable[[], list[Metric]]):
-        self.collect = collect
-        server = self
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Adapter(collect))
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] not in ("/metrics", "/metrics/"):
-                    self.send_error(404, "only /metrics here")
-                    return
-                try:
-                    body = exposition(server.collect()).encode()
-                    code = 200
-                except Exception as err:  # noqa: BLE001 - a failed scrape must say so, not kill the thread
-                    log.exception("metrics collection failed")
-                    body, code = f"collection failed: {type(err).__name__}\n".encode(), 500
-                self.send_response(code)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def app(environ, start_response):
+            if environ.get("PATH_INFO", "") not in ("/metrics", "/metrics/"):
+                start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+                return [b"only /metrics here\n"]
+            try:
+                body, status = generate_latest(self.registry), "200 OK"
+            except Exception as err:  # noqa: BLE001 - a failed scrape must say so, not kill the thread
+                log.exception("metrics collection failed")
+                body, status = f"collection failed: {type(err).__name__}\n".encode(), "500 Internal Server Error"
+            start_response(status, [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))])
+            return [body]
 
-            def log_message(self, fmt, *args):
-                log.debug("metrics %s " + fmt, self.client_address[0], *args)
-
-        self.httpd = ThreadingHTTPServer((bind, port), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = make_server(bind, port, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
         self.httpd.timeout = 5
         self.port = self.httpd.server_address[1]
         self._thread: threading.Thread | None = None
