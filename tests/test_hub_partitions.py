@@ -31,33 +31,6 @@ def test_rendezvous_gives_every_partition_one_owner_and_moves_only_what_a_member
     assert set(owners(["hub-1"]).values()) == {"hub-1"}
 
 
-def test_receivers_starting_together_on_a_new_sqlite_index_all_open_it(tmp_path):
-    import threading
-
-    from sync.hub.store import SqliteIndex
-
-    for attempt in range(5):
-        db = tmp_path / f"try{attempt}" / "hub.db"
-        barrier, opened, errors = threading.Barrier(4), [], []
-
-        def start():
-            try:
-                barrier.wait(10)
-                opened.append(SqliteIndex(db))
-            except Exception as err:  # noqa: BLE001 - reported below
-                errors.append(err)
-
-        threads = [threading.Thread(target=start) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        for index in opened:
-            index.close()
-        assert not errors, errors
-        assert len(opened) == 4
-
-
 def _boxes_for(owner_map: dict[int, str], wanted: list[str]) -> list[str]:
     """One box id per wanted owner, so the test covers both receivers whatever the hash gives."""
     found: dict[str, str] = {}
@@ -144,3 +117,4 @@ def test_a_killed_receiver_s_boxes_move_to_the_survivor_and_nothing_is_lost(tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+

@@ -571,3 +571,22 @@ def test_a_burst_of_flags_is_committed_in_batches_in_postgresql_and_one_bad_flag
     from test_sync_transfer import burst_with_a_poison_and_a_collision
 
     burst_with_a_poison_and_a_collision(tmp_path, broker, parts, pg_url)
+
+
+def test_postgresql_index_records_its_migrations_once_and_adopts_one_from_before_them(tmp_path, pg_url):
+    import psycopg
+
+    from sync.hub import migrations
+
+    want = [n for n, _name, _step in migrations.MIGRATIONS]
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # an index as the first release created it
+        conn.execute(migrations.pg_types(migrations.SCHEMA.replace(", claimed_by TEXT", "")))
+    stores = [_store(tmp_path, pg_url) for _ in range(2)]  # the second finds everything applied
+    try:
+        rows = stores[0].query("SELECT number FROM _migrations ORDER BY number")
+        assert [r["number"] for r in rows] == want
+        cols = stores[0].query("SELECT column_name FROM information_schema.columns WHERE table_name = 'transfers'")
+        assert "claimed_by" in {r["column_name"] for r in cols}
+    finally:
+        for s in stores:
+            s.close()

@@ -19,61 +19,10 @@ from sync.core.fsutil import fsync_dir
 from sync.core.diskguard import describe_store_error
 from sync.core.errors import StoreError, UidCollisionError
 from sync.core.sqlite import find_study, write_transaction
+from sync.hub import migrations
 
 log = logging.getLogger(__name__)
 
-# Several receivers (one per process) share this database: WAL, a busy timeout and BEGIN IMMEDIATE keep them honest.
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS transfers (
-  transfer_id TEXT PRIMARY KEY, device TEXT NOT NULL, study_uid TEXT, sop_instance_uid TEXT, label TEXT,
-  size INTEGER NOT NULL, sha256 TEXT NOT NULL, chunk_size INTEGER NOT NULL, count INTEGER NOT NULL,
-  codec TEXT, transfer_syntax TEXT, original_size INTEGER, ratio REAL,
-  state TEXT NOT NULL DEFAULT 'receiving', claimed_at REAL, retries INTEGER NOT NULL DEFAULT 0,
-  dup_chunks INTEGER NOT NULL DEFAULT 0, reason TEXT, created_at REAL, updated_at REAL, completed_at REAL);
-CREATE TABLE IF NOT EXISTS chunks (transfer_id TEXT NOT NULL, idx INTEGER NOT NULL, at REAL,
-  PRIMARY KEY (transfer_id, idx));
-CREATE TABLE IF NOT EXISTS instances (
-  sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL, transfer_id TEXT,
-  sha256 TEXT, size INTEGER, original_size INTEGER, codec TEXT, transfer_syntax TEXT, path TEXT, stored_at REAL);
-CREATE INDEX IF NOT EXISTS ix_instances_study ON instances(study_uid);
-CREATE TABLE IF NOT EXISTS studies (
-  study_uid TEXT PRIMARY KEY, device TEXT NOT NULL, label TEXT, reasons TEXT, modality TEXT,
-  n_expected INTEGER NOT NULL DEFAULT 0, n_instances INTEGER NOT NULL DEFAULT 0,
-  wire_bytes INTEGER NOT NULL DEFAULT 0, original_bytes INTEGER NOT NULL DEFAULT 0,
-  flagged_at REAL, first_seen REAL, updated_at REAL, preview_path TEXT,
-  read_disposition TEXT, read_note TEXT, read_by TEXT, read_at REAL);
-CREATE TABLE IF NOT EXISTS flags (flag_id TEXT NOT NULL, device TEXT NOT NULL, study_uid TEXT, label TEXT,
-  received_at REAL, times INTEGER NOT NULL DEFAULT 1, PRIMARY KEY (device, flag_id));
-CREATE TABLE IF NOT EXISTS boxes (device TEXT PRIMARY KEY, first_seen REAL, last_seen REAL, online INTEGER,
-  status_at REAL, heartbeat TEXT, heartbeat_at REAL, queue_depth INTEGER, oldest_unsent_at REAL,
-  messages INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0, dup_chunks INTEGER NOT NULL DEFAULT 0,
-  bad_messages INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS reads (read_id TEXT PRIMARY KEY, study_uid TEXT NOT NULL, device TEXT NOT NULL,
-  disposition TEXT NOT NULL, note TEXT, by TEXT, at REAL NOT NULL, published_at REAL, delivered_at REAL);
-CREATE TABLE IF NOT EXISTS dead_letters (id INTEGER PRIMARY KEY, at REAL, topic TEXT, device TEXT, reason TEXT,
-  size INTEGER, head TEXT);
-CREATE TABLE IF NOT EXISTS uid_collisions (kind TEXT NOT NULL, uid TEXT NOT NULL, owner TEXT NOT NULL,
-  claimant TEXT NOT NULL, first_at REAL, last_at REAL, times INTEGER NOT NULL DEFAULT 1,
-  PRIMARY KEY (kind, uid, claimant));
-CREATE TABLE IF NOT EXISTS superseded (sop_instance_uid TEXT PRIMARY KEY, by_sop TEXT NOT NULL, study_uid TEXT,
-  at REAL);
-CREATE TABLE IF NOT EXISTS forwards (sop_instance_uid TEXT PRIMARY KEY, study_uid TEXT NOT NULL,
-  state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, next_at REAL NOT NULL DEFAULT 0,
-  queued_at REAL, sent_at REAL, claimed_by TEXT, claimed_at REAL, syntax TEXT, reason TEXT);
-CREATE INDEX IF NOT EXISTS ix_forwards_due ON forwards(state, next_at);
-CREATE INDEX IF NOT EXISTS ix_instances_stored ON instances(stored_at);
-CREATE TABLE IF NOT EXISTS box_info (device TEXT PRIMARY KEY, region TEXT, name TEXT);
-CREATE TABLE IF NOT EXISTS web_users (username TEXT PRIMARY KEY, full_name TEXT, role TEXT NOT NULL, lang TEXT,
-  pw_hash TEXT NOT NULL, failed INTEGER NOT NULL DEFAULT 0, locked_until REAL, created_at REAL, last_login REAL);
-CREATE TABLE IF NOT EXISTS web_sessions (token_hash TEXT PRIMARY KEY, username TEXT NOT NULL, csrf TEXT NOT NULL,
-  created_at REAL NOT NULL, last_seen REAL NOT NULL, remote TEXT);
-CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, username TEXT, action TEXT NOT NULL,
-  study_uid TEXT, detail TEXT, remote TEXT);
-CREATE INDEX IF NOT EXISTS ix_audit_study ON audit(study_uid);
-"""
-# Columns added after a hub's index was first created (CREATE TABLE IF NOT EXISTS leaves old tables as they are).
-ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT"), ("reads", "findings", "TEXT"),
-                 ("instances", "sop_class_uid", "TEXT")]
 LABEL_ORDER = "CASE label WHEN 'urgent' THEN 0 WHEN 'review' THEN 1 WHEN 'normal' THEN 2 ELSE 3 END"
 SEVERITY = {"normal": 0, "review": 1, "urgent": 2}
 CLAIM_STALE_S = 120.0
@@ -101,26 +50,26 @@ class SqliteIndex:
         try:
             self.conn = sqlite3.connect(self.db_path, timeout=30, check_same_thread=False, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
+            self._wal()
             self.conn.execute("PRAGMA synchronous=FULL")
-            self.conn.executescript(SCHEMA)
-            # Receivers starting together on a new file: one adds the columns, the others then see them (without
-            # the lock, the second died on "duplicate column name").
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                for table, column, kind in ADDED_COLUMNS:
-                    have = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
-                    if column not in have:
-                        self.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+            migrations.migrate_sqlite(self.conn)
         except sqlite3.Error as err:
             raise StoreError(f"cannot open hub store {self.db_path}: {describe_store_error(err, self.db_path)}") from err
         self._lock = threading.RLock()
         self._local = threading.local()
         self._savepoints = 0
+
+    def _wal(self) -> None:
+        # Switching a new file to WAL takes it exclusively and SQLite's busy timeout does not cover that: receivers
+        # starting together on a new index got "database is locked" at once. The switch is tried again for a while.
+        for attempt in range(100):
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or attempt == 99:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         with self._lock:
