@@ -61,6 +61,26 @@ def create_app(cfg, store, publish=None) -> Flask:
                         max_failures=w.max_failures, lockout_minutes=w.lockout_minutes)
     app.extensions["wasla"] = {"accounts": accounts, "store": store}
 
+    login_required = _login_required(accounts)
+    _session_hooks(app, accounts, w)
+    @app.errorhandler(NotFoundError)
+    def _not_found(_err):
+        return render_template("error.html", message=translate(g.lang, N_("Not found."))), 404
+
+    @app.errorhandler(BadInputError)
+    def _bad(err):
+        return render_template("error.html", message=str(err)), 422
+
+    _auth_routes(app, accounts, w, login_required)
+    _study_routes(app, cfg, store, accounts, login_required)
+    _read_route(app, cfg, store, accounts, login_required, publish)
+    _report_routes(app, store, accounts, login_required)
+    return app
+
+
+def _session_hooks(app: Flask, accounts: Accounts, w) -> None:
+    """Who is asking (session, language) before each request; the security headers and language cookie after."""
+
     def lang_of(user: dict | None) -> str:
         for code in (request.args.get("lang"), request.cookies.get(LANG_COOKIE), (user or {}).get("lang")):
             if normalize(code):
@@ -94,6 +114,11 @@ def create_app(cfg, store, publish=None) -> Flask:
                            secure=w.secure_cookies)
         return rsp
 
+
+
+def _login_required(accounts: Accounts):
+    """The decorator: a session for every view, and a matching CSRF token for every POST."""
+
     def login_required(view):
         @wraps(view)
         def wrapper(*args, **kwargs):
@@ -107,13 +132,11 @@ def create_app(cfg, store, publish=None) -> Flask:
             return view(*args, **kwargs)
         return wrapper
 
-    @app.errorhandler(NotFoundError)
-    def _not_found(_err):
-        return render_template("error.html", message=translate(g.lang, N_("Not found."))), 404
+    return login_required
 
-    @app.errorhandler(BadInputError)
-    def _bad(err):
-        return render_template("error.html", message=str(err)), 422
+
+def _auth_routes(app: Flask, accounts: Accounts, w, login_required) -> None:
+    """Log in (double-submit CSRF, lockout) and out."""
 
     # --- login ------------------------------------------------------------------------------------------------
     @app.route("/login", methods=["GET", "POST"])
@@ -151,6 +174,11 @@ def create_app(cfg, store, publish=None) -> Flask:
         rsp = redirect(url_for("login"))
         rsp.delete_cookie(COOKIE)
         return rsp
+
+
+
+def _study_routes(app: Flask, cfg, store, accounts: Accounts, login_required) -> None:
+    """The worklist, a study's page, its preview, reads and the viewer's frames."""
 
     # --- worklist ---------------------------------------------------------------------------------------------
     @app.get("/")
@@ -224,6 +252,11 @@ def create_app(cfg, store, publish=None) -> Flask:
         rsp.headers["X-Wasla-Frame"] = json.dumps(meta)
         return rsp
 
+
+
+def _read_route(app: Flask, cfg, store, accounts: Accounts, login_required, publish) -> None:
+    """The radiologist's read: stored, audited, filed as a DICOM report, and sent to the clinic now if it can be."""
+
     @app.post("/study/<uid>/read")
     @login_required
     def read(uid: str):
@@ -254,6 +287,11 @@ def create_app(cfg, store, publish=None) -> Flask:
                 log.warning("read %s not published now (%s); the receiver sends it later", r["read_id"],
                             type(err).__name__)
         return redirect(url_for("study", uid=s["study_uid"], saved=r["read_id"]))
+
+
+
+def _report_routes(app: Flask, store, accounts: Accounts, login_required) -> None:
+    """Pilot figures (page, JSON, CSV), the audit log, and the health check."""
 
     @app.get("/kpi")
     @login_required
@@ -291,7 +329,6 @@ def create_app(cfg, store, publish=None) -> Flask:
         store.query("SELECT 1 AS ok")  # the index answers, or this fails and the watchdog is not fed
         return jsonify({"ok": True})
 
-    return app
 
 
 def _duration(seconds: float | None) -> str:
