@@ -296,6 +296,61 @@ def _candidates(codecs: list[str] | None, pixel_bytes: int) -> list[str]:
     return chosen
 
 
+@dataclass
+class _Source:
+    """One instance being re-encoded: what every candidate codec is tried on and compared against."""
+
+    ds: Dataset
+    raw: bytes
+    sop: str
+    info: FrameInfo
+    frames: np.ndarray
+    source_frames: np.ndarray
+    original: WireEncoding
+    link: codec_policy.Link | None
+
+
+def _attempt(src: _Source, spec: str, best: WireEncoding) -> WireEncoding:
+    """`best`, or `spec`'s encoding of the source where it is smaller and decodes to the very same pixels."""
+    ds, info, frames, source_frames, sop, link = src.ds, src.info, src.frames, src.source_frames, src.sop, src.link
+    if link is not None and best is not src.original:
+        verdict = codec_policy.worth_trying(spec, pixel_bytes=source_frames.nbytes, best_bytes=len(best.data),
+                                            best_ratio=best.ratio, link=link)
+        log.info("codec %s for %s at %.0f kB/s, %.0f s queued ahead: %s", spec, sop, link.bytes_per_s / 1e3,
+                 link.backlog_s, verdict)
+        if not verdict.try_it:
+            return best
+    codec = make_codec(spec)
+    if not codec.available():
+        log.info("codec %s not installed; skipped for %s", spec, sop)
+        return best
+    started = time.perf_counter()
+    try:
+        encoded = [codec.encode(f, info) for f in frames]
+    except CodecUnsuitable as err:
+        log.info("codec %s skipped for %s: %s", spec, sop, err)
+        return best
+    except Exception as err:
+        log.warning("codec %s failed to encode %s: %s", spec, sop, err)
+        return best
+    if sum(map(len, encoded)) >= len(best.data):
+        return best  # cannot win even before the header is added: skip the costly verification
+    try:
+        data = _build(ds, codec, encoded, info)
+        ok = np.array_equal(_decode_checked(data)[1], source_frames)  # type: ignore[arg-type]  # None: False
+    except Exception as err:
+        log.warning("codec %s output for %s does not decode: %s", spec, sop, err)
+        return best
+    if not ok:
+        log.warning("codec %s is not bit-exact on %s; discarded", spec, sop)
+        return best
+    codec_policy.SPEEDS.record(spec, source_frames.nbytes, time.perf_counter() - started)
+    if len(data) < len(best.data):
+        return WireEncoding(data, spec, codec.transfer_syntax_uid,  # type: ignore[arg-type]  # set on every codec
+                            len(src.raw), len(src.raw) / len(data), True)
+    return best
+
+
 def encode_for_wire(
     source: bytes | str | Path, *, codecs: list[str] | None = None, frames_limit: int | None = None,
     link: codec_policy.Link | None = None,
@@ -332,53 +387,15 @@ def encode_for_wire(
         return original
     frames = _container(source_frames, info)
 
+    src = _Source(ds, raw, sop, info, frames, source_frames, original, link)
     best = original
-
-    def attempt(spec: str, best: WireEncoding) -> WireEncoding:
-        if link is not None and best is not original:
-            verdict = codec_policy.worth_trying(spec, pixel_bytes=source_frames.nbytes, best_bytes=len(best.data),
-                                                best_ratio=best.ratio, link=link)
-            log.info("codec %s for %s at %.0f kB/s, %.0f s queued ahead: %s", spec, sop, link.bytes_per_s / 1e3,
-                     link.backlog_s, verdict)
-            if not verdict.try_it:
-                return best
-        codec = make_codec(spec)
-        if not codec.available():
-            log.info("codec %s not installed; skipped for %s", spec, sop)
-            return best
-        started = time.perf_counter()
-        try:
-            encoded = [codec.encode(f, info) for f in frames]
-        except CodecUnsuitable as err:
-            log.info("codec %s skipped for %s: %s", spec, sop, err)
-            return best
-        except Exception as err:
-            log.warning("codec %s failed to encode %s: %s", spec, sop, err)
-            return best
-        if sum(map(len, encoded)) >= len(best.data):
-            return best  # cannot win even before the header is added: skip the costly verification
-        try:
-            data = _build(ds, codec, encoded, info)
-            ok = np.array_equal(_decode_checked(data)[1], source_frames)  # type: ignore[arg-type]  # None: False
-        except Exception as err:
-            log.warning("codec %s output for %s does not decode: %s", spec, sop, err)
-            return best
-        if not ok:
-            log.warning("codec %s is not bit-exact on %s; discarded", spec, sop)
-            return best
-        codec_policy.SPEEDS.record(spec, source_frames.nbytes, time.perf_counter() - started)
-        if len(data) < len(best.data):
-            return WireEncoding(data, spec, codec.transfer_syntax_uid,  # type: ignore[arg-type]  # set on every codec
-                                len(raw), len(raw) / len(data), True)
-        return best
-
     tried = _candidates(codecs, source_frames.nbytes if link is None else 0)
     for spec in tried:
-        best = attempt(spec, best)
+        best = _attempt(src, spec, best)
     if codecs is None and best.ratio >= COMPRESSIBLE_RATIO and source_frames.nbytes <= COMPRESSIBLE_MAX_BYTES:
         for spec in SMALL_IMAGE_CODECS:
             if spec not in tried:
-                best = attempt(spec, best)
+                best = _attempt(src, spec, best)
     log.info("%s: %s, ratio %.2f", sop, best.codec, best.ratio)
     return best
 
