@@ -220,21 +220,19 @@ def _panel(body: Any, title: str, **kw) -> Panel:
     return Panel(body, title=title, title_align="right" if is_rtl() else "left", **kw)
 
 
-def render(snap: dict[str, Any]) -> Group:
-    """The status screen for one snapshot, in the current language."""
-    rtl = is_rtl()
+def _head(snap: dict[str, Any], rtl: bool) -> Any:
+    """The title line: box, time of the snapshot."""
     if rtl:
         head = Text.assemble(clock_time(snap["at"]), " :", _("Updated"), "   ", (ltr(snap["box"]), "bold"), " :",
                              _("Box"), "   ", ("Wasla", "bold cyan"), justify="right")
     else:
         head = Text.assemble(("Wasla", "bold cyan"), "   ", _("Box"), ": ", (ltr(snap["box"]), "bold"), "   ",
                              _("Updated"), ": ", clock_time(snap["at"]))
+    return head
 
-    ing = snap["ingest"]
-    ingest = _kv([(_("Per minute (last 10 min)"), ltr(ing["per_minute"])),
-                  (_("Last minute"), ltr(ing["last_minute"])),
-                  (_("Last ingest"), clock_time(ing["last_at"]))])
 
+def _queue_view(snap: dict[str, Any], rtl: bool) -> Any:
+    """Instances by state beside studies by label."""
     queue = Table(box=None, padding=(0, 1), show_header=False)
     labels = Table(box=None, padding=(0, 1), show_header=False)
     for t in (queue, labels):
@@ -250,7 +248,11 @@ def render(snap: dict[str, Any]) -> Group:
         queue_grid.add_column(ratio=1, justify="right")
         queue_grid.add_column(justify="right")
     queue_grid.add_row(*_row(queue, labels))
+    return queue_grid
 
+
+def _disk_view(snap: dict[str, Any]) -> Any:
+    """Disk use against the reserve."""
     disk = snap["disk"]
     used = max(0, disk["total_mb"] - disk["free_mb"])
     low = disk["free_mb"] < disk["reserve_mb"] * 2
@@ -259,7 +261,11 @@ def render(snap: dict[str, Any]) -> Group:
                     complete_style="red" if low else "green"),
         _kv([(_("Free"), human_bytes(disk["free_mb"] * 1e6)), (_("Total"), human_bytes(disk["total_mb"] * 1e6)),
              (_("Kept in reserve"), human_bytes(disk["reserve_mb"] * 1e6))]))
+    return disk_view
 
+
+def _upload_view(snap: dict[str, Any]) -> Any:
+    """The study being sent, its progress and the queue behind it."""
     up = snap["upload"]
     if not up["enabled"]:
         upload_view: Any = Text(_("Sync is off in the configuration."), style="dim")
@@ -279,7 +285,11 @@ def render(snap: dict[str, Any]) -> Group:
         else:
             rows.insert(0, (_("Study"), Text(_("nothing to send"), style="dim")))
         upload_view = _kv(rows)
+    return upload_view
 
+
+def _link_view(snap: dict[str, Any]) -> Any:
+    """The hub link now and its recent history."""
     link = snap["link"]
     strip = Text()
     for u in link["history"]:
@@ -289,7 +299,11 @@ def render(snap: dict[str, Any]) -> Group:
                      (_("Now"), Text.assemble(state, " ", _("since {time}").format(time=clock_time(link["since"])))),
                      (_("History"), strip),
                      (_("Changes"), ltr(link["changes"]))])
+    return link_view
 
+
+def _urgent_view(snap: dict[str, Any], rtl: bool) -> Any:
+    """The last urgent studies and whether their flags reached the hub."""
     urgent = Table(box=None, padding=(0, 1), header_style="bold", expand=rtl)
     # UIDs and times never wrap (a folded UID is unreadable and cannot be copied); the hub column gives way.
     for title, justify, keep in _row((_("study"), None, 24), (_("modality"), None, 0), (_("images"), "right", 0),
@@ -303,6 +317,21 @@ def render(snap: dict[str, Any]) -> Group:
                              ltr(r["n_instances"]), clock_time(r["at"]), flag))
     urgent_view: Any = urgent if snap["urgent"] else Text(_("no urgent study"), style="dim",
                                                           justify="right" if rtl else "left")
+    return urgent_view
+
+
+def render(snap: dict[str, Any]) -> Group:
+    """The status screen for one snapshot, in the current language."""
+    rtl = is_rtl()
+    head = _head(snap, rtl)
+    ing = snap["ingest"]
+    ingest = _kv([(_("Per minute (last 10 min)"), ltr(ing["per_minute"])),
+                  (_("Last minute"), ltr(ing["last_minute"])),
+                  (_("Last ingest"), clock_time(ing["last_at"]))])
+
+    queue_grid = _queue_view(snap, rtl)
+    disk_view, upload_view, link_view = _disk_view(snap), _upload_view(snap), _link_view(snap)
+    urgent_view = _urgent_view(snap, rtl)
 
     first = Group(_panel(ingest, _("Ingest")), _panel(queue_grid, _("Queue by state")), _panel(disk_view, _("Disk")))
     second = Group(_panel(upload_view, _("Current upload")), _panel(link_view, _("Link to the hub")))
