@@ -93,6 +93,34 @@ def _parse_manifest(m: Any, folder: Path, kid: str) -> ModelPackage:
     if not abnormal or len(set(abnormal)) != len(abnormal) or not set(abnormal) < set(labels):
         raise bad("abnormal_labels must be distinct labels from `labels`, not empty and not all of them")
 
+    thresholds, backend_thresholds = _parse_thresholds(m, bad)
+    low_conf = m.get("review_if_confidence_below")
+    if low_conf is not None:
+        if m["task"] != "multiclass":
+            raise bad("review_if_confidence_below applies to multiclass tasks only")
+        if not _is_num(low_conf) or not 0 <= low_conf <= 1:
+            raise bad(f"review_if_confidence_below {low_conf!r} must be null or a number in [0, 1]")
+
+    input_spec = _parse_input(m["input"], bad)
+    out = m["output"]
+    if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out.get("activation") not in ACTIVATIONS:
+        raise bad(f"output must be {{\"name\": str, \"activation\": one of {ACTIVATIONS}}}")
+    routing = _parse_routing(m["routing"], bad)
+
+    backends = _parse_files(m, bad)
+
+    return ModelPackage(
+        name=m["name"], version=m["version"], folder=folder, manifest=m, input_spec=input_spec,
+        labels=tuple(labels), abnormal_labels=tuple(abnormal),
+        thresholds=thresholds, backend_thresholds=backend_thresholds, routing=routing,
+        backend_files={kind: folder / rel for kind, rel in backends.items()}, key_id=kid,
+        task=m["task"], activation=out["activation"], output_name=out["name"],
+        review_if_confidence_below=None if low_conf is None else float(low_conf),
+    )
+
+
+def _parse_thresholds(m: dict, bad) -> tuple[Thresholds, dict[str, Thresholds]]:
+    """The package's review/urgent pair and any per-backend pairs (each backend named in `backends`)."""
     th = m["thresholds"]
     if not isinstance(th, dict) or not {"review", "urgent"} <= set(th) <= {"review", "urgent", "by_backend"}:
         raise bad("thresholds must be {\"review\": number, \"urgent\": number[, \"by_backend\": {...}]}")
@@ -107,19 +135,11 @@ def _parse_manifest(m: Any, folder: Path, kid: str) -> ModelPackage:
         if not isinstance(value, dict) or set(value) != {"review", "urgent"}:
             raise bad(f"thresholds.by_backend.{kind} must be {{\"review\": number, \"urgent\": number}}")
         backend_thresholds[kind] = _thresholds(value, f"thresholds.by_backend.{kind}", bad)
-    low_conf = m.get("review_if_confidence_below")
-    if low_conf is not None:
-        if m["task"] != "multiclass":
-            raise bad("review_if_confidence_below applies to multiclass tasks only")
-        if not _is_num(low_conf) or not 0 <= low_conf <= 1:
-            raise bad(f"review_if_confidence_below {low_conf!r} must be null or a number in [0, 1]")
+    return thresholds, backend_thresholds
 
-    input_spec = _parse_input(m["input"], bad)
-    out = m["output"]
-    if not isinstance(out, dict) or not isinstance(out.get("name"), str) or out.get("activation") not in ACTIVATIONS:
-        raise bad(f"output must be {{\"name\": str, \"activation\": one of {ACTIVATIONS}}}")
-    routing = _parse_routing(m["routing"], bad)
 
+def _parse_files(m: dict, bad) -> dict:
+    """`files` (path -> sha256, never the manifest or signature) and `backends` (backend -> a listed file)."""
     files = m["files"]
     if not isinstance(files, dict) or not files:
         raise bad("files must be a non-empty object of path -> sha256")
@@ -141,15 +161,7 @@ def _parse_manifest(m: Any, folder: Path, kid: str) -> ModelPackage:
         # An IR's weights are read implicitly by OpenVINO; they must be covered by a hash too.
         if rel.endswith(".xml") and rel[:-4] + ".bin" not in files:
             raise bad(f"backend {kind!r} file {rel} needs {rel[:-4]}.bin listed in files")
-
-    return ModelPackage(
-        name=m["name"], version=m["version"], folder=folder, manifest=m, input_spec=input_spec,
-        labels=tuple(labels), abnormal_labels=tuple(abnormal),
-        thresholds=thresholds, backend_thresholds=backend_thresholds, routing=routing,
-        backend_files={kind: folder / rel for kind, rel in backends.items()}, key_id=kid,
-        task=m["task"], activation=out["activation"], output_name=out["name"],
-        review_if_confidence_below=None if low_conf is None else float(low_conf),
-    )
+    return backends
 
 
 def _is_num(v: Any) -> bool:
