@@ -26,9 +26,16 @@ def _metrics_table(m: dict) -> str:
 
 def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity: dict, headline: dict,
                before: dict | None = None, note: str | None = None) -> str:
-    bands = evaluation["abnormal_vs_rest"]["bands"]
-    data = job.training_data
-    kermany = data.get("doi") == "10.17632/rscbjbr9sj.2"
+    kermany = job.training_data.get("doi") == "10.17632/rscbjbr9sj.2"
+    lines = _intro_lines(job, meta, thresholds)
+    lines += _data_lines(job, kermany)
+    lines += _evaluation_lines(job, thresholds, evaluation, parity, headline, before, note)
+    lines += _limitation_lines(job, thresholds, evaluation, kermany)
+    return "\n".join(lines)
+
+
+def _intro_lines(job: Job, meta: dict, thresholds: dict) -> list[str]:
+    """Title, the not-for-clinical-use notice, intended use, score, thresholds, input and architecture."""
     lines = [
         f"# {job.name} {job.version}",
         "",
@@ -65,6 +72,13 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         "",
         "## Data",
     ]
+    return lines
+
+
+def _data_lines(job: Job, kermany: bool) -> list[str]:
+    """The training data and its credit, as its licence asks, and what a site adaptation started from."""
+    data = job.training_data
+    lines: list[str] = []
     if kermany:
         lines += [
             f"Trained on {data['name']}: {data['attribution']}. DOI: [doi:{data['doi']}](https://doi.org/"
@@ -78,7 +92,14 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         lines += [f"Adapted from {job.parent['name']} {job.parent['version']} on a local folder-per-class dataset "
                   f"({job.parent.get('local_images', '?')} images; kept on the box, not distributed)"
                   + (f"; starting weights: {job.parent['init']}" if job.parent.get("init") else "") + ".", ""]
-    lines += [
+    return lines
+
+
+def _evaluation_lines(job: Job, thresholds: dict, evaluation: dict, parity: dict, headline: dict,
+                      before: dict | None, note: str | None) -> list[str]:
+    """How each split was used, the held-out figures, the bands, the CPU they ran on, robustness."""
+    bands = evaluation["abnormal_vs_rest"]["bands"]
+    lines = [
         f"Validation: patient-wise, class-stratified split carved from the training folder (seed {job.seed}); "
         "exact duplicate files removed by sha256 so no copy sits on both sides. "
         + (note or "The test set was used once, for the figures below."),
@@ -120,6 +141,12 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         mc = evaluation["multiclass"]
         lines += [f"Multiclass accuracy {_pct(mc['accuracy'])}; recall per class: " +
                   ", ".join(f"{k} {_pct(v['recall'])}" for k, v in mc["per_class"].items()) + ".", ""]
+    return lines
+
+
+def _limitation_lines(job: Job, thresholds: dict, evaluation: dict, kermany: bool) -> list[str]:
+    """What the model does not do, and where its figures do not reach."""
+    lines: list[str] = []
     lines += ["## Limitations"]
     if kermany:
         lines += [
@@ -154,7 +181,7 @@ def model_card(job: Job, meta: dict, thresholds: dict, evaluation: dict, parity:
         "backend, decoder or DICOM windowing (see band agreement).",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _input_line(job: Job, meta: dict) -> str:
