@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv-floor/bin/python ] || python3 -m venv .venv-floor
 .venv/bin/uv pip install --python .venv-floor/bin/python --resolution lowest-direct -q -e ".[box,hub,test,samples]"
 .venv/bin/uv pip list --python .venv-floor/bin/python 2>/dev/null | grep -i -E \
-  "^(numpy|pydicom|paho-mqtt|prometheus-client|typer|imagecodecs|onnxruntime|openvino|opencv-python-headless|pynetdicom|sqlite-utils|highdicom|psycopg|flask) " \
+  "^(numpy|pydicom|paho-mqtt|prometheus-client|msgspec|typer|imagecodecs|onnxruntime|openvino|opencv-python-headless|pynetdicom|sqlite-utils|highdicom|psycopg|flask) " \
   | tr -s ' ' | paste -sd ',' | sed 's/^/floors: /'
 # store (sqlite-utils), wire and codecs (paho, pydicom, imagecodecs, pylibjpeg, pyjpegls), inference (onnxruntime,
 # openvino, opencv), results (highdicom), DICOM in/out (pynetdicom), CLIs (typer, rich), pseudonyms

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import struct
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from sync.core.errors import ProtocolError
 
@@ -123,33 +124,119 @@ def parse_topic(topic: str, direction: str) -> tuple[str, str]:
 
 
 # --- schemas -----------------------------------------------------------------------------------------------------
-# field -> (type(s), required). Unknown fields are allowed (a v1 minor addition must not break an older hub).
-_NUM = (int, float)
-_OPT_STR = (str, type(None))
-SCHEMAS: dict[str, dict[str, tuple[Any, bool]]] = {
-    "flag": {"flag_id": (str, True), "study_uid": (str, True), "label": (str, True), "reasons": (list, False),
-             "modality": (_OPT_STR, False), "n_instances": (int, False), "at": (_NUM, True),
-             "models": (list, False), "preview_jpeg_b64": (_OPT_STR, False)},
-    "manifest": {"transfer": (str, True), "study_uid": (str, True), "sop_instance_uid": (str, True),
-                 "label": (_OPT_STR, False), "size": (int, True), "sha256": (str, True), "chunk_size": (int, True),
-                 "count": (int, True), "codec": (str, False), "transfer_syntax": (str, False),
-                 "original_size": (int, False), "ratio": (_NUM, False), "resume": (bool, False)},
-    "chunk": {"transfer": (str, True), "index": (int, True), "count": (int, True), "size": (int, True),
-              "chunk_size": (int, True), "sha256": (str, True), "chunk_sha256": (str, True),
-              "study_uid": (str, True), "label": (_OPT_STR, False)},
-    "heartbeat": {"at": (_NUM, True), "queue_depth": (int, False), "oldest_unsent_at": ((int, float, type(None)), False),
-                  "disk_free_mb": (_NUM, False), "models": (list, False), "link": (dict, False),
-                  "reads_applied": (list, False)},
-    "status": {"online": (bool, True), "at": (_NUM, True)},
-    "ack": {"transfer": (_OPT_STR, False), "flag_id": (_OPT_STR, False), "status": (str, True),
-            "have": (list, False), "count": (int, False), "reason": (_OPT_STR, False)},
-    "read": {"read_id": (str, True), "study_uid": (str, True), "disposition": (str, True), "note": (_OPT_STR, False),
-             "by": (_OPT_STR, False), "at": (_NUM, True)},
-    "command": {"command": (str, True), "args": (dict, False)},
-}
-_SHA_RE = re.compile(r"[0-9a-f]{64}")
 # Integers and times travel as JSON numbers; anything beyond 2**53 is neither exact in a double nor a real value.
 MAX_NUMBER = 2 ** 53
+# A count, size, index or depth: an integer (never a bool), never negative, exact in a double.
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_NUMBER)]
+# A time, ratio or amount: a finite number (an integer is one too), within the exact range of a double.
+Number = Annotated[float, msgspec.Meta(ge=-MAX_NUMBER, le=MAX_NUMBER)]
+
+
+class _Fields(msgspec.Struct):
+    """Each message kind's fields and their types, checked by msgspec. Unknown fields are allowed (a v1 minor
+    addition must not break an older hub); a field's absence is allowed where it has a default."""
+
+
+class FlagFields(_Fields):
+    flag_id: str
+    study_uid: str
+    label: str
+    at: Number
+    reasons: list = msgspec.field(default_factory=list)
+    modality: str | None = None
+    n_instances: Count = 0
+    models: list = msgspec.field(default_factory=list)
+    preview_jpeg_b64: str | None = None
+
+
+class ManifestFields(_Fields):
+    transfer: str
+    study_uid: str
+    sop_instance_uid: str
+    size: Count
+    sha256: str
+    chunk_size: Count
+    count: Count
+    label: str | None = None
+    codec: str = ""
+    transfer_syntax: str = ""
+    original_size: Count = 0
+    ratio: Number = 1.0
+    resume: bool = False
+
+
+class ChunkFields(_Fields):
+    transfer: str
+    index: Count
+    count: Count
+    size: Count
+    chunk_size: Count
+    sha256: str
+    chunk_sha256: str
+    study_uid: str
+    label: str | None = None
+
+
+class HeartbeatFields(_Fields):
+    at: Number
+    queue_depth: Count = 0
+    oldest_unsent_at: Number | None = None
+    disk_free_mb: Number = 0.0
+    models: list = msgspec.field(default_factory=list)
+    link: dict = msgspec.field(default_factory=dict)
+    reads_applied: list = msgspec.field(default_factory=list)
+
+
+class StatusFields(_Fields):
+    online: bool
+    at: Number
+
+
+class AckFields(_Fields):
+    status: str
+    transfer: str | None = None
+    flag_id: str | None = None
+    have: list = msgspec.field(default_factory=list)
+    count: Count = 0
+    reason: str | None = None
+
+
+class ReadFields(_Fields):
+    read_id: str
+    study_uid: str
+    disposition: str
+    at: Number
+    note: str | None = None
+    by: str | None = None
+
+
+class CommandFields(_Fields):
+    command: str
+    args: dict = msgspec.field(default_factory=dict)
+
+
+SCHEMAS: dict[str, type[_Fields]] = {
+    "flag": FlagFields, "manifest": ManifestFields, "chunk": ChunkFields, "heartbeat": HeartbeatFields,
+    "status": StatusFields, "ack": AckFields, "read": ReadFields, "command": CommandFields,
+}
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+_AT = re.compile(r" - at `\$\.([^`\[]*)")
+
+
+def _schema_error(kind: str, err: msgspec.ValidationError) -> ProtocolError:
+    """msgspec's finding in the words the dead-letter table has always used."""
+    text = str(err)
+    missing = _MISSING.search(text)
+    if missing:
+        return ProtocolError(f"{kind}: missing field {missing.group(1)!r}")
+    at = _AT.search(text)
+    name = at.group(1) if at else "?"
+    if ", got `" in text:
+        return ProtocolError(f"{kind}: field {name!r} has the wrong type")
+    return ProtocolError(f"{kind}: field {name!r} is out of range ({text.split(' - at')[0]})")
+
+
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
 # Chunks of one transfer: a 2 GB instance (storage.max_file_mb) in 1 KiB chunks needs ~2M; an ack can name no more.
 MAX_CHUNKS = 4_000_000
 # Nesting of a control message's values (lists in lists): real ones go 3 deep; json.dumps and every walk recurse.
@@ -179,25 +266,10 @@ class Message:
 
 
 def _check_fields(kind: str, obj: dict) -> None:
-    for name, (types, required) in SCHEMAS[kind].items():
-        if name not in obj:
-            if required:
-                raise ProtocolError(f"{kind}: missing field {name!r}")
-            continue
-        val = obj[name]
-        if isinstance(val, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-            raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
-        if not isinstance(val, types):
-            raise ProtocolError(f"{kind}: field {name!r} has the wrong type")
-    for name, (types, _) in SCHEMAS[kind].items():
-        value = obj.get(name)
-        # Numbers end up in SQLite (int64) and in arithmetic: NaN, infinities and 10**30 are no sizes or times;
-        # the integer fields (sizes, counts, indices) are never negative.
-        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_NUMBER):
-            raise ProtocolError(f"{kind}: field {name!r} is not a finite number in range")
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not (0 if types is int else -MAX_NUMBER) <= value <= MAX_NUMBER:
-                raise ProtocolError(f"{kind}: field {name!r} is out of range")
+    try:
+        msgspec.convert(obj, SCHEMAS[kind], strict=True)
+    except msgspec.ValidationError as err:
+        raise _schema_error(kind, err) from None
     # These fields are checked wherever they appear, also in a kind whose schema does not name them.
     for name in ("sha256", "chunk_sha256"):
         if name in obj and not (isinstance(obj[name], str) and _SHA_RE.fullmatch(obj[name])):
