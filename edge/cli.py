@@ -51,6 +51,13 @@ def _store():
     return Store.from_config(_cfg())
 
 
+def _reader():
+    """The store for commands that only look: read-only, no migration (edge.store.Store.reader)."""
+    from edge.store import Store
+
+    return Store.reader(_cfg())
+
+
 _echo = echo
 
 
@@ -122,7 +129,7 @@ def status(as_json: bool = typer.Option(False, "--json", help="Machine-readable 
     from edge.engine import check_models
 
     cfg = _cfg()
-    store = _store()
+    store = _reader()
     if watch:
         from rich.console import Console
 
@@ -174,7 +181,7 @@ def results(
     if label and label not in ("normal", "review", "urgent"):
         raise typer.BadParameter(_("{value} is not normal, review or urgent").format(value=repr(label)),
                                  param_hint="--label")
-    store = _store()
+    store = _reader()
     if quarantined:
         rows = store.quarantined(limit)
         if as_json:
@@ -200,7 +207,7 @@ def results(
 def show(study: str = typer.Argument(..., help="Study Instance UID (or a unique prefix)."),
          as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """One study: label, reasons, each image's model scores and timings, the radiologist's read. Example: wasla show 1.2.840"""
-    s = _store().study(study)
+    s = _reader().study(study)
     if as_json:
         _print_json(s)
         return
@@ -492,7 +499,7 @@ def report(study: str = typer.Argument(..., help="Study Instance UID (or a uniqu
     from sync.core.i18n import current_language
 
     cfg = _cfg()
-    store = _store()
+    store = _reader()
     uid = store.study(study)["study_uid"]
     path = report_mod.write_report(store, uid, out or Path(f"wasla-report-{uid}.html"), lang=current_language(),
                                    box_id=cfg.box.id, max_pixels=cfg.storage.max_pixels)

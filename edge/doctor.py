@@ -48,7 +48,7 @@ def _data_dir(cfg: Config):
 def _store(cfg: Config):
     from edge.store import Store
 
-    s = Store.from_config(cfg)
+    s = Store.reader(cfg)
     try:
         row = s.query("PRAGMA integrity_check")[0]
         val = list(row.values())[0]
@@ -60,7 +60,7 @@ def _store(cfg: Config):
 def _spool(cfg: Config):
     from edge.store import ACKNOWLEDGED, PURGED, QUARANTINED, Store
 
-    s = Store.from_config(cfg)
+    s = Store.reader(cfg)
     try:
         rows = s.query("SELECT * FROM instances WHERE state NOT IN (?, ?, ?) AND path != ''",
                        [QUARANTINED, ACKNOWLEDGED, PURGED])
@@ -76,7 +76,7 @@ def _spool(cfg: Config):
 def _refused(cfg: Config):
     from edge.store import Store
 
-    s = Store.from_config(cfg)
+    s = Store.reader(cfg)
     try:
         tables = {r["name"] for r in s.query("SELECT name FROM sqlite_master WHERE type = 'table'")}
         rows = s.query("SELECT kind, reason FROM outbox WHERE state = 'failed'") if "outbox" in tables else []

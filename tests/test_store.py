@@ -2,6 +2,7 @@
 import os
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -123,7 +124,7 @@ def test_quarantine_of_unreadable_file_keeps_the_bytes_and_the_reason(tmp_path):
 
 
 def test_a_migration_that_fails_half_way_leaves_no_trace_and_the_next_start_applies_it(tmp_path, monkeypatch):
-    from edge import store as store_mod
+    from edge import store as store_mod, store_migrations
 
     def broken(db):
         db["half_done"].create({"id": int}, pk="id")
@@ -131,10 +132,11 @@ def test_a_migration_that_fails_half_way_leaves_no_trace_and_the_next_start_appl
 
     s = make_store(tmp_path)
     s.close()
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [(99, "broken", broken)])
+    monkeypatch.setattr(store_migrations, "MIGRATIONS", store_migrations.MIGRATIONS + [(99, "broken", broken)])
     with pytest.raises(store_mod.StoreError, match="cannot migrate"):
         make_store(tmp_path)
-    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:-1] + [(99, "fixed", lambda db: db["half_done"].create({"id": int}, pk="id"))])
+    monkeypatch.setattr(store_migrations, "MIGRATIONS", store_migrations.MIGRATIONS[:-1] + [
+        (99, "fixed", lambda db: db["half_done"].create({"id": int}, pk="id"))])
     s = make_store(tmp_path)
     assert 99 in [r["number"] for r in s.query("SELECT number FROM _migrations")]
 
@@ -164,3 +166,30 @@ def test_a_study_whose_only_image_was_quarantined_is_still_flagged_to_the_hub(tm
     s.quarantine(s.claim_next()["id"], "pixel data could not be decoded")
     flags = Outbox(s, tmp_path / "outbox", "box-a").studies_needing_flags()
     assert [(f["study_uid"], f["label"]) for f in flags] == [("9.9", "review")]
+
+
+def test_readers_open_the_store_read_only_and_leave_its_journal_files_to_the_store_owner(cfg):
+    writer = Store.from_config(cfg)
+    writer.close()
+    reader = Store.reader(cfg)
+    try:
+        assert reader.counts() is not None
+        with pytest.raises(Exception, match="readonly"):
+            reader.db.execute("INSERT INTO _migrations VALUES (999, 'x', 0)")
+    finally:
+        reader.close()
+    if os.geteuid() != 0:
+        return
+    # The daemon's own user owns the store; root (a technician's sudo) runs a reader while the daemon is stopped.
+    # SQLite run as root gives the journal files it creates the database file's owner; this holds it to that.
+    db = Path(cfg.db_path)
+    for side in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        side.unlink(missing_ok=True)
+    os.chown(db, 4242, 4242)
+    reader = Store.reader(cfg)  # e.g. `sudo wasla status --watch`, still open when the daemon starts
+    try:
+        reader.counts()
+        for side in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+            assert not side.exists() or side.stat().st_uid == 4242, f"{side.name} left to root"
+    finally:
+        reader.close()
