@@ -243,11 +243,18 @@ def sync_status(now: bool = typer.Option(False, "--now", help="Ask the running d
 
     cfg = _cfg()
     box = Outbox(_store(), cfg.box.data_dir / "outbox", cfg.box.id)
+    nudged: dict | None = None
     if now:
-        # The daemon watches this file's mtime; a nudge is harmless when no daemon runs.
-        (box.wire_dir / ".nudge").touch()
+        from edge.control import NoDaemonError, ask
+
+        try:
+            nudged = ask(cfg.box.data_dir, "sync-now")
+        except NoDaemonError:
+            nudged = {"ok": False, "error": "no daemon running"}
+            if not as_json:
+                _echo(_("No daemon is running: nothing was nudged (start it: systemctl start wasla)"))
     info = {**box.summary(), "enabled": cfg.sync.enabled, "broker": f"{cfg.sync.broker_host}:{cfg.sync.broker_port}",
-            "usage_today": box.load_usage(_dt.date.today().isoformat()), "active": box.active_rows(), "nudged": now}
+            "usage_today": box.load_usage(_dt.date.today().isoformat()), "active": box.active_rows(), "nudged": nudged}
     if as_json:
         _print_json(info)
         return
@@ -273,7 +280,7 @@ def sync_status(now: bool = typer.Option(False, "--now", help="Ask the running d
                             ("uid", _("study")), ("progress", _("chunks")), ("why", _("reason"))])
     if info["dead_letters"]:
         _echo(f"{_('Dead letters')}: {ltr(info['dead_letters'])}")
-    if now:
+    if nudged and nudged.get("ok"):
         _echo(_("Nudged the daemon."))
 
 

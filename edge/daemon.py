@@ -79,6 +79,12 @@ class Daemon:
             self.uploader.start()
             self.worker.on_triaged = self.uploader.pack_wake.set
             self.parts.append(self.uploader)
+        from edge.control import ControlServer
+
+        uploader = getattr(self, "uploader", None)
+        self.control = ControlServer(cfg.box.data_dir, {
+            "sync-now": uploader.nudge if uploader is not None else (lambda: {"sync": "off"})}).start()
+        self.parts.append(self.control)
         exporter = metrics.start(cfg.metrics, metrics.box_collector(
             self.store, box_id=cfg.box.id, data_dir=cfg.box.data_dir, latency=self.latency, worker=self.worker,
             uploader_ref=lambda: getattr(self, "uploader", None)))

@@ -58,7 +58,6 @@ class Uploader:
         self._flag_sent: dict[str, float] = {}
         self._ever_sent: dict[str, set[int]] = {}
         self._next_heartbeat = 0.0
-        self._nudge_mtime = 0.0
         self.blocked = ""
         self.stats = {"connects": 0, "disconnects": 0, "puback_rtt_ms": None, "chunks_sent": 0, "chunks_resent": 0,
                       "bytes_sent": 0, "flags_sent": 0, "flags_via_lane": 0, "connected_since": None}
@@ -292,7 +291,6 @@ class Uploader:
 
     def step(self) -> bool:
         """Send the single most important thing that may go now; False when nothing can."""
-        self._check_nudge()
         if not self.connected:
             return False
         now = time.monotonic()
@@ -461,23 +459,17 @@ class Uploader:
         if self._publish("heartbeat", data):
             self.budget.charge(TELEMETRY, len(data))
 
-    def _check_nudge(self) -> None:
-        # `wasla sync --now` runs in another process: it touches this file and we notice within a loop turn.
-        try:
-            mtime = (self.outbox.wire_dir / ".nudge").stat().st_mtime
-        except OSError:
-            return
-        if mtime != self._nudge_mtime:
-            first = self._nudge_mtime == 0.0
-            self._nudge_mtime = mtime
-            if not first:
-                log.info("nudged: heartbeat now, re-asking the hub about every open transfer")
-                self._next_heartbeat = 0.0
-                with self._lock:
-                    self._manifest_conn.clear()
-                    self._flag_sent.clear()
-                    self._queried.clear()
-                self.pack_wake.set()
+    def nudge(self) -> dict:
+        """`wasla sync --now` (edge/control.py): a heartbeat now, and every open transfer asked about again."""
+        log.info("nudged: heartbeat now, re-asking the hub about every open transfer")
+        self._next_heartbeat = 0.0
+        with self._lock:
+            self._manifest_conn.clear()
+            self._flag_sent.clear()
+            self._queried.clear()
+        self.pack_wake.set()
+        return {"connected": bool(self.client is not None and self.client.is_connected()),
+                "queue_depth": self.outbox.summary()["queue_depth"]}
 
     # --- the pack loop (edge/uplink/packer.py) ---------------------------------------------------------------------
     def _pack_loop(self) -> None:
