@@ -70,7 +70,7 @@ def test_unit_has_the_required_service_settings(unit):
 
 
 def test_daemons_feed_the_watchdog_they_declare():
-    for module in ("edge/daemon.py", "sync/hub/receiver.py", "sync/hub/web/serve.py"):
+    for module in ("edge/daemon.py", "sync/hub/service.py", "sync/hub/web/serve.py"):
         assert 'sd_notify("WATCHDOG=1")' in (REPO / module).read_text(), module
 
 

@@ -16,6 +16,7 @@ from sync.wire import protocol
 from edge.uplink.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
 from edge.uplink.linkmeter import LinkMeter
 from edge.uplink.packer import Packer
+from edge.uplink.window import InflightWindow
 from edge.uplink.outbox import CONFIRMED, FLAG, Outbox
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,7 @@ class Uploader:
         self._lock = threading.Lock()
         self.connected = False
         self.conn_no = 0
-        self._inflight: dict[int, tuple[int, float]] = {}
-        self._inflight_bytes = 0
-        self._early_acks: set[int] = set()
+        self.window = InflightWindow()  # guarded by _lock
         self._pending: dict[str, dict[int, float]] = {}   # transfer -> chunk -> when published (monotonic)
         self._have: dict[str, set[int]] = {}              # transfer -> chunks the hub confirmed
         self._manifest_conn: dict[str, int] = {}          # transfer -> connection its manifest went out on
@@ -123,9 +122,7 @@ class Uploader:
                 self.connected = True
                 self.conn_no += 1
                 # Whatever was out before the cut is unknown now: the hub's resume answer tells what arrived.
-                self._inflight.clear()
-                self._inflight_bytes = 0
-                self._early_acks.clear()
+                self.window.clear()
                 self._pending.clear()
                 self._flag_sent.clear()
                 self._queried.clear()
@@ -151,14 +148,12 @@ class Uploader:
 
     def _on_publish(self, _client, _userdata, mid, _reason_code, _props) -> None:
         with self._lock:
-            entry = self._inflight.pop(mid, None)
+            entry = self.window.acked(mid)
             if entry is None:
-                self._early_acks.add(mid)
                 return
-            self._inflight_bytes -= entry[0]
             if entry[0]:
                 self.meter.acked(entry[0])
-            rtt = (time.monotonic() - entry[1]) * 1000
+            rtt = entry[1] * 1000
             prev = self.stats["puback_rtt_ms"]
             self.stats["puback_rtt_ms"] = round(rtt if prev is None else 0.8 * prev + 0.2 * rtt, 1)
         self.wake.set()
@@ -171,14 +166,7 @@ class Uploader:
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             return False
         with self._lock:
-            # Every QoS 1 publish is tracked (non-bulk with 0 bytes): a PUBACK for an id we never registered would
-            # otherwise stay in _early_acks and, once paho reuses the id, exempt a later chunk from the cap.
-            if info.mid in self._early_acks:
-                self._early_acks.discard(info.mid)
-            else:
-                size = len(payload) if bulk else 0
-                self._inflight[info.mid] = (size, time.monotonic())
-                self._inflight_bytes += size
+            self.window.published(info.mid, len(payload) if bulk else 0)
         self.stats["bytes_sent"] += len(payload)
         return True
 
@@ -338,7 +326,9 @@ class Uploader:
             if index is None:
                 continue
             length = min(row["chunk_size"], row["size"] - index * row["chunk_size"])
-            if self._inflight_bytes and self._inflight_bytes + length > self.sc.max_inflight_bytes:
+            with self._lock:
+                full = self.window.would_exceed(length, self.sc.max_inflight_bytes)
+            if full:
                 return False  # a PUBACK wakes us; meanwhile nothing below this row may overtake it either
             wait = self.budget.delay(length)
             if wait > 0:
