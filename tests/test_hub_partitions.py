@@ -118,3 +118,50 @@ def test_a_killed_receiver_s_boxes_move_to_the_survivor_and_nothing_is_lost(tmp_
             proc.kill()
             proc.wait(10)
 
+
+
+class _FakeClient:
+    """Just what Partitions calls on a paho client, recorded."""
+
+    def __init__(self):
+        self.subscribed: set[str] = set()
+        self.published: list[tuple[str, bytes]] = []
+
+    def will_set(self, *_a, **_k):
+        pass
+
+    def message_callback_add(self, *_a):
+        pass
+
+    def subscribe(self, topics, qos=1):
+        self.subscribed |= {t for t, _q in topics} if isinstance(topics, list) else {topics}
+
+    def unsubscribe(self, topics):
+        self.subscribed -= set(topics)
+
+    def publish(self, topic, data, qos=1, retain=False):
+        self.published.append((topic, data))
+
+    def ack(self, *_a):
+        pass
+
+
+def test_garbage_on_the_members_topic_never_stops_membership_and_a_good_announcement_still_counts():
+    from types import SimpleNamespace
+
+    from sync.hub.partitions import Partitions, members_topic
+
+    client = _FakeClient()
+    p = Partitions(client, "g", "hub-1")
+    p.on_connect()
+    p._settle_at = 0.0
+    p.tick()  # settled: alone, it holds every partition
+    assert len(p.owned) == protocol.PARTITIONS
+    for payload in (b"\xff\xfe", b"[1, 2]", b'{"partitions": "all"}', b'{"partitions": [1e999]}',
+                    b'{"partitions": [' + b"9," * 100_000 + b"9]}", b'{"hello": "yes"}', b"{" * 5000):
+        p._on_member(client, None, SimpleNamespace(topic=members_topic("g", "hub-x"), payload=payload, qos=0, mid=0))
+    # Each of those was still a live receiver that said something: hub-x is a member, and its garbage claims none.
+    assert p.members() == {"hub-1", "hub-x"}
+    assert p._claims["hub-x"] <= set(range(protocol.PARTITIONS)) | {9}
+    p._on_member(client, None, SimpleNamespace(topic=members_topic("g", "hub-x"), payload=b"", qos=0, mid=0))
+    assert p.members() == {"hub-1"} and len(p.owned) == protocol.PARTITIONS

@@ -90,7 +90,7 @@ class Partitions:
                         said = json.loads(message.payload)
                         self._claims[member] = {int(p) for p in said["partitions"]}
                         answer = answer or said.get("hello") is True
-                    except (ValueError, KeyError, TypeError, AttributeError):
+                    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
                         self._claims[member] = set()
                 else:
                     self._heard.pop(member, None)  # its will, or a clean leave
