@@ -60,20 +60,14 @@ CREATE TABLE IF NOT EXISTS audit (id INTEGER PRIMARY KEY, at REAL NOT NULL, user
   study_uid TEXT, detail TEXT, remote TEXT);
 CREATE INDEX IF NOT EXISTS ix_audit_study ON audit(study_uid);
 """
-ADDED_COLUMNS = [("transfers", "claimed_by", "TEXT"), ("reads", "findings", "TEXT"),
-                 ("instances", "sop_class_uid", "TEXT")]
-
-
-def _add(table: str, column: str, kind: str) -> tuple[str, str, str]:
-    return (table, column, kind)
 
 
 # (number, name, step): step is a SQL script or (table, column, type) to add.
 MIGRATIONS: list[tuple[int, str, str | tuple[str, str, str]]] = [
     (1, "base schema", SCHEMA),
-    (2, "transfers.claimed_by: which receiver run holds a verification", _add("transfers", "claimed_by", "TEXT")),
-    (3, "reads.findings: the radiologist's coded findings", _add("reads", "findings", "TEXT")),
-    (4, "instances.sop_class_uid: what each stored instance is", _add("instances", "sop_class_uid", "TEXT")),
+    (2, "transfers.claimed_by: which receiver run holds a verification", ("transfers", "claimed_by", "TEXT")),
+    (3, "reads.findings: the radiologist's coded findings", ("reads", "findings", "TEXT")),
+    (4, "instances.sop_class_uid: what each stored instance is", ("instances", "sop_class_uid", "TEXT")),
 ]
 BOOKKEEPING = "CREATE TABLE IF NOT EXISTS _migrations (number INTEGER PRIMARY KEY, name TEXT, applied_at REAL)"
 
