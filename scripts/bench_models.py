@@ -129,7 +129,7 @@ def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.2.0")
+    parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.3.0")
     parser.add_argument("--work", type=Path, default=REPO / "work-data" / "cxr-triage-1.2.0")
     parser.add_argument("--fp32", type=Path, help="FP32 ONNX (default: from --work)")
     parser.add_argument("--runs", type=int, default=300, help="timed runs per configuration")

@@ -90,7 +90,7 @@ def test_every_shipped_package_verifies_and_loads_on_both_backends():
 
     keys = modelpkg.load_trusted_keys(sorted((REPO / "models" / "keys").glob("*.pub")))
     versions = modelpkg.versions(REPO / "models", "cxr-triage")
-    assert {"1.0.0", "1.1.0", "1.2.0"} <= set(versions)
+    assert {"1.0.0", "1.1.0", "1.2.0", "1.3.0"} <= set(versions)
     frame = np.linspace(0.0, 1.0, 300 * 260, dtype=np.float32).reshape(300, 260)
     for version in versions:
         pkg = modelpkg.load_package(REPO / "models" / "cxr-triage" / version, keys)
@@ -98,4 +98,4 @@ def test_every_shipped_package_verifies_and_loads_on_both_backends():
         for kind in ("onnxruntime", "openvino"):
             probs = create_backend(pkg, kind, 1, ["CPUExecutionProvider"]).predict(tensor)
             assert probs.shape == (2,) and np.isclose(probs.sum(), 1.0)
-    assert modelpkg.active_version(REPO / "models", "cxr-triage") == "1.2.0"
+    assert modelpkg.active_version(REPO / "models", "cxr-triage") == "1.3.0"

@@ -355,3 +355,77 @@ def test_every_pipeline_step_has_help_with_an_example(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([step, "--help"])
         assert f"python -m models.pipeline {step} " in capsys.readouterr().out
+
+
+def test_package_rebuilt_from_weights_keeps_stem_float_and_widens_thresholds_on_a_test_part(binary_package, keys,
+                                                                                           tmp_path):
+    """The 1.3.0 recipe on a tiny package: weights from a signed package, the stem and classifier left in float,
+    thresholds widened on a calibration part of the test folder and reported on the rest only."""
+    import onnx
+
+    folder, work0 = binary_package
+    data, work, out = work0.parent / "data", tmp_path / "work", tmp_path / "models"
+    _run(["split", "--data", str(data), "--work", str(work), "--name", "tiny-binary", "--version", "1.1.0",
+          "--abnormal", "pneumonia", "--image-size", "64", "--val-fraction", "0.25", "--calibration-fraction", "0.5",
+          "--quantisation", json.dumps({"float_nodes": ["/_conv_stem/", "/_fc/"]})])
+    split = json.loads((work / "split.json").read_text())
+    cal = {patient_id(Path(p).name) for p, _ in split["calibration"]}
+    reported = {patient_id(Path(p).name) for p, _ in split["test_report"]}
+    assert cal and reported and not cal & reported
+    _run(["weights", "--work", str(work), "--package", str(folder), "--trusted-key", str(keys[1])])
+    for step in (["export"], ["quantise", "--calibration-images", "16"], ["calibrate"], ["parity"],
+                 ["evaluate", "--resamples", "200"]):
+        _run([*step, "--work", str(work)])
+    _run(["package", "--work", str(work), "--out-root", str(out), "--signing-key", str(keys[0]),
+          "--public-key", str(keys[1]), "--created", "2026-01-01T00:00:00Z"])
+    package = out / "tiny-binary" / "1.1.0"
+    manifest = _check_package(package, keys[1])
+    graph = onnx.load(str(package / "model.int8.onnx")).graph
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name in ("/_conv_stem/Conv", "/_fc/Gemm"):
+            assert producers.get(node.input[1]) != "DequantizeLinear", node.name  # float weights
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 40  # the rest is quantised
+    thresholds = json.loads((work / "thresholds.json").read_text())
+    assert thresholds["review"] <= thresholds["calibration"]["review"] + 1e-9
+    assert thresholds["urgent"] >= thresholds["calibration"]["urgent"] - 1e-9
+    assert "quiet" in thresholds["rule"] and manifest["thresholds"]["review"] == thresholds["review"]
+    evaluation = json.loads((package / "evaluation.json").read_text())["evaluation"]
+    assert evaluation["n"] == len(split["test_report"])
+    job = json.loads((work / "config.json").read_text())
+    assert job["weights_from"]["version"] == "1.0.0"
+    card = (package / "MODEL_CARD.md").read_text()
+    assert "calibration part" in card and "no retraining" in card and "kept in float" in card
+
+
+def test_calibration_part_only_widens_the_review_band():
+    from models.pipeline.calibrate import choose_thresholds, with_calibration_part
+
+    rng = np.random.default_rng(1)
+    y_val = np.r_[np.ones(300), np.zeros(200)].astype(bool)
+    s_val = np.r_[rng.beta(9, 1, 300), rng.beta(1, 9, 200)]  # saturated: the classes hardly overlap
+    chosen = choose_thresholds(y_val, s_val, 0.98, 0.995)
+    y_cal = np.r_[np.ones(150), np.zeros(100)].astype(bool)
+    s_cal = np.r_[rng.beta(5, 2, 150), rng.beta(2, 3, 100)]  # the held-out population's normals score higher
+    widened = with_calibration_part(chosen, y_val, s_val, y_cal, s_cal, 0.98, 0.90)
+    assert widened["review"] <= chosen["review"] and widened["urgent"] >= chosen["urgent"]
+    assert metrics.sens_spec(y_cal, s_cal, widened["urgent"])[1] >= 0.90
+    shares = widened["calibration"]["band_shares"]
+    assert shares["review"] > 0.05 and abs(sum(shares.values()) - 1) < 1e-9
+    assert widened["rule"]["urgent_from"] == "calibration part"
+
+
+def test_quiet_threshold_moves_off_a_crowd_only_in_the_rule_s_own_direction():
+    rng = np.random.default_rng(2)
+    logit = np.r_[rng.normal(2.0, 0.05, 200), rng.normal(3.0, 0.5, 50)]  # a crowd at logit 2, sparse above
+    a = 1 / (1 + np.exp(-logit))
+    b = 1 / (1 + np.exp(-(logit + rng.normal(0, 0.05, len(logit)))))  # the other backend's rounding
+    start = float(1 / (1 + np.exp(-2.0)))
+    up = metrics.quiet_threshold(start, a, b, +1)
+    down = metrics.quiet_threshold(start, a, b, -1)
+    flips = lambda t: int(np.sum((a >= t) != (b >= t)))  # noqa: E731
+    assert up > start and down < start
+    assert np.log(up / (1 - up)) - 2.0 <= 0.25 + 1e-9 and 2.0 - np.log(down / (1 - down)) <= 0.25 + 1e-9
+    assert flips(up) < flips(start) and flips(down) < flips(start)
+    quiet = np.full(100, 0.1)
+    assert metrics.quiet_threshold(0.5, quiet, quiet, +1) == pytest.approx(0.5)  # nothing near: stays

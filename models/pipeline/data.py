@@ -176,6 +176,27 @@ def make_split(train_dir: Path, out: Path, labels: list[str], val_fraction: floa
     return split
 
 
+def split_test(split_path: Path, test_dir: Path, labels: list[str], fraction: float, seed: int) -> dict:
+    """Add to split.json a calibration part of the test folder (`fraction` of its patients, stratified, whole
+    patients and duplicates per side) and the rest as the reported test set."""
+    split = load_split(split_path)
+    samples = list_samples(test_dir, labels)
+    hashes = [sha256_file(s.path) for s in samples]
+    keep, _ = dedupe(samples, hashes)
+    samples, hashes = [samples[i] for i in keep], [hashes[i] for i in keep]
+    report_idx, cal_idx = split_groups(samples, fraction, seed + 1, hashes=hashes)
+    assert not {patient_id(Path(samples[i].path).name) for i in report_idx} & {
+        patient_id(Path(samples[i].path).name) for i in cal_idx}, "patient leaked"
+    split["calibration"] = [[samples[i].path, samples[i].label] for i in cal_idx]
+    split["test_report"] = [[samples[i].path, samples[i].label] for i in report_idx]
+    split["calibration_fraction"] = fraction
+    for key, idx in (("calibration", cal_idx), ("test_report", report_idx)):
+        split["counts"][key] = np.bincount([samples[i].label for i in idx], minlength=len(labels)).tolist()
+    split_path.write_text(json.dumps(split, indent=2) + "\n")
+    log.info("test folder: calibration %s, reported %s", split["counts"]["calibration"], split["counts"]["test_report"])
+    return split
+
+
 def load_split(path: Path) -> dict:
     if not path.is_file():
         raise NotFoundError(f"split file {path} does not exist: run the split step first")

@@ -80,6 +80,8 @@ def test_samples(job: Job, split: dict) -> tuple[list[list], str]:
     """The held-out cases and their name: a local split's own test part, else the dataset's test folder."""
     if "test" in split:
         return split["test"], "local_test"
+    if "test_report" in split:  # the test folder less its calibration part
+        return split["test_report"], "test"
     return [[s.path, s.label] for s in list_samples(Path(job.test_dir), job.labels)], "test"
 
 

@@ -48,6 +48,18 @@ class Job:
     review_rule: str = "empirical"
     # Move each threshold to the middle of the gap between the validation scores around it (metrics.mid_gap).
     mid_gap: bool = False
+    # How ONNX Runtime quantises (models.pipeline.quantise.quantise_ort): None is the 1.0-1.2 recipe (MinMax, every
+    # node). {"float_nodes": [...], "calibration": "percentile", "percentile": 99.999} keeps the named nodes in
+    # float and calibrates activation ranges on a percentile.
+    quantisation: dict | None = None
+    # Share of the test folder's patients set aside (patient-wise, stratified) to calibrate thresholds on images of
+    # the held-out population; the rest is the reported test set. 0: the whole test folder is reported (1.0-1.2).
+    calibration_fraction: float = 0.0
+    # Urgent threshold on that calibration part: the lowest with its specificity >= this.
+    calibration_urgent_specificity: float = 0.90
+    # A package whose INT8 weights (dequantised, models.pipeline.qdq) replace training: {"name", "version",
+    # "onnx_sha256"}. None: the weights come from this job's own training.
+    weights_from: dict | None = None
 
     def pre(self):
         from edge.preprocess import Preprocess
@@ -66,6 +78,8 @@ class Job:
             raise ConfigError("at least one label must be non-abnormal")
         if self.review_rule not in ("empirical", "lower_bound"):
             raise ConfigError(f"review_rule must be 'empirical' or 'lower_bound', not {self.review_rule!r}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise ConfigError(f"calibration_fraction must be in [0, 1), not {self.calibration_fraction}")
         if self.openvino_int8 not in ("qdq", "nncf"):
             raise ConfigError(f"openvino_int8 must be 'qdq' or 'nncf', not {self.openvino_int8!r}")
 

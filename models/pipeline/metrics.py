@@ -86,6 +86,31 @@ def mid_gap(threshold: float, score: np.ndarray) -> float:
     return float(min(max(value, np.nextafter(below.max(), np.inf)), above.min()))
 
 
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def quiet_threshold(threshold: float, a: np.ndarray, b: np.ndarray, direction: int, window: float = 0.25,
+                    steps: int = 101) -> float:
+    """The threshold moved up (direction +1) or down (-1) by at most `window` logits to where the fewest images
+    sit near it on either backend.
+
+    `a` and `b` are one image set's scores from two backends. An image is near a candidate when the candidate
+    lies within the image's own backend gap (at least the set's median gap) of either score: those are the images
+    whose band could differ between backends. Moving only away from the rule's own side keeps the rule's target
+    (an urgent threshold only gets more specific, a review one only more sensitive)."""
+    la, lb = _logit(a), _logit(b)
+    gap = np.abs(la - lb)
+    reach = np.maximum(gap, np.median(gap))
+    lo, hi = np.minimum(la, lb) - reach, np.maximum(la, lb) + reach
+    start = float(_logit(threshold))
+    candidates = start + direction * np.linspace(0.0, window, steps)
+    near = np.array([np.sum((lo < c) & (c < hi)) for c in candidates])
+    best = candidates[int(np.argmin(near))]  # argmin: the first (closest to the rule's value) of equal counts
+    return float(1 / (1 + math.exp(-best)))
+
+
 def resolvable(n: int, rate: float) -> bool:
     """Whether n cases can show a rate of `rate` at all: below 1/(1 - rate) cases one miss already breaks it."""
     if rate >= 1.0:

@@ -26,7 +26,30 @@ def meta_path(work: Work) -> Path:
 
 def split(work: Work, job: Job) -> dict:
     work.save_job(job)
-    return make_split(Path(job.train_dir), work.split, job.labels, job.val_fraction, job.seed)
+    result = make_split(Path(job.train_dir), work.split, job.labels, job.val_fraction, job.seed)
+    if job.calibration_fraction and job.test_dir:
+        from models.pipeline.data import split_test
+
+        result = split_test(work.split, Path(job.test_dir), job.labels, job.calibration_fraction, job.seed)
+    return result
+
+
+def weights_from_package(work: Work, package_dir: Path, trusted_keys: list[Path]) -> Path:
+    """Start from a signed package's weights instead of training: its INT8 graph dequantised into a checkpoint
+    (checked to score like that graph), so a new quantisation or new thresholds keep the weights already shipped."""
+    from models.pipeline.adapt import checkpoint_from_package
+    from models.pipeline.package import verify_package
+
+    job = work.job()
+    manifest = verify_package(package_dir, trusted_keys)
+    probes = [p for p, _ in load_split(work.split)["train"][:8]]
+    recovered = checkpoint_from_package(package_dir, manifest, work, probes)
+    recovered.replace(work.checkpoint)
+    job.weights_from = {"name": manifest["name"], "version": manifest["version"],
+                        "onnx_sha256": sha256_file(package_dir / manifest["backends"]["onnxruntime"])}
+    work.save_job(job)
+    log.info("weights of %s %s recovered into %s", manifest["name"], manifest["version"], work.checkpoint)
+    return work.checkpoint
 
 
 def train(work: Work, **options) -> dict:
@@ -71,7 +94,7 @@ def quantise(work: Work, calibration_images: int = 200) -> None:
     job, meta = work.job(), work.read(meta_path(work), "export")
     images = q.calibration_images(load_split(work.split)["train"], calibration_images, meta["image_size"], job.seed,
                                   job.pre())
-    q.quantise_ort(work.fp32, work.ort_int8, images, meta["mean"], meta["std"])
+    q.quantise_ort(work.fp32, work.ort_int8, images, meta["mean"], meta["std"], job.quantisation)
     if job.openvino_int8 == "qdq":
         q.openvino_from_qdq(work.ort_int8, work.ov_int8)
     else:
@@ -100,16 +123,23 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
         images = load_images([p for p, _ in val], meta["image_size"], job.pre())
     y = np.array([label for _, label in val])
     paths = model_paths(work)
-    chosen = {}
+    chosen, val_scores = {}, {}
     for name in dict.fromkeys([backend, *SHIPPED]):
         _, score = scores(runners({name: paths[name]})[name], images, job, meta["mean"], meta["std"])
+        val_scores[name] = score
         chosen[name] = choose_thresholds(is_abnormal(y, job), score, job.review_sensitivity, job.urgent_specificity,
                                          job.review_rule, job.mid_gap)
         chosen[name]["urgent"] = min(chosen[name]["urgent"], 1.0)
+    if "calibration" in load_split(work.split):
+        for name in chosen:
+            chosen[name] = _with_calibration_part(work, job, meta, chosen[name], is_abnormal(y, job),
+                                                  val_scores[name], name)
     result = dict(chosen[backend])
     result["scored_with"] = backend
     result["validation_set"] = "device-like validation (models.pipeline.deviceset)" if job.device_like \
         else "validation"
+    if job.openvino_int8 == "qdq" and job.quantisation:
+        result = _quiet(work, job, meta, result, images, val_scores)
     if job.openvino_int8 == "qdq":
         # One quantised network on both runtimes: scores differ by rounding only (mean 0.006 on device-like
         # validation), while thresholds chosen per backend hinge on single extreme cases and differed by up to 0.09;
@@ -125,6 +155,67 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
     write_json(work.thresholds, result)
     log.info("thresholds: review %.6f urgent %.6f (validation AUC %.4f); per backend %s", result["review"],
              result["urgent"], result["validation"]["auc"], result["by_backend"])
+    return result
+
+
+def _quiet(work: Work, job: Job, meta: dict, result: dict, val_images: np.ndarray, val_scores: dict) -> dict:
+    """Both thresholds moved (review down, urgent up, at most 0.25 logit) off the spots where the non-test images
+    crowd, scored by both shipped backends: fewer studies there whose band depends on the backend."""
+    from models.pipeline.evaluate import runners, scores
+    from models.pipeline.metrics import bands, quiet_threshold
+
+    a, b = [val_scores["ort_int8"]], [val_scores["openvino_int8"]]
+    split_data = load_split(work.split)
+    if "calibration" in split_data:
+        cal = split_data["calibration"]
+        sets = [load_images([p for p, _ in cal], meta["image_size"], job.pre())]
+        if job.device_like:
+            from models.pipeline import deviceset
+
+            sets.append(deviceset.build(work, "calibration", cal, job)["images"])
+        run = runners({name: model_paths(work)[name] for name in SHIPPED})
+        for images in sets:
+            a.append(scores(run["ort_int8"], images, job, meta["mean"], meta["std"])[1])
+            b.append(scores(run["openvino_int8"], images, job, meta["mean"], meta["std"])[1])
+    a, b = np.concatenate(a), np.concatenate(b)
+    before = {"review": result["review"], "urgent": result["urgent"],
+              "band_disagreements": int(np.sum(bands(a, result["review"], result["urgent"])
+                                               != bands(b, result["review"], result["urgent"])))}
+    review = quiet_threshold(result["review"], a, b, -1)
+    urgent = max(quiet_threshold(result["urgent"], a, b, +1), review)
+    after = int(np.sum(bands(a, review, urgent) != bands(b, review, urgent)))
+    log.info("quiet placement: review %.4f -> %.4f, urgent %.4f -> %.4f; non-test ORT/OpenVINO band "
+             "disagreements %d -> %d of %d", result["review"], review, result["urgent"], urgent,
+             before["band_disagreements"], after, len(a))
+    rule = dict(result["rule"], quiet=("then each moved (review down, urgent up, at most 0.25 logit) to where the "
+                                       "fewest non-test images sit within their ORT/OpenVINO score gap"))
+    return dict(result, review=review, urgent=urgent, rule=rule,
+                quiet={"before": before, "band_disagreements": after, "n": int(len(a))})
+
+
+def _with_calibration_part(work: Work, job: Job, meta: dict, chosen: dict, val_y: np.ndarray,
+                           val_score: np.ndarray, backend: str) -> dict:
+    """The thresholds widened on the test folder's calibration part, its clean and device-like images pooled."""
+    from models.pipeline.calibrate import with_calibration_part
+    from models.pipeline.evaluate import is_abnormal, runners, scores
+
+    cal = load_split(work.split)["calibration"]
+    images = [load_images([p for p, _ in cal], meta["image_size"], job.pre())]
+    if job.device_like:
+        from models.pipeline import deviceset
+
+        images.append(deviceset.build(work, "calibration", cal, job)["images"])
+    y = np.concatenate([np.array([label for _, label in cal])] * len(images))
+    runner = runners({backend: model_paths(work)[backend]})[backend]
+    score = np.concatenate([scores(runner, batch, job, meta["mean"], meta["std"])[1] for batch in images])
+    result = with_calibration_part(chosen, val_y, val_score, is_abnormal(y, job), score, job.review_sensitivity,
+                                   job.calibration_urgent_specificity, job.mid_gap)
+    result["calibration"]["set"] = (f"calibration part of the test folder ({len(cal)} images of "
+                                    f"{job.calibration_fraction:.0%} of its patients), clean"
+                                    + (" and device-like" if job.device_like else ""))
+    log.info("calibration part: review %.4f urgent %.4f -> review %.4f urgent %.4f; shares %s",
+             result["calibration"]["review"], result["calibration"]["urgent"], result["review"], result["urgent"],
+             result["calibration"]["band_shares"])
     return result
 
 
