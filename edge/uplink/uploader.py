@@ -13,6 +13,7 @@ from sync.core.diskguard import is_disk_full
 from sync.core.errors import ProtocolError
 from sync.core.liveness import Beat, paho_thread
 from sync.wire import protocol
+from edge.uplink import connection
 from edge.uplink.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
 from edge.uplink.linkmeter import LinkMeter
 from edge.uplink.packer import Packer
@@ -75,43 +76,17 @@ class Uploader:
 
     # --- MQTT plumbing --------------------------------------------------------------------------------------------
     def _make_client(self):
-        sc = self.sc
-        client = protocol.mqtt_client(sc.client_id or f"wasla-box-{self.device}", tls_ca_file=sc.tls_ca_file,
-                                      tls_cert_file=sc.tls_cert_file, tls_key_file=sc.tls_key_file,
-                                      username=sc.username, password_file=sc.password_file,
-                                      sndbuf=sc.socket_sndbuf_bytes)
-        # The will tells the hub the box went offline the moment the broker notices. Not retained: the fleet's
-        # broker refuses retained messages from boxes (a box must not park data in the broker), and the hub's
-        # persistent session receives it anyway.
-        client.will_set(protocol.up_topic(self.device, "status"),
-                        protocol.encode("status", self.device, online=False, at=time.time()), qos=1)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
-        return client
+        return connection.box_client(self.sc, self.device, on_connect=self._on_connect,
+                                     on_disconnect=self._on_disconnect, on_publish=self._on_publish,
+                                     on_message=self._on_message)
 
     def _make_lane(self):
-        """The flag lane: its own TCP connection, so a flag's bytes are not behind ~max_inflight_bytes of chunks in
-        one socket. Clean session and no will: flags live in the outbox until the hub acks them (on the main
-        connection's subscription), so nothing needs to survive on the broker for this one."""
-        sc = self.sc
-        lane = protocol.mqtt_client(f"{sc.client_id or f'wasla-box-{self.device}'}-lane", tls_ca_file=sc.tls_ca_file,
-                                    tls_cert_file=sc.tls_cert_file, tls_key_file=sc.tls_key_file,
-                                    username=sc.username, password_file=sc.password_file)
+        return connection.flag_lane(self.sc, self.device, self._lane_state)
 
-        def on_connect(_c, _u, _flags, reason_code, _props):
-            self.lane_connected = not reason_code.is_failure
-            if self.lane_connected:
-                self.wake.set()
-            else:
-                log.warning("broker refused the flag lane: %s", reason_code)
-
-        def on_disconnect(*_a):
-            self.lane_connected = False
-
-        lane.on_connect, lane.on_disconnect = on_connect, on_disconnect
-        return lane
+    def _lane_state(self, up: bool) -> None:
+        self.lane_connected = up
+        if up:
+            self.wake.set()
 
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
         try:
@@ -139,24 +114,30 @@ class Uploader:
             log.exception("on_connect failed")
 
     def _on_disconnect(self, _client, _userdata, _flags, reason_code, _props) -> None:
-        if self.connected:
-            self.stats["disconnects"] += 1
-            log.warning("disconnected from broker: %s", reason_code)
-        self.connected = False
-        self.stats["connected_since"] = None
-        self.meter.idle()
+        try:
+            if self.connected:
+                self.stats["disconnects"] += 1
+                log.warning("disconnected from broker: %s", reason_code)
+            self.connected = False
+            self.stats["connected_since"] = None
+            self.meter.idle()
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("on_disconnect failed")
 
     def _on_publish(self, _client, _userdata, mid, _reason_code, _props) -> None:
-        with self._lock:
-            entry = self.window.acked(mid)
-            if entry is None:
-                return
-            if entry[0]:
-                self.meter.acked(entry[0])
-            rtt = entry[1] * 1000
-            prev = self.stats["puback_rtt_ms"]
-            self.stats["puback_rtt_ms"] = round(rtt if prev is None else 0.8 * prev + 0.2 * rtt, 1)
-        self.wake.set()
+        try:
+            with self._lock:
+                entry = self.window.acked(mid)
+                if entry is None:
+                    return
+                if entry[0]:
+                    self.meter.acked(entry[0])
+                rtt = entry[1] * 1000
+                prev = self.stats["puback_rtt_ms"]
+                self.stats["puback_rtt_ms"] = round(rtt if prev is None else 0.8 * prev + 0.2 * rtt, 1)
+            self.wake.set()
+        except Exception:  # noqa: BLE001 - as above
+            log.exception("on_publish failed")
 
     def _publish(self, kind: str, payload: bytes, *, bulk: bool = False) -> bool:
         """QoS 1 publish, only while connected; bulk bytes count against the in-flight cap until the broker's PUBACK."""

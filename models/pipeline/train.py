@@ -112,6 +112,76 @@ def balanced_indices(labels: np.ndarray, total: int, rng: np.random.Generator) -
     return rng.permutation(np.concatenate(picks))
 
 
+def _initial_model(labels: list[str], image_size: int, pretrained: bool, arch: str,
+                   init_checkpoint: Path | None) -> tuple[nn.Module, dict | None]:
+    """ImageNet (or random) weights, or a checkpoint's, with a new head when its labels differ."""
+    if init_checkpoint is None:
+        return build_model(len(labels), image_size, pretrained=pretrained, arch=arch), None
+    model, init_meta = load_checkpoint(init_checkpoint)
+    if init_meta["labels"] != labels:
+        model._fc = nn.Linear(model._fc.in_features, len(labels))
+        log.info("new %d-class head on %s (was %s)", len(labels), init_checkpoint, init_meta["labels"])
+    return model, init_meta
+
+
+def _load_data(split: dict, image_size: int, pre: Preprocess, device_like: bool, seed: int):
+    t0 = time.monotonic()
+    # Device-like training keeps the source pictures and renders each draw afresh (devicesim), then runs the
+    # box's preprocessing; otherwise the preprocessed pictures are augmented at model size as in 1.0/1.1.
+    source = Preprocess() if device_like else pre
+    train_x = load_images([p for p, _ in split["train"]], image_size, source)
+    train_y = np.array([y for _, y in split["train"]])
+    val_x = load_images([p for p, _ in split["val"]], image_size, source)
+    val_y = np.array([y for _, y in split["val"]])
+    if device_like:
+        # Checkpoints are chosen on a fixed device-like rendering of validation: the clean one is saturated.
+        val_x = render_device_like(val_x, np.random.default_rng(seed + 1), image_size, pre)
+    log.info("loaded %d train / %d val images in %.1fs", len(train_x), len(val_x), time.monotonic() - t0)
+    return train_x, train_y, val_x, val_y
+
+
+def _optimiser(model: nn.Module, lr: float, weight_decay: float, total_steps: int):
+    warmup = min(100, max(1, total_steps // 10))
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
+    return optimiser, schedule
+
+
+def _train_epoch(model, ema, optimiser, schedule, data, rng, *, epoch: int, steps: int, batch_size: int,
+                 image_size: int, pre: Preprocess, device_like: bool, bn_folded: bool, mean, std,
+                 global_step: int) -> tuple[float, int]:
+    """One epoch of class-balanced draws; returns the mean training loss and the new global step."""
+    train_x, train_y = data
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    t_epoch = time.monotonic()
+    model.train()
+    if bn_folded:
+        # Weights recovered from a package have batch norm folded into the convolutions: batch statistics
+        # would undo that folding, so those BN layers stay in eval mode (scale and shift still learn).
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+    order = balanced_indices(train_y, steps * batch_size, rng)
+    running = 0.0
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        batch = render_device_like(train_x[idx], rng, image_size, pre) if device_like else augment(train_x[idx], rng)
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(model(to_tensor(batch, mean, std)), torch.from_numpy(train_y[idx]).long())
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        update_ema(ema, model, global_step)
+        global_step += 1
+        running += loss.item()
+        if (step + 1) % 20 == 0:
+            log.info("epoch %d step %d/%d loss %.4f (%.1fs)", epoch, step + 1, steps, running / (step + 1),
+                     time.monotonic() - t_epoch)
+    return running / steps, global_step
+
+
 def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: int = 8,
           samples_per_epoch: int | None = None, batch_size: int = 32, lr: float = 6e-4,
           weight_decay: float = 1e-4, image_size: int = 224, seed: int = 0, threads: int = 2,
@@ -126,44 +196,16 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
     labels = split["labels"]
     abnormal_idx = [labels.index(name) for name in abnormal_labels]
     mean, std = mean or DEFAULT_MEAN, std or DEFAULT_STD
-
+    model, init_meta = _initial_model(labels, image_size, pretrained, arch, init_checkpoint)
     bn_folded = False
-    if init_checkpoint is not None:
-        model, init_meta = load_checkpoint(init_checkpoint)
+    if init_meta is not None:
         mean, std, image_size = init_meta["mean"], init_meta["std"], init_meta["image_size"]
-        # Weights recovered from a package have batch norm folded into the convolutions: batch statistics
-        # would undo that folding, so those BN layers stay in eval mode (scale and shift still learn).
         bn_folded = bool(init_meta.get("bn_folded"))
-        if init_meta["labels"] != labels:
-            model._fc = nn.Linear(model._fc.in_features, len(labels))
-            log.info("new %d-class head on %s (was %s)", len(labels), init_checkpoint, init_meta["labels"])
-    else:
-        model = build_model(len(labels), image_size, pretrained=pretrained, arch=arch)
     model = model.to(memory_format=torch.channels_last)
-
-    t0 = time.monotonic()
     pre = pre or Preprocess()
-    # Device-like training keeps the source pictures and renders each draw afresh (devicesim), then runs the
-    # box's preprocessing; otherwise the preprocessed pictures are augmented at model size as in 1.0/1.1.
-    source = Preprocess() if device_like else pre
-    train_x = load_images([p for p, _ in split["train"]], image_size, source)
-    train_y = np.array([y for _, y in split["train"]])
-    val_x = load_images([p for p, _ in split["val"]], image_size, source)
-    val_y = np.array([y for _, y in split["val"]])
-    if device_like:
-        # Checkpoints are chosen on a fixed device-like rendering of validation: the clean one is saturated.
-        val_x = render_device_like(val_x, np.random.default_rng(seed + 1), image_size, pre)
-    log.info("loaded %d train / %d val images in %.1fs", len(train_x), len(val_x), time.monotonic() - t0)
-
-    samples_per_epoch = samples_per_epoch or len(train_x)
-    steps_per_epoch = max(1, samples_per_epoch // batch_size)
-    total_steps = steps_per_epoch * epochs
-    warmup = min(100, max(1, total_steps // 10))
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup))))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
+    train_x, train_y, val_x, val_y = _load_data(split, image_size, pre, device_like, seed)
+    steps_per_epoch = max(1, (samples_per_epoch or len(train_x)) // batch_size)
+    optimiser, schedule = _optimiser(model, lr, weight_decay, steps_per_epoch * epochs)
 
     # Weights averaged over the last few hundred steps generalise better than the last step's, and the
     # checkpoint is chosen by validation log-loss: validation AUC saturates on this data and picks at random.
@@ -172,47 +214,28 @@ def train(split_path: Path, out: Path, *, abnormal_labels: list[str], epochs: in
     t_start = time.monotonic()
     for epoch in range(1, epochs + 1):
         t_epoch = time.monotonic()
-        model.train()
-        if bn_folded:
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
-        order = balanced_indices(train_y, steps_per_epoch * batch_size, rng)
-        running = 0.0
-        for step in range(steps_per_epoch):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            batch = render_device_like(train_x[idx], rng, image_size, pre) if device_like else augment(train_x[idx], rng)
-            x = to_tensor(batch, mean, std)
-            y = torch.from_numpy(train_y[idx]).long()
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            update_ema(ema, model, global_step)
-            global_step += 1
-            running += loss.item()
-            if (step + 1) % 20 == 0:
-                log.info("epoch %d step %d/%d loss %.4f (%.1fs)", epoch, step + 1, steps_per_epoch,
-                         running / (step + 1), time.monotonic() - t_epoch)
+        train_loss, global_step = _train_epoch(
+            model, ema, optimiser, schedule, (train_x, train_y), rng, epoch=epoch, steps=steps_per_epoch,
+            batch_size=batch_size, image_size=image_size, pre=pre, device_like=device_like, bn_folded=bn_folded,
+            mean=mean, std=std, global_step=global_step)
         probs = predict_probs(ema, val_x, mean, std)
         val_auc = selection_metric(val_y, probs, abnormal_idx)
         val_acc = float((probs.argmax(1) == val_y).mean())
         val_nll = validation_nll(val_y, probs)
         elapsed = time.monotonic() - t_epoch
-        history.append({"epoch": epoch, "train_loss": running / steps_per_epoch, "val_auc": val_auc,
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_auc": val_auc,
                         "val_accuracy": val_acc, "val_nll": val_nll, "seconds": round(elapsed, 1)})
-        log.info("epoch %d: loss %.4f val AUC %.4f acc %.4f NLL %.4f (%.0fs)", epoch, running / steps_per_epoch,
-                 val_auc, val_acc, val_nll, elapsed)
-        score = -val_nll
-        if best is None or score > best[0]:
-            best = (score, epoch)
-            meta = {"arch": arch if init_checkpoint is None else init_meta.get("arch", ARCH), "labels": labels, "abnormal_labels": abnormal_labels, "image_size": image_size,
+        log.info("epoch %d: loss %.4f val AUC %.4f acc %.4f NLL %.4f (%.0fs)", epoch, train_loss, val_auc, val_acc,
+                 val_nll, elapsed)
+        if best is None or -val_nll > best[0]:
+            best = (-val_nll, epoch)
+            meta = {"arch": arch if init_meta is None else init_meta.get("arch", ARCH), "labels": labels,
+                    "abnormal_labels": abnormal_labels, "image_size": image_size,
                     "mean": mean, "std": std, "epoch": epoch, "val_auc": val_auc, "val_accuracy": val_acc,
                     "seed": seed, "pretrained": "imagenet" if pretrained or init_checkpoint else None,
-                    "init_checkpoint": str(init_checkpoint) if init_checkpoint else None}
-            meta["val_nll"], meta["weights"], meta["bn_folded"] = val_nll, "ema", bn_folded
-            meta["preprocess"], meta["device_like"] = pre.to_manifest(), device_like
+                    "init_checkpoint": str(init_checkpoint) if init_checkpoint else None,
+                    "val_nll": val_nll, "weights": "ema", "bn_folded": bn_folded,
+                    "preprocess": pre.to_manifest(), "device_like": device_like}
             save_checkpoint(out, ema, meta)
         total = time.monotonic() - t_start
         if max_minutes is not None and epoch < epochs and total + elapsed > max_minutes * 60:

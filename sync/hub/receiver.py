@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import hashlib
 import logging
 import os
 import queue
@@ -21,6 +20,7 @@ from sync.wire import protocol
 from sync.hub.inbox import PriorityInbox, priority as inbox_priority
 from sync.hub.partitions import Partitions
 from sync.hub.store import HubStore, SqliteIndex
+from sync.hub.verify import verify_and_file
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,15 @@ class Receiver:
                         "to spread the boxes over several", len(alive))
 
     def _on_connect(self, client, _userdata, flags, reason_code, _props) -> None:
-        if reason_code.is_failure:
-            log.warning("broker refused the connection: %s", reason_code)
-            return
-        client.subscribe(protocol.hub_filter(self.cfg.broker.share_group), qos=1)
-        self.partitions.on_connect()
-        log.info("hub receiver %s connected (session present: %s)", self.cfg.hub.id, flags.session_present)
+        try:
+            if reason_code.is_failure:
+                log.warning("broker refused the connection: %s", reason_code)
+                return
+            client.subscribe(protocol.hub_filter(self.cfg.broker.share_group), qos=1)
+            self.partitions.on_connect()
+            log.info("hub receiver %s connected (session present: %s)", self.cfg.hub.id, flags.session_present)
+        except Exception:  # noqa: BLE001 - an exception here would kill paho's network thread
+            log.exception("on_connect failed")
 
     def _on_message(self, _client, _userdata, message) -> None:
         with self.beat.busy():
@@ -450,47 +453,17 @@ class Receiver:
         return t
 
     def _finish(self, device: str, tid: str) -> None:
-        """Whole-file sha256, then a full DICOM parse and pixel decode, then file it: only then the final ack."""
-        from sync.wire.codecs import decode_wire
-
+        """Verify and file the assembled study (sync.hub.verify); only then the final ack."""
         t = self.store.transfer(tid)
-        data = self.store.part_path(tid).read_bytes()
-        digest = hashlib.sha256(data[: t["size"]]).hexdigest()
-        if len(data) < t["size"] or digest != t["sha256"]:
-            reason = f"assembled file sha256 {digest[:12]} != manifest {t['sha256'][:12]}"
-            log.warning("transfer %s from %s: %s; asking for it again", tid, device, reason)
-            self.store.discard_chunks(tid, reason)
-            self._reply(device, "ack", transfer=tid, status="retry", have=[], count=t["count"], reason=reason)
-            return
-        data = data[: t["size"]]
-        try:
-            ds = decode_wire(data)
-            sop, study = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
-        except Exception as err:  # noqa: BLE001 - any decode failure is this transfer's, never the receiver's
-            # Our own errors say what is wrong without quoting values; a library's message may quote one.
-            detail = str(err)[:300] if isinstance(err, BadInputError) else type(err).__name__
-            reason = f"not a usable DICOM instance: {detail}"
-            self.store.fail_transfer(tid, reason)
-            self.store.dead_letter(protocol.up_topic(device, "chunk"), device, f"transfer {tid}: {reason}", b"")
-            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason[:300])
-            return
-        if t["study_uid"] and study != t["study_uid"]:
-            reason = f"instance says study {study}, the transfer said {t['study_uid']}"
-            self.store.fail_transfer(tid, reason)
-            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=reason)
-            return
-        # The box's own result objects (SR/SC) travel with the study but are not images the radiologist waits for.
-        from sync.wire.results import is_wasla_result, predecessor_uids
-
-        ours = is_wasla_result(ds)
-        t["sop_class_uid"] = str(ds.get("SOPClassUID", "") or "")[:64] or None
-        new = self.store.commit_instance(t, sop, study, data, counts_as_image=not ours,
-                                         supersedes=predecessor_uids(ds) if ours else ())
-        log.info("transfer %s from %s complete: %s of study %s %s (%d bytes, %s)", tid, device, sop, study,
-                 "stored" if new else "already stored", t["size"], t["codec"] or "?")
-        self._ack_complete(device, tid, t["count"])
-        if new and self.forwarder is not None:
-            self.forwarder.wake.set()
+        verdict = verify_and_file(self.store, t, device)
+        if verdict.status == "retry":
+            self._reply(device, "ack", transfer=tid, status="retry", have=[], count=t["count"], reason=verdict.reason)
+        elif verdict.status == "failed":
+            self._reply(device, "ack", transfer=tid, status="failed", count=t["count"], reason=verdict.reason)
+        else:
+            self._ack_complete(device, tid, t["count"])
+            if verdict.new and self.forwarder is not None:
+                self.forwarder.wake.set()
 
     def _ack_complete(self, device: str, tid: str, count: int) -> None:
         self._reply(device, "ack", transfer=tid, status="complete", have=[[0, count - 1]], count=count)
