@@ -23,8 +23,10 @@ import re
 import secrets
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 from edge import signing
+from sync.core.config import build, doc
 from sync.core.errors import ConfigError, NotFoundError, WaslaError
 from provisioning import ca
 
@@ -37,24 +39,26 @@ ENROLLED, REVOKED = "enrolled", "revoked"
 
 @dataclass(frozen=True)
 class FleetSettings:
-    name: str
-    hub_host: str
-    broker_port: int = 8883
-    broker_bind: str = "0.0.0.0"
-    broker_names: tuple[str, ...] = ()
-    hub_ids: tuple[str, ...] = ("hub-1",)
-    cert_days: int = 825
-    crl_days: int = 365
-    broker_dir: str = ""
-    """Where the broker files live on the broker machine (paths in mosquitto.conf); empty = this fleet's broker/."""
-    persistence_dir: str = ""
-    """Mosquitto's persistence folder; empty = broker/data (or /var/lib/mosquitto when broker_dir is set)."""
-    broker_user: str = "mosquitto"
-    """The user Mosquitto drops to after start; it must be able to read the broker files (key: owner, 0600)."""
-    share_group: str = ""
-    """The hubs' MQTT shared-subscription group, a fleet secret set at init: Mosquitto lets any client join a share
-    group whatever its ACL (and then drops the messages it may not read), so a box that knew the name could starve
-    the hub of other boxes' traffic. Empty (fleets made before it existed) = "hub"."""
+    name: Annotated[str, doc("The fleet's name (the CA's common name).", min_length=1)]
+    hub_host: Annotated[str, doc("Host name the boxes reach the broker at.", min_length=1)]
+    broker_port: Annotated[int, doc("The broker's TLS port.", ge=1, le=65535)] = 8883
+    broker_bind: Annotated[str, doc("Address the broker listens on.")] = "0.0.0.0"
+    broker_names: Annotated[tuple[str, ...], doc("Extra names and addresses in the broker's certificate.")] = ()
+    hub_ids: Annotated[tuple[str, ...], doc("The hub receivers' ids (each gets its own identity).")] = ("hub-1",)
+    cert_days: Annotated[int, doc("Validity of box and hub certificates, in days.", ge=1, le=3650)] = 825
+    crl_days: Annotated[int, doc("Validity of the certificate revocation list, in days.", ge=1, le=3650)] = 365
+    broker_dir: Annotated[str, doc(
+        "Where the broker files live on the broker machine (paths in mosquitto.conf); empty = this fleet's "
+        "broker/.")] = ""
+    persistence_dir: Annotated[str, doc(
+        "Mosquitto's persistence folder; empty = broker/data (or /var/lib/mosquitto when broker_dir is set).")] = ""
+    broker_user: Annotated[str, doc(
+        "The user Mosquitto drops to after start; it must be able to read the broker files (key: owner, "
+        "0600).")] = "mosquitto"
+    share_group: Annotated[str, doc(
+        "The hubs' MQTT shared-subscription group, a fleet secret set at init: Mosquitto lets any client join a "
+        "share group whatever its ACL (and then drops the messages it may not read), so a box that knew the name "
+        "could starve the hub of other boxes' traffic. Empty (fleets made before it existed) = \"hub\".")] = ""
 
     def to_json(self) -> dict:
         return {"name": self.name, "hub_host": self.hub_host, "broker_port": self.broker_port,
@@ -64,10 +68,14 @@ class FleetSettings:
                 "share_group": self.share_group}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "FleetSettings":
-        known = set(cls.__dataclass_fields__)
-        obj = {k: tuple(v) if isinstance(v, list) else v for k, v in obj.items() if k in known}
-        return cls(**obj)
+    def from_json(cls, obj: dict, source: str = FLEET_JSON) -> "FleetSettings":
+        """Strictly, like the box and hub configs: an unknown key or a bad value is an error naming it."""
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        try:
+            return build(cls, obj, "", None)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
 
 
 class FleetError(WaslaError):
@@ -118,7 +126,7 @@ class Fleet:
         path = self.root / FLEET_JSON
         if not path.is_file():
             raise FleetError(f"{self.root} is not a fleet folder (run `wasla-fleet init` first)")
-        return FleetSettings.from_json(json.loads(path.read_text(encoding="utf-8")))
+        return FleetSettings.from_json(json.loads(path.read_text(encoding="utf-8")), str(path))
 
     def inventory(self) -> dict:
         path = self.root / INVENTORY_JSON

@@ -53,3 +53,35 @@ def test_every_key_is_documented():
     assert len(rows) > 20
     undocumented = [key for key, _default, doc in rows if not doc]
     assert undocumented == []
+
+
+def test_ranges_are_declared_once_and_shown_in_the_reference():
+    rows = {key: doc for key, _default, doc in config.describe()}
+    assert "[1024-1048576]" in rows["sync.chunk_bytes"] and "[0-65535]" in rows["dicom.port"]
+    for text, key in (('[sync]\nchunk_bytes = 512\n', "sync.chunk_bytes"), ('[inference]\nthreads = 0\n',
+                      "inference.threads"), ('[sync]\nlink_kbps = 1\n', "sync.link_kbps"),
+                      ('[storage]\nkeep_days = -1\n', "storage.keep_days"), ('[log]\nlevel = "LOUD"\n', "log.level")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config.parse(text)
+
+
+def test_hub_and_fleet_settings_are_as_strict_as_the_box_s(tmp_path):
+    import json
+
+    from provisioning.fleet import Fleet, FleetSettings
+    from sync.hub import config as hub_config
+
+    with pytest.raises(ConfigError, match=r"web\.threads"):
+        hub_config.parse("[web]\nthreads = 500\n")
+    with pytest.raises(ConfigError, match=r"broker\.share_group"):
+        hub_config.parse('[broker]\nshare_group = "a/b"\n')
+    fleet = Fleet(tmp_path / "fleet")
+    fleet.init(FleetSettings(name="t", hub_host="localhost"))
+    settings = json.loads((tmp_path / "fleet" / "fleet.json").read_text())
+    assert FleetSettings.from_json(settings) == fleet.settings
+    (tmp_path / "fleet" / "fleet.json").write_text(json.dumps({**settings, "broker_prot": 8883}))
+    with pytest.raises(ConfigError, match="unknown key 'broker_prot'"):
+        fleet.settings
+    (tmp_path / "fleet" / "fleet.json").write_text(json.dumps({**settings, "cert_days": "825"}))
+    with pytest.raises(ConfigError, match="cert_days"):
+        fleet.settings
