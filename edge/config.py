@@ -1,13 +1,11 @@
 """The one typed, strict Wasla configuration: TOML in, frozen dataclasses out, every key documented."""
 from __future__ import annotations
 
-import os
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from sync.core.config import LogConfig, MetricsConfig, build, doc, reference
+from sync.core.config import LogConfig, MetricsConfig, doc, load_toml, parse_toml, reference
 from sync.core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -236,33 +234,12 @@ def _validate(cfg: Config) -> None:
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source or 'config'}: not valid TOML: {err}") from err
-    cfg = build(Config, data, "", base)
-    cfg = replace(cfg, source=source)
-    _validate(cfg)
-    return cfg
+    return parse_toml(Config, text, _validate, base, source)
 
 
 def load(path: Path | str | None = None, env: dict[str, str] | None = None) -> Config:
     """Load the config from `path`, else $WASLA_CONFIG, else /etc/wasla/box.toml, else the built-in defaults."""
-    env = os.environ if env is None else env
-    if path is None and env.get(ENV_VAR):
-        path = env[ENV_VAR]
-    if path is None:
-        path = next((p for p in DEFAULT_PATHS if p.is_file()), None)
-    if path is None:
-        cfg = Config()
-        _validate(cfg)
-        return cfg
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror or err}") from err
-    return parse(text, base=path.resolve().parent, source=path)
+    return load_toml(Config, _validate, path, env, ENV_VAR, DEFAULT_PATHS)
 
 
 def describe() -> list[tuple[str, str, str]]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 import typing
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -132,3 +133,35 @@ def reference(cls, defaults) -> list[tuple[str, str, str]]:
         for f in fields(value):
             rows.append((f"{section.name}.{f.name}", repr(getattr(value, f.name)), docs.get(f.name, "")))
     return rows
+
+
+def parse_toml(cls, text: str, validate, base: Path | None = None, source: Path | None = None,
+               what: str = "config"):
+    """A TOML document as `cls` (a config with a `source` field), then `validate(cfg)` for cross-field rules."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source or what}: not valid TOML: {err}") from err
+    cfg = replace(build(cls, data, "", base), source=source)
+    validate(cfg)
+    return cfg
+
+
+def load_toml(cls, validate, path: Path | str | None, env: dict[str, str] | None, env_var: str,
+              default_paths: tuple[Path, ...], what: str = "config"):
+    """From `path`, else $`env_var`, else the first of `default_paths` that exists, else the built-in defaults."""
+    env = os.environ if env is None else env
+    if path is None and env.get(env_var):
+        path = env[env_var]
+    if path is None:
+        path = next((p for p in default_paths if p.is_file()), None)
+    if path is None:
+        cfg = cls()
+        validate(cfg)
+        return cfg
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} file {path}: {err.strerror or err}") from err
+    return parse_toml(cls, text, validate, base=path.resolve().parent, source=path, what=what)

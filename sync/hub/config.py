@@ -1,15 +1,13 @@
 """The hub receiver's typed, strict configuration (TOML), built with the box config's machinery."""
 from __future__ import annotations
 
-import os
 import re
-import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from sync.core.config import LogConfig, MetricsConfig, build, doc
+from sync.core.config import LogConfig, MetricsConfig, doc, load_toml, parse_toml
 from sync.core.errors import ConfigError
 from sync.wire.transcode import ORTHANC_RENDERS, TARGETS
 
@@ -169,29 +167,9 @@ def _validate_database_url(url: str) -> None:
 
 
 def parse(text: str, base: Path | None = None, source: Path | None = None) -> HubConfig:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source or 'hub config'}: not valid TOML: {err}") from err
-    cfg = replace(build(HubConfig, data, "", base), source=source)
-    _validate(cfg)
-    return cfg
+    return parse_toml(HubConfig, text, _validate, base, source, what="hub config")
 
 
 def load(path: Path | str | None = None, env: dict[str, str] | None = None) -> HubConfig:
     """Load from `path`, else $WASLA_HUB_CONFIG, else /etc/wasla/hub.toml, else the built-in defaults."""
-    env = os.environ if env is None else env
-    if path is None and env.get(ENV_VAR):
-        path = env[ENV_VAR]
-    if path is None:
-        path = next((p for p in DEFAULT_PATHS if p.is_file()), None)
-    if path is None:
-        cfg = HubConfig()
-        _validate(cfg)
-        return cfg
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read hub config file {path}: {err.strerror or err}") from err
-    return parse(text, base=path.resolve().parent, source=path)
+    return load_toml(HubConfig, _validate, path, env, ENV_VAR, DEFAULT_PATHS, what="hub config")
