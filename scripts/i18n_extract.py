@@ -4,20 +4,25 @@
     python scripts/i18n_extract.py           # update .pot, .po (new msgids get an empty msgstr) and .mo
     python scripts/i18n_extract.py --check   # change nothing; exit 1 listing what is stale or untranslated
 
-Msgids come from two places: every literal `_("...")` / `N_("...")` in edge/, sync/core/ and sync/hub/ (found with
-the AST, so no xgettext is needed), and every help text of the `wasla` and `wasla-hub` command trees (typer
-docstrings and help=, which are translated when the CLI builds its click commands, see sync/core/i18n.py).
-The .mo files are compiled here in pure Python (the same format as GNU msgfmt writes), so neither the box
-nor CI needs the gettext tools; the compiled files are committed.
+Msgids come from two places: every literal `_("...")` / `N_("...")` in edge/, sync/core/ and sync/hub/ (Babel's
+Python extractor), and every help text of the `wasla` and `wasla-hub` command trees (typer docstrings and help=,
+which are translated when the CLI builds its click commands, see sync/core/i18n.py). Babel reads and writes the
+catalogues and compiles the .mo files (the format GNU msgfmt writes), so neither the box nor CI needs the gettext
+tools; the compiled files are committed and the box reads them with the standard library's gettext.
 """
 from __future__ import annotations
 
 import ast
+import datetime as dt
+import io
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from babel.messages.catalog import Catalog, Message
+from babel.messages.mofile import write_mo
+from babel.messages.pofile import read_po as babel_read_po, write_po
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCALE_DIR = ROOT / "sync" / "core" / "locale"
@@ -40,7 +45,9 @@ def source_files() -> list[Path]:
 def ast_msgids(paths: list[Path] | None = None) -> dict[str, list[str]]:
     """msgid -> ["edge/cli.py", ...] for every literal argument of _() and N_().
 
-    File names only, no line numbers: an unrelated edit that shifts lines must not make the catalogues stale."""
+    Found with the AST, not Babel's extractor: that one tokenises, and on Python 3.11 an f-string is one token, so
+    the `_('Broker')` inside f"{_('Broker')}: ..." would be missed. File names only, no line numbers: an
+    unrelated edit that shifts lines must not make the catalogues stale."""
     found: dict[str, list[str]] = {}
     for path in paths or source_files():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
@@ -109,7 +116,7 @@ def all_msgids() -> dict[str, list[str]]:
     return dict(sorted(found.items(), key=lambda kv: _order(kv[1][0])))
 
 
-# --- .po reading and writing ---------------------------------------------------------------------------------
+# --- .po reading and writing (Babel) ---------------------------------------------------------------------------
 
 @dataclass
 class Entry:
@@ -120,114 +127,99 @@ class Entry:
     comments: list[str] = field(default_factory=list)
 
 
-def _unquote(s: str) -> str:
-    s = s.strip()
-    assert s.startswith('"') and s.endswith('"'), s
-    escapes = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
-    return re.sub(r"\\(.)", lambda m: escapes.get(m.group(1), "\\" + m.group(1)), s[1:-1])
+class Entries(dict):
+    """msgid -> Entry, with the file's header text (compiled into the .mo as it is)."""
+
+    header: str | None = None
 
 
-def _quote(s: str) -> str:
-    esc = s.replace("\\", "\\\\").replace('"', '\\"').replace("\t", "\\t")
-    if "\n" not in esc:
-        return f'"{esc}"'
-    parts = esc.split("\n")
-    lines = [p + "\\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
-    return '""\n' + "\n".join(f'"{line}"' for line in lines)
+# Fixed dates: a catalogue that did not change must come out byte for byte the same.
+EPOCH = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def read_po(path: Path) -> dict[str, Entry]:
-    entries: dict[str, Entry] = {}
-    cur: Entry | None = None
-    field_name = None
-    pending_flags: list[str] = []
-    pending_comments: list[str] = []
+def _catalog(lang: str | None) -> Catalog:
+    catalog = Catalog(locale=lang, domain="wasla", project="wasla", version="1", creation_date=EPOCH,
+                      revision_date=EPOCH, charset="UTF-8", fuzzy=False, msgid_bugs_address="",
+                      last_translator="Wasla", language_team="Wasla",
+                      header_comment=f"# Wasla CLI messages ({lang or 'template'}). Edit msgstr only; regenerate "
+                                     "with: python scripts/i18n_extract.py")
+    if lang:
+        catalog._num_plurals, catalog._plural_expr = _plural(lang)
+    return catalog
 
-    def flush():
-        nonlocal cur
-        if cur is not None:
-            entries[cur.msgid] = cur
-        cur = None
 
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if not line:
-            flush()
+def _plural(lang: str) -> tuple[int, str]:
+    n, expr = PLURAL_FORMS[lang].split(";", 1)
+    return int(n.split("=")[1]), expr.strip().removeprefix("plural=").rstrip(";")
+
+
+def read_po(path: Path) -> Entries:
+    with open(path, "rb") as fh:
+        catalog = babel_read_po(fh, charset="utf-8")
+    entries = Entries()
+    for m in catalog:
+        if not m.id:
             continue
-        if line.startswith("#,"):
-            pending_flags += [f.strip() for f in line[2:].split(",")]
-        elif line.startswith("# ") or line == "#":
-            pending_comments.append(line[2:])
-        elif line.startswith("#"):
-            continue
-        elif line.startswith("msgid "):
-            flush()
-            cur = Entry(_unquote(line[6:]), fuzzy="fuzzy" in pending_flags, comments=pending_comments)
-            pending_flags, pending_comments = [], []
-            field_name = "msgid"
-        elif line.startswith("msgstr "):
-            cur.msgstr = _unquote(line[7:])
-            field_name = "msgstr"
-        elif line.startswith('"') and cur is not None:
-            setattr(cur, field_name, getattr(cur, field_name) + _unquote(line))
-    flush()
+        entries[m.id] = Entry(m.id, m.string or "", where=[loc for loc, _n in m.locations] + list(m.auto_comments),
+                              fuzzy=m.fuzzy, comments=list(m.user_comments))
+    entries.header = _raw_header(path)
     return entries
 
 
-def header(lang: str | None) -> str:
-    lines = ["Project-Id-Version: wasla", "MIME-Version: 1.0", "Content-Type: text/plain; charset=UTF-8",
-             "Content-Transfer-Encoding: 8bit"]
-    if lang:
-        lines += [f"Language: {lang}", f"Plural-Forms: {PLURAL_FORMS[lang]}"]
-    return "\n".join(lines) + "\n"
+def _raw_header(path: Path) -> str:
+    """The msgstr of the empty msgid, exactly as the file has it."""
+    text = path.read_text(encoding="utf-8")
+    block = re.search(r'^msgid ""\nmsgstr ((?:"(?:[^"\\]|\\.)*"\n?)+)', text, flags=re.M)
+    if not block:
+        return ""
+    parts = re.findall(r'"((?:[^"\\]|\\.)*)"', block.group(1))
+    return "".join(parts).replace("\\n", "\n").replace('\\"', '"').replace("\\\\", "\\")
 
 
 def render_po(msgids: dict[str, list[str]], lang: str | None, old: dict[str, Entry] | None = None) -> str:
     old = old or {}
-    title = "Wasla CLI messages" + (f" ({lang})" if lang else " (template)")
-    out = [f"# {title}. Edit msgstr only; regenerate with: python scripts/i18n_extract.py",
-           'msgid ""', "msgstr " + _quote(header(lang)), ""]
+    catalog = _catalog(lang)
     for msgid, where in msgids.items():
         prev = old.get(msgid)
-        for c in (prev.comments if prev else []):
-            out.append(f"# {c}".rstrip())
-        for w in where:
-            out.append(f"#: {w}")
-        if prev and prev.fuzzy:
-            out.append("#, fuzzy")
-        if PLACEHOLDER.search(msgid):
-            out.append("#, python-brace-format")
-        out.append("msgid " + _quote(msgid))
-        out.append("msgstr " + _quote(prev.msgstr if prev and lang else ""))
-        out.append("")
-    return "\n".join(out)
+        flags = (["fuzzy"] if prev and prev.fuzzy else []) + (["python-brace-format"] if PLACEHOLDER.search(msgid)
+                                                              else [])
+        # help texts are no file: they go in as extracted comments ("#. help: wasla status")
+        catalog.add(msgid, prev.msgstr if prev and lang else "", flags=flags,
+                    locations=[(w, None) for w in where if not w.startswith("help:")],
+                    auto_comments=[w for w in where if w.startswith("help:")],
+                    user_comments=prev.comments if prev else [])
+    out = io.BytesIO()
+    write_po(out, catalog, width=0, sort_output=False, include_lineno=False)
+    # Which Babel wrote it is no part of the catalogue: another release must not make it stale.
+    return re.sub(r'^"Generated-By: [^"]*"\n', "", out.getvalue().decode("utf-8"), flags=re.M)
 
 
-# --- .mo compiling (GNU format, little-endian, no hash table) ----------------------------------------------------
+class _Verbatim(Catalog):
+    """A catalogue whose header is the .po file's own text: Babel would rebuild it (and name its own version)."""
+
+    def __init__(self, header: str, messages: list[Message]):
+        super().__init__(charset="UTF-8")
+        self._header_text, self._messages = header, messages
+
+    def __iter__(self):
+        yield Message("", self._header_text)
+        yield from self._messages
+
 
 def compile_mo(entries: dict[str, Entry]) -> bytes:
-    catalog = {e.msgid: e.msgstr for e in entries.values() if e.msgstr and not e.fuzzy}
-    if "" in entries:
-        catalog[""] = entries[""].msgstr
-    keys = sorted(catalog)
-    ids = b""
-    strs = b""
-    offsets = []
-    for k in keys:
-        kb, vb = k.encode("utf-8"), catalog[k].encode("utf-8")
-        offsets.append((len(ids), len(kb), len(strs), len(vb)))
-        ids += kb + b"\0"
-        strs += vb + b"\0"
-    n = len(keys)
-    key_start = 7 * 4 + 16 * n
-    value_start = key_start + len(ids)
-    koffsets, voffsets = [], []
-    for o1, l1, o2, l2 in offsets:
-        koffsets += [l1, o1 + key_start]
-        voffsets += [l2, o2 + value_start]
-    head = struct.pack("<Iiiiiii", 0x950412DE, 0, n, 7 * 4, 7 * 4 + n * 8, 0, 0)
-    tables = struct.pack(f"<{len(koffsets)}i", *koffsets) + struct.pack(f"<{len(voffsets)}i", *voffsets)
-    return head + tables + ids + strs
+    header = getattr(entries, "header", None)
+    if header is None:
+        header = _header(_catalog(None))
+    # GNU msgfmt leaves POT-Creation-Date out of what it compiles; so do we (tests compare with it)
+    header = re.sub(r"^POT-Creation-Date: [^\n]*\n", "", header, flags=re.M)
+    messages = [Message(e.msgid, e.msgstr, flags=["fuzzy"] if e.fuzzy else []) for e in entries.values()]
+    out = io.BytesIO()
+    write_mo(out, _Verbatim(header, messages), use_fuzzy=False)
+    return out.getvalue()
+
+
+def _header(catalog: Catalog) -> str:
+    return "".join(f"{k}: {v}\n" for k, v in catalog.mime_headers if k != "Generated-By")
 
 
 def po_path(lang: str) -> Path:

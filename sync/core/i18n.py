@@ -4,9 +4,9 @@ How the pieces fit:
 
 * Catalogues are standard gettext: ``sync/core/locale/<lang>/LC_MESSAGES/wasla.po`` is the source a translator edits,
   the compiled ``wasla.mo`` next to it is committed and is what runs. ``python scripts/i18n_extract.py``
-  regenerates ``wasla.pot`` from the sources, merges it into the .po files and compiles the .mo files in pure
-  Python, so neither the box nor CI needs the gettext tools; tests/test_i18n.py fails when a .mo is stale or a
-  user-facing string lacks a translation.
+  regenerates ``wasla.pot`` from the sources, merges it into the .po files and compiles the .mo files with Babel
+  (a dev dependency), so neither the box nor CI needs the gettext tools and the box needs only the standard
+  library's gettext; tests/test_i18n.py fails when a .mo is stale or a user-facing string lacks a translation.
 * Help texts: typer reads docstrings and ``help=`` at import time, before ``--lang`` is known. The sources keep
   the English text where it belongs; ``localized_command`` builds the click command tree and replaces every help
   text by its translation, after ``main()`` has picked the language from ``--lang`` or the environment. The help
