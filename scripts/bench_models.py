@@ -127,6 +127,119 @@ def find_fp32(explicit: Path | None, work: Path, int8_onnx: Path, scratch: Path)
                      f"no {fp32} or checkpoint here)")
 
 
+def _configs(args, fp32: Path | None, int8_onnx: Path, int8_xml: Path) -> list[tuple]:
+    configs = []
+    for threads in args.threads:
+        if fp32:
+            configs += [("ORT FP32", "ort", fp32, threads, "-"),
+                        ("OpenVINO FP32 (default hint)", "ov", fp32, threads, "-"),
+                        ("OpenVINO FP32 (hint f32)", "ov", fp32, threads, "f32")]
+        # "OpenVINO INT8" is the box's configuration (edge/inference/openvino.py pins f32 for float layers); the
+        # default-hint row shows what an unpinned runtime would pick on this CPU (bf16 on AVX-512 BF16 / AMX).
+        configs += [("ORT INT8", "ort", int8_onnx, threads, "-"),
+                    ("OpenVINO INT8", "ov", int8_xml, threads, "f32"),
+                    ("OpenVINO INT8 (default hint)", "ov", int8_xml, threads, "-")]
+    # The box's OpenVINO configurations run with oneDNN capped below AMX (edge/inference/openvino.py pin_isa);
+    # the "default hint" rows show an unpinned runtime: full ISA, default precision.
+    if args.only:
+        configs = [c for c in configs if args.only.lower() in c[0].lower()]
+    return configs
+
+
+def _start_workers(configs: list[tuple]) -> dict:
+    workers = {}
+    for name, backend, model, threads, precision in configs:
+        # Loaded one at a time so each load time is measured on an otherwise idle machine.
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if backend == "ov" and precision != "-":
+            env.setdefault("ONEDNN_MAX_CPU_ISA", BOX_MAX_ISA)
+        elif backend == "ov" and "ONEDNN_MAX_CPU_ISA" not in os.environ:
+            env.pop("ONEDNN_MAX_CPU_ISA", None)
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, str(model), str(threads), precision],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = proc.stdout.readline()
+        if not line:
+            print(f"{name:30} {threads:>3} FAILED to load (see stderr above)")
+            proc.wait()
+            continue
+        workers[(name, threads)] = (proc, json.loads(line), [], [])
+    return workers
+
+
+def _ask(workers: dict, key, line: str):
+    """The worker's JSON answer to `line`, or None (and the worker dropped) when it died."""
+    proc = workers[key][0]
+    try:
+        proc.stdin.write(line)
+        proc.stdin.flush()
+        return json.loads(proc.stdout.readline())
+    except (BrokenPipeError, json.JSONDecodeError):
+        print(f"{key[0]} ({key[1]} thread(s)) died while timing (see stderr above); its figures are dropped")
+        proc.kill()
+        proc.wait()
+        del workers[key]
+        return None
+
+
+def _time(workers: dict, rounds: int, burst_size: int) -> dict:
+    """Interleaved bursts (who goes first rotates), then each worker's figures."""
+    for r in range(rounds):
+        keys = list(workers)
+        for key in keys[r % len(keys):] + keys[:r % len(keys)] if keys else []:
+            burst = _ask(workers, key, f"{burst_size}\n")
+            if burst is not None:
+                workers[key][2].extend(burst)
+                workers[key][3].append(statistics.median(burst))
+            time.sleep(0.02)  # let the previous runtime's spinning threads go to sleep
+    results = {}
+    for key in list(workers):
+        proc, info, times, round_medians = workers[key]
+        final = _ask(workers, key, "quit\n")
+        if final is None:
+            continue
+        info.update(final)
+        proc.wait()
+        times.sort()
+        results[key] = dict(info, median_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
+                            runs=len(times), best_round_ms=min(round_medians))
+    return results
+
+
+def _print_results(results: dict, rounds: int) -> None:
+    print(f"\n{'configuration':30} {'thr':>3} {'median ms':>9} {'p95 ms':>8} {'best round':>10} {'load ms':>8} "
+          f"{'peak RSS MB':>11}  precision")
+    for (name, threads), r in results.items():
+        print(f"{name:30} {threads:>3} {r['median_ms']:9.2f} {r['p95_ms']:8.2f} {r['best_round_ms']:10.2f} "
+              f"{r['load_ms']:8.0f} {r['peak_rss_mb']:11.0f}  {r['precision']}")
+    print(f"best round = the median of the quietest of the {rounds} bursts: what the machine gives when its neighbours "
+          "are idle; the goals are judged on the overall median")
+    caps = next((r["capabilities"] for r in results.values() if "capabilities" in r), "?")
+    print(f"\nOpenVINO CPU capabilities: {caps}; versions: " + ", ".join(
+        sorted({f"{n.split()[0]} {r['version']}" for (n, _), r in results.items()})))
+    print("peak RSS = VmHWM of the configuration's process (runtime import + model load + inference); "
+          "import alone: " + ", ".join(sorted({f"{n.split()[0]} {r['rss_import_mb']:.0f} MB"
+                                               for (n, _), r in results.items()})))
+
+
+def _print_goals(results: dict) -> None:
+    print("\nGoals:")
+    # Judged on the configurations a box runs (pinned precision), not on the default-hint comparison row.
+    int8 = [(r["median_ms"], n, t) for (n, t), r in results.items() if "INT8" in n and "default hint" not in n]
+    if int8:
+        best = min(int8)
+        verdict = "PASS" if best[0] <= GOAL_INT8_MS else "FAIL"
+        print(f"  fastest INT8 <= {GOAL_INT8_MS} ms: {verdict} ({best[1]}, {best[2]} thread(s): {best[0]:.2f} ms)")
+    for threads in (1, 2):
+        q, f = results.get(("OpenVINO INT8", threads)), results.get(("OpenVINO FP32 (hint f32)", threads))
+        if q and f:
+            speedup = f["median_ms"] / q["median_ms"]
+            verdict = "PASS" if speedup >= GOAL_OV_SPEEDUP else "FAIL"
+            print(f"  OpenVINO INT8 >= {GOAL_OV_SPEEDUP}x faster than OpenVINO FP32 (f32), {threads} thread(s): "
+                  f"{verdict} ({speedup:.2f}x)")
+        else:
+            print(f"  OpenVINO INT8 vs FP32, {threads} thread(s): not measured in this run")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", type=Path, default=REPO / "models" / "cxr-triage" / "1.3.0")
@@ -156,109 +269,16 @@ def main() -> int:
     print(f"CPU: {cpuinfo.describe()}, {os.cpu_count()} logical cores")
     print(f"package: {args.package}")
     print(f"FP32 ONNX: {fp32_note}" + ("" if fp32 else " -> FP32 rows SKIPPED"))
-    configs = []
-    for threads in args.threads:
-        if fp32:
-            configs += [("ORT FP32", "ort", fp32, threads, "-"),
-                        ("OpenVINO FP32 (default hint)", "ov", fp32, threads, "-"),
-                        ("OpenVINO FP32 (hint f32)", "ov", fp32, threads, "f32")]
-        # "OpenVINO INT8" is the box's configuration (edge/inference/openvino.py pins f32 for float layers); the
-        # default-hint row shows what an unpinned runtime would pick on this CPU (bf16 on AVX-512 BF16 / AMX).
-        configs += [("ORT INT8", "ort", int8_onnx, threads, "-"),
-                    ("OpenVINO INT8", "ov", int8_xml, threads, "f32"),
-                    ("OpenVINO INT8 (default hint)", "ov", int8_xml, threads, "-")]
-    # The box's OpenVINO configurations run with oneDNN capped below AMX (edge/inference/openvino.py pin_isa);
-    # the "default hint" rows show an unpinned runtime: full ISA, default precision.
-
-    if args.only:
-        configs = [c for c in configs if args.only.lower() in c[0].lower()]
-    workers = {}
-    for name, backend, model, threads, precision in configs:
-        # Loaded one at a time so each load time is measured on an otherwise idle machine.
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        if backend == "ov" and precision != "-":
-            env.setdefault("ONEDNN_MAX_CPU_ISA", BOX_MAX_ISA)
-        elif backend == "ov" and "ONEDNN_MAX_CPU_ISA" not in os.environ:
-            env.pop("ONEDNN_MAX_CPU_ISA", None)
-        proc = subprocess.Popen([sys.executable, __file__, "--serve", backend, str(model), str(threads), precision],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        line = proc.stdout.readline()
-        if not line:
-            print(f"{name:30} {threads:>3} FAILED to load (see stderr above)")
-            proc.wait()
-            continue
-        workers[(name, threads)] = (proc, json.loads(line), [], [])
+    workers = _start_workers(_configs(args, fp32, int8_onnx, int8_xml))
     shutil.rmtree(scratch, ignore_errors=True)  # every worker has its model loaded
     if not workers:
         print("no configuration to time" + (f" matches --only {args.only!r}" if args.only else " loaded"))
         return 1
     rounds = max(1, -(-args.runs // args.burst))
     print(f"timing: {rounds} rounds x {args.burst} runs per configuration, {len(workers)} configurations interleaved")
-
-    def ask(key, line: str):
-        """The worker's JSON answer to `line`, or None (and the worker dropped) when it died."""
-        proc = workers[key][0]
-        try:
-            proc.stdin.write(line)
-            proc.stdin.flush()
-            return json.loads(proc.stdout.readline())
-        except (BrokenPipeError, json.JSONDecodeError):
-            print(f"{key[0]} ({key[1]} thread(s)) died while timing (see stderr above); its figures are dropped")
-            proc.kill()
-            proc.wait()
-            del workers[key]
-            return None
-
-    for r in range(rounds):
-        keys = list(workers)
-        for key in keys[r % len(keys):] + keys[:r % len(keys)] if keys else []:  # rotate who goes first
-            burst = ask(key, f"{args.burst}\n")
-            if burst is not None:
-                workers[key][2].extend(burst)
-                workers[key][3].append(statistics.median(burst))
-            time.sleep(0.02)  # let the previous runtime's spinning threads go to sleep
-    results = {}
-    for key in list(workers):
-        proc, info, times, round_medians = workers[key]
-        final = ask(key, "quit\n")
-        if final is None:
-            continue
-        info.update(final)
-        proc.wait()
-        times.sort()
-        results[key] = dict(info, median_ms=statistics.median(times), p95_ms=times[int(0.95 * (len(times) - 1))],
-                            runs=len(times), best_round_ms=min(round_medians))
-
-    print(f"\n{'configuration':30} {'thr':>3} {'median ms':>9} {'p95 ms':>8} {'best round':>10} {'load ms':>8} "
-          f"{'peak RSS MB':>11}  precision")
-    for (name, threads), r in results.items():
-        print(f"{name:30} {threads:>3} {r['median_ms']:9.2f} {r['p95_ms']:8.2f} {r['best_round_ms']:10.2f} "
-              f"{r['load_ms']:8.0f} {r['peak_rss_mb']:11.0f}  {r['precision']}")
-    print(f"best round = the median of the quietest of the {rounds} bursts: what the machine gives when its neighbours "
-          "are idle; the goals are judged on the overall median")
-    caps = next((r["capabilities"] for r in results.values() if "capabilities" in r), "?")
-    print(f"\nOpenVINO CPU capabilities: {caps}; versions: " + ", ".join(
-        sorted({f"{n.split()[0]} {r['version']}" for (n, _), r in results.items()})))
-    print("peak RSS = VmHWM of the configuration's process (runtime import + model load + inference); "
-          "import alone: " + ", ".join(sorted({f"{n.split()[0]} {r['rss_import_mb']:.0f} MB"
-                                               for (n, _), r in results.items()})))
-
-    print("\nGoals:")
-    # Judged on the configurations a box runs (pinned precision), not on the default-hint comparison row.
-    int8 = [(r["median_ms"], n, t) for (n, t), r in results.items() if "INT8" in n and "default hint" not in n]
-    if int8:
-        best = min(int8)
-        verdict = "PASS" if best[0] <= GOAL_INT8_MS else "FAIL"
-        print(f"  fastest INT8 <= {GOAL_INT8_MS} ms: {verdict} ({best[1]}, {best[2]} thread(s): {best[0]:.2f} ms)")
-    for threads in (1, 2):
-        q, f = results.get(("OpenVINO INT8", threads)), results.get(("OpenVINO FP32 (hint f32)", threads))
-        if q and f:
-            speedup = f["median_ms"] / q["median_ms"]
-            verdict = "PASS" if speedup >= GOAL_OV_SPEEDUP else "FAIL"
-            print(f"  OpenVINO INT8 >= {GOAL_OV_SPEEDUP}x faster than OpenVINO FP32 (f32), {threads} thread(s): "
-                  f"{verdict} ({speedup:.2f}x)")
-        else:
-            print(f"  OpenVINO INT8 vs FP32, {threads} thread(s): not measured in this run")
+    results = _time(workers, rounds, args.burst)
+    _print_results(results, rounds)
+    _print_goals(results)
     return 0
 
 
