@@ -54,16 +54,13 @@ def _save(ds, syntax: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-def synthetic_seeds() -> list[Seed]:
-    """Small instances that cover what the box renders: syntaxes, LUTs, colour models, frames, sequences, reports."""
+def _grey_seeds(grey) -> list[tuple[str, bytes]]:
+    """12-bit CR in every uncompressed and lossless syntax, MONOCHROME1 with a sigmoid, VOI and modality LUTs."""
     import numpy as np
     from pydicom.dataset import Dataset
-    from pydicom.encaps import encapsulate
     from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-    rng = np.random.default_rng(7)
     out: list[tuple[str, bytes]] = []
-    grey = rng.integers(0, 4096, (48, 40), dtype=np.uint16)
 
     def cr(**attrs):
         ds = _base(48, 40)
@@ -98,7 +95,15 @@ def synthetic_seeds() -> list[Seed]:
     mod = cr()
     mod.ModalityLUTSequence = [mlut]
     out.append(("cr-modality-lut", _save(mod)))
-    # 8-bit palette colour with 256-entry tables.
+    return out
+
+
+def _colour_seeds(rng) -> list[tuple[str, bytes]]:
+    """8-bit palette colour with 256-entry tables, RGB ultrasound, and the same as baseline JPEG when it encodes."""
+    import numpy as np
+    from pydicom.encaps import encapsulate
+
+    out: list[tuple[str, bytes]] = []
     pal = _base(32, 32, bits=8, stored=8, photometric="PALETTE COLOR", sop_class="1.2.840.10008.5.1.4.1.1.7")
     for colour in ("Red", "Green", "Blue"):
         setattr(pal, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
@@ -120,6 +125,15 @@ def synthetic_seeds() -> list[Seed]:
         out.append(("us-jpeg-baseline", _save(jpeg, "1.2.840.10008.1.2.4.50")))
     except Exception:  # noqa: BLE001 - no JPEG encoder here
         pass
+    return out
+
+
+def _frames_and_report_seeds(rng) -> list[tuple[str, bytes]]:
+    """A cine, an enhanced object with functional groups, and a nested report (never triaged, always kept)."""
+    import numpy as np
+    from pydicom.dataset import Dataset
+
+    out: list[tuple[str, bytes]] = []
     cine = _base(16, 16, bits=8, stored=8, sop_class="1.2.840.10008.5.1.4.1.1.3.1")
     cine.NumberOfFrames = 4
     cine.PixelData = rng.integers(0, 256, (4, 16, 16), dtype=np.uint8).tobytes()
@@ -141,7 +155,6 @@ def synthetic_seeds() -> list[Seed]:
     enh.SharedFunctionalGroupsSequence = [shared]
     enh.PixelData = rng.integers(0, 4096, (3, 16, 16), dtype=np.uint16).tobytes()
     out.append(("enhanced-3-frames", _save(enh)))
-    # A report: never triaged, always kept; nested content items.
     sr = _base(1, 1, sop_class="1.2.840.10008.5.1.4.1.1.88.22")
     for key in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated", "BitsStored",
                 "HighBit", "PixelRepresentation"):
@@ -154,6 +167,16 @@ def synthetic_seeds() -> list[Seed]:
         node.ContentSequence = [child]
         node = child
     out.append(("report", _save(sr)))
+    return out
+
+
+def synthetic_seeds() -> list[Seed]:
+    """Small instances that cover what the box renders: syntaxes, LUTs, colour models, frames, sequences, reports."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 4096, (48, 40), dtype=np.uint16)
+    out = _grey_seeds(grey) + _colour_seeds(rng) + _frames_and_report_seeds(rng)
     return [Seed(name, data, (PHI_NAME, PHI_ID)) for name, data in out]
 
 
