@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import typer
 
 from edge import config as config_mod
-from sync.core.i18n import _, echo, is_rtl, ltr
+from sync.core.cliout import local_time, print_json, table
+from sync.core.i18n import _, echo, ltr
 
 _state: dict = {}
 
@@ -34,30 +34,7 @@ def _reader():
 _echo = echo
 
 
-def _print_json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str, ensure_ascii=False))
-
-
-def _table(rows: list[dict], cols: list[tuple[str, str]]) -> None:
-    if not rows:
-        _echo(_("(none)"))
-        return
-    from rich.cells import cell_len  # screen width: Arabic letters, isolates and wide glyphs are not len()
-
-    def pad(text: str, width: int) -> str:
-        return text + " " * (width - cell_len(text))
-
-    cells = [[str(r.get(k, "") if r.get(k) is not None else "") for k, _h in cols] for r in rows]
-    widths = [max(cell_len(h), *(cell_len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
-    # Arabic lines are mirrored as a whole by the terminal: keep them all the same width so columns line up.
-    end = (lambda line: line) if is_rtl() else str.rstrip
-    _echo(end("  ".join(pad(h, w) for (_k, h), w in zip(cols, widths))))
-    for c in cells:
-        _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
-
-
-def _ts(t: float | None) -> str:
-    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+_print_json, _table, _ts = print_json, table, local_time
 
 
 def _when(t: float | None) -> str:

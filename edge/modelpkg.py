@@ -13,7 +13,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge import signing
-from sync.core.fsutil import fsync_dir, fsync_file
+from sync.core.fsutil import atomic_write, fsync_dir, fsync_file
 from sync.core.errors import BadInputError, ModelError, ModelIntegrityError, NotFoundError
 from edge.modelmanifest import (  # noqa: F401 - the package's types and constants, used through modelpkg
     ACTIVATIONS, FORMAT, MANIFEST, ROUTING_KEYS, SIGNATURE, TASKS, _NAME_RE, _SHA256_RE, _VERSION_RE, ModelPackage,
@@ -322,10 +322,4 @@ def _read_pointer(path: Path) -> str | None:
 
 def _write_pointer(path: Path, version: str) -> None:
     # tmp + fsync + rename: after a power cut the pointer is either the old version or the new one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(version + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    atomic_write(path, (version + "\n").encode())

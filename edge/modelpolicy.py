@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge import signing
 from sync.core.errors import ModelError, ModelIntegrityError
+from sync.core.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,7 @@ def install(src_json: Path, models_dir: Path, trusted: dict[str, Ed25519PublicKe
         raise RefusedByPolicy(f"model policy serial {new.serial} is older than the installed {current.serial}")
     folder.mkdir(parents=True, exist_ok=True)
     for name, blob in ((SIGNATURE, sig), (POLICY, data)):  # signature first: a crash leaves the old policy valid
-        tmp = folder / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, folder / name)
+        atomic_write(folder / name, blob, durable_dir=False)
     log.info("model policy serial %d installed (%d floor(s), %d revocation(s))", new.serial, len(new.floors),
              len(new.revoked))
     return new

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sync.core.errors import WaslaError
+from sync.core.fsutil import atomic_write
 
 # P-256 ECDSA: OpenSSL 3 (Mosquitto 2.0.11 on Debian 12) and Python's ssl (paho) both handle it, the keys are
 # small and signing is cheap on an ARM box. Ed25519 certificates are refused by many TLS stacks' defaults.
@@ -40,15 +41,7 @@ def write_private_key(path: Path, key) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600, tmp=path.with_name(path.name + ".tmp"), durable_dir=False)
 
 
 def write_public(path: Path, data: bytes) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import importlib
 import json
 import logging
-import os
 import pkgutil
 import statistics
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 from sync.core.errors import ConfigError, ModelError
 from edge.inference.base import Backend, ramp_tensor
 from edge.modelmanifest import ModelPackage
+from sync.core.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +130,7 @@ def read_choices(record: Path) -> dict:
 def _write_choices(record: Path, choices: dict) -> None:
     record = Path(record)
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_name(record.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(choices, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, record)
+    atomic_write(record, json.dumps(choices, indent=2, sort_keys=True).encode(), tmp=record.with_name(record.name + ".tmp"))
 
 
 def _fastest(package: ModelPackage, threads: int, providers: list[str], warmup: int = 3) -> Backend:

@@ -4,13 +4,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from sync.core.errors import StateError
 from edge.store import ACKNOWLEDGED, QUARANTINED, QUEUED, SENT, TRIAGED, Store
 from sync.wire import protocol
+from sync.core.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +104,8 @@ class Outbox:
         sha = hashlib.sha256(enc.data).hexdigest()
         tid = transfer_id(self.device, inst["sop_instance_uid"], sha)
         path = self.wire_dir / f"{tid}.dcm"
-        tmp = path.with_suffix(".part")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(enc.data)
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not also leak half a wire copy
-            raise
-        os.replace(tmp, path)
+        # the folder's entry is not forced: the row that points at this file is committed (and fsynced) next
+        atomic_write(path, enc.data, tmp=path.with_suffix(".part"), durable_dir=False)
         now = time.time()
         size = len(enc.data)
         with self.store.transaction() as db:

@@ -1,8 +1,6 @@
 """`wasla-hub`: the regional hub's command line (receiver, worklist, boxes, reads back to the clinic)."""
 from __future__ import annotations
 
-import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from sync.core.i18n import _, echo, is_rtl, label_name, ltr, normalize, pick_language, run_cli, set_language
+from sync.core.cliout import local_time, print_json, table
+from sync.core.i18n import _, echo, label_name, ltr, normalize, pick_language, run_cli, set_language
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Wasla regional hub: receive, list and read studies.")
 _state: dict = {}
@@ -44,35 +43,16 @@ def _store():
 
 def _ts(t: float | None) -> str:
     """For display only (kept left-to-right inside Arabic text); JSON carries the raw timestamps."""
-    return ltr(dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")) if t else "-"
+    return ltr(local_time(t)) if t else "-"
 
 
-def _table(rows: list[dict], cols: list[tuple[str, str]], ltr_cols: tuple[str, ...] = ()) -> None:
-    """Plain columns; values in `ltr_cols` (UIDs, box ids, numbers) are kept left-to-right in Arabic."""
-    from rich.cells import cell_len  # screen width: Arabic letters, isolates and wide glyphs are not len()
-
-    if not rows:
-        _echo(_("(none)"))
-        return
-
-    def pad(text: str, width: int) -> str:
-        return text + " " * (width - cell_len(text))
-
-    cells = [[(ltr(r.get(k)) if k in ltr_cols else str(r.get(k))) if r.get(k) is not None else "" for k, _h in cols]
-             for r in rows]
-    widths = [max(cell_len(h), *(cell_len(c[i]) for c in cells)) for i, (_k, h) in enumerate(cols)]
-    # Arabic lines are mirrored as a whole by the terminal: keep them all the same width so columns line up.
-    end = (lambda line: line) if is_rtl() else str.rstrip
-    _echo(end("  ".join(pad(h, w) for (_k, h), w in zip(cols, widths))))
-    for c in cells:
-        _echo(end("  ".join(pad(v, w) for v, w in zip(c, widths))))
+_table = table
 
 
 _echo = echo
 
 
-def _json(obj) -> None:
-    typer.echo(json.dumps(obj, indent=2, default=str))
+_json = print_json
 
 
 @app.command()

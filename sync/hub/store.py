@@ -15,11 +15,11 @@ import time
 import uuid
 from pathlib import Path
 
-from sync.core.fsutil import fsync_dir
 from sync.core.diskguard import describe_store_error
 from sync.core.errors import StoreError, UidCollisionError
 from sync.core.sqlite import find_study, write_transaction
 from sync.hub import migrations
+from sync.core.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -396,13 +396,7 @@ class HubStore:
                 raise UidCollisionError("instance", sop_uid, existing["device"], t["device"])
             if existing is None:
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{uuid.uuid4().hex}.tmp"
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, dest)
-                fsync_dir(folder)
+                atomic_write(dest, data, tmp=folder / f".{uuid.uuid4().hex}.tmp")
             with self.tx() as db:
                 cur = db.execute(
                     f"{self.index.insert_or_ignore} INTO instances (sop_instance_uid, study_uid, device, transfer_id, "
