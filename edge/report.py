@@ -14,6 +14,7 @@ import base64
 import datetime as dt
 import html
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import cv2
@@ -21,6 +22,7 @@ import pydicom
 
 from edge import imaging
 from sync.core.errors import BadInputError, NotFoundError, WaslaError
+from sync.core.i18n import N_, translator
 from edge.results_dicom import is_derived, key_instance, result_score, triaged_sources
 from edge.store import QUARANTINED, Store
 
@@ -30,77 +32,78 @@ LANGUAGES = ("en", "fr", "ar")
 RTL = {"ar"}
 _THUMB_SIDE = 560
 
-TEXT: dict[str, dict[str, str]] = {
-    "en": {
-        "title": "Triage report", "not_clinical": "NOT FOR CLINICAL USE",
-        "disclaimer": "Automated triage: it orders the reading list, it is not a diagnosis. "
-                      "A radiologist reads every study.",
-        "patient_name": "Patient name", "patient_id": "Patient ID", "accession": "Accession number", "study_date": "Study date",
-        "modality": "Modality", "description": "Description", "images": "Images", "received": "Received",
-        "result": "Triage result", "reasons": "Reasons", "model": "Model", "version": "Version",
-        "backend": "Runtime", "score": "Score", "thresholds": "Thresholds (review / urgent)", "image": "Image",
-        "read": "Radiologist's read", "awaiting": "Not read yet: the study is waiting at the hub.", "by": "by",
-        "note": "Note", "generated": "Generated", "box": "Box", "study": "Study", "key_image": "Key image",
-        "no_image": "No image could be shown", "unreadable": "Images the box could not read",
-        "urgent": "URGENT", "review": "REVIEW", "normal": "NORMAL", "pending": "PENDING",
-        "score_above_urgent": "Score {score} is at or above the urgent threshold {threshold}.",
-        "score_above_review": "Score {score} is at or above the review threshold {threshold}.",
-        "score_below_review": "Score {score} is below the review threshold {threshold}.",
-        "low_confidence": "Low confidence: the most likely finding ({label}) is at {confidence}, below {threshold}.",
-        "no_model": "No installed model reads this kind of image: a person must look at it.",
-        "no_matching_model": "No installed model reads this kind of image ({modality}): a person must look at it.",
-        "instance_quarantined": "An image could not be read by the box: a person must look at it.",
-        "disp_normal": "Normal", "disp_abnormal": "Abnormal", "disp_urgent-referral": "Urgent referral",
-        "disp_repeat-image": "Repeat the image",
-    },
-    "fr": {
-        "title": "Rapport de triage", "not_clinical": "NE PAS UTILISER À DES FINS CLINIQUES",
-        "disclaimer": "Triage automatique : il ordonne la liste de lecture, ce n'est pas un diagnostic. "
-                      "Un radiologue lit chaque examen.",
-        "patient_name": "Nom du patient", "patient_id": "N° patient", "accession": "N° d'examen (accession)", "study_date": "Date de l'examen",
-        "modality": "Modalité", "description": "Description", "images": "Images", "received": "Reçu le",
-        "result": "Résultat du triage", "reasons": "Motifs", "model": "Modèle", "version": "Version",
-        "backend": "Moteur", "score": "Score", "thresholds": "Seuils (relecture / urgence)", "image": "Image",
-        "read": "Lecture du radiologue", "awaiting": "Pas encore lu : l'examen attend au centre de lecture.",
-        "by": "par", "note": "Remarque", "generated": "Généré le", "box": "Boîtier", "study": "Examen",
-        "key_image": "Image clé", "no_image": "Aucune image affichable",
-        "unreadable": "Images que le boîtier n'a pas pu lire",
-        "urgent": "URGENT", "review": "À RELIRE", "normal": "NORMAL", "pending": "EN ATTENTE",
-        "score_above_urgent": "Le score {score} atteint ou dépasse le seuil d'urgence {threshold}.",
-        "score_above_review": "Le score {score} atteint ou dépasse le seuil de relecture {threshold}.",
-        "score_below_review": "Le score {score} est inférieur au seuil de relecture {threshold}.",
-        "low_confidence": "Confiance faible : le résultat le plus probable ({label}) est à {confidence}, "
-                          "sous le seuil {threshold}.",
-        "no_model": "Aucun modèle installé ne lit ce type d'image : une personne doit la regarder.",
-        "no_matching_model": "Aucun modèle installé ne lit ce type d'image ({modality}) : une personne doit la "
-                             "regarder.",
-        "instance_quarantined": "Une image n'a pas pu être lue par le boîtier : une personne doit la regarder.",
-        "disp_normal": "Normal", "disp_abnormal": "Anormal", "disp_urgent-referral": "Transfert urgent",
-        "disp_repeat-image": "Refaire l'image",
-    },
-    "ar": {
-        "title": "تقرير الفرز", "not_clinical": "ليس للاستخدام السريري",
-        "disclaimer": "فرز آلي: يرتّب قائمة القراءة وليس تشخيصًا. يقرأ أخصائي الأشعة كل فحص.",
-        "patient_name": "اسم المريض", "patient_id": "رقم المريض", "accession": "رقم الطلب", "study_date": "تاريخ الفحص",
-        "modality": "طريقة التصوير", "description": "الوصف", "images": "الصور", "received": "تاريخ الاستلام",
-        "result": "نتيجة الفرز", "reasons": "الأسباب", "model": "النموذج", "version": "الإصدار",
-        "backend": "محرك التشغيل", "score": "الدرجة", "thresholds": "العتبات (مراجعة / استعجال)", "image": "صورة",
-        "read": "قراءة أخصائي الأشعة", "awaiting": "لم تتم القراءة بعد: الفحص في انتظار مركز القراءة.",
-        "by": "بواسطة", "note": "ملاحظة", "generated": "أُنشئ في", "box": "الجهاز", "study": "الفحص",
-        "key_image": "الصورة الرئيسية", "no_image": "تعذّر عرض الصورة",
-        "unreadable": "صور لم يتمكن الجهاز من قراءتها",
-        "urgent": "عاجل", "review": "للمراجعة", "normal": "طبيعي", "pending": "قيد الانتظار",
-        "score_above_urgent": "الدرجة {score} تساوي عتبة الاستعجال {threshold} أو تتجاوزها.",
-        "score_above_review": "الدرجة {score} تساوي عتبة المراجعة {threshold} أو تتجاوزها.",
-        "score_below_review": "الدرجة {score} أقل من عتبة المراجعة {threshold}.",
-        "low_confidence": "ثقة منخفضة: النتيجة الأرجح ({label}) بنسبة {confidence}، أقل من {threshold}.",
-        "no_model": "لا يوجد نموذج مثبّت يقرأ هذا النوع من الصور: يجب أن يطّلع عليها شخص.",
-        "no_matching_model": "لا يوجد نموذج مثبّت يقرأ هذا النوع من الصور ({modality}): يجب أن يطّلع عليها شخص.",
-        "instance_quarantined": "تعذّر على الجهاز قراءة إحدى الصور: يجب أن يطّلع عليها شخص.",
-        "disp_normal": "طبيعي", "disp_abnormal": "غير طبيعي", "disp_urgent-referral": "إحالة عاجلة",
-        "disp_repeat-image": "إعادة التصوير",
-    },
+# The page's words: key -> English text, the msgid; French and Arabic come from the CLIs' gettext catalogues
+# (sync/core/locale), so a translator edits one place.
+_SOURCE: dict[str, str] = {
+    "title": N_("Triage report"),
+    "not_clinical": N_("NOT FOR CLINICAL USE"),
+    "disclaimer": N_("Automated triage: it orders the reading list, it is not a diagnosis. A radiologist reads every study."),
+    "patient_name": N_("Patient name"),
+    "patient_id": N_("Patient ID"),
+    "accession": N_("Accession number"),
+    "study_date": N_("Study date"),
+    "modality": N_("Modality"),
+    "description": N_("Description"),
+    "images": N_("Images"),
+    "received": N_("Received"),
+    "result": N_("Triage result"),
+    "reasons": N_("Reasons"),
+    "model": N_("Model"),
+    "version": N_("Version"),
+    "backend": N_("Runtime"),
+    "score": N_("Score"),
+    "thresholds": N_("Thresholds (review / urgent)"),
+    "image": N_("Image"),
+    "read": N_("Radiologist's read"),
+    "awaiting": N_("Not read yet: the study is waiting at the hub."),
+    "by": N_("by"),
+    "note": N_("Note"),
+    "generated": N_("Generated"),
+    "box": N_("Box"),
+    "study": N_("Study"),
+    "key_image": N_("Key image"),
+    "no_image": N_("No image could be shown"),
+    "unreadable": N_("Images the box could not read"),
+    "urgent": N_("URGENT"),
+    "review": N_("REVIEW"),
+    "normal": N_("NORMAL"),
+    "pending": N_("PENDING"),
+    "score_above_urgent": N_("Score {score} is at or above the urgent threshold {threshold}."),
+    "score_above_review": N_("Score {score} is at or above the review threshold {threshold}."),
+    "score_below_review": N_("Score {score} is below the review threshold {threshold}."),
+    "low_confidence": N_("Low confidence: the most likely finding ({label}) is at {confidence}, below {threshold}."),
+    "no_model": N_("No installed model reads this kind of image: a person must look at it."),
+    "no_matching_model": N_("No installed model reads this kind of image ({modality}): a person must look at it."),
+    "instance_quarantined": N_("An image could not be read by the box: a person must look at it."),
+    "disp_normal": N_("Normal"),
+    "disp_abnormal": N_("Abnormal"),
+    "disp_urgent-referral": N_("Urgent referral"),
+    "disp_repeat-image": N_("Repeat the image"),
 }
+
+
+class _Texts(Mapping):
+    """TEXT[lang]: every key of the page in that language (the English text where a translation is missing)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, dict[str, str]] = {}
+
+    def __getitem__(self, lang: str) -> dict[str, str]:
+        if lang not in LANGUAGES:
+            raise KeyError(lang)
+        if lang not in self._cache:
+            tr = translator(lang)
+            self._cache[lang] = {key: tr(text) for key, text in _SOURCE.items()}
+        return self._cache[lang]
+
+    def __iter__(self):
+        return iter(LANGUAGES)
+
+    def __len__(self) -> int:
+        return len(LANGUAGES)
+
+
+TEXT = _Texts()
 
 
 def reason_sentence(reason: dict, lang: str) -> str:

@@ -91,6 +91,12 @@ def set_language(lang: str) -> None:
     _localize_framework_strings()
 
 
+def translator(lang: str):
+    """gettext for one language, whatever the process's current one (a report printed in French from an Arabic
+    shell); English and unknown codes translate to the msgid itself."""
+    return gettext.translation(DOMAIN, LOCALE_DIR, languages=[normalize(lang) or "en"], fallback=True).gettext
+
+
 def current_language() -> str:
     return _lang
 
