@@ -156,6 +156,123 @@ class Hubs:
         return f"{len(self.procs)} receiver(s), {'PostgreSQL' if self.pg is not None else 'SQLite'} index"
 
 
+class Acks:
+    """What the hub answers the simulated boxes (flag and transfer acks) and what its receivers claim."""
+
+    def __init__(self) -> None:
+        self.acked: dict[str, float] = {}
+        self.dup_acks = 0
+        self.unknown: list[str] = []  # "unknown" answers: a chunk reached a receiver that could not find its manifest
+        self.claims: dict[str, set[int]] = {}
+        self.lock = threading.Lock()
+        self.client = None
+
+    def on_ack(self, _c, _u, m) -> None:
+        now = time.monotonic()
+        try:
+            msg = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536)
+            fid = msg.get("flag_id")
+            if msg.get("transfer") and msg.get("status") == "unknown":
+                self.unknown.append(msg["transfer"])
+            if msg.get("transfer") and msg.get("status") == "complete":
+                fid = msg["transfer"]
+        except Exception:  # noqa: BLE001 - not a flag ack
+            return
+        if fid:
+            with self.lock:
+                if fid in self.acked:
+                    self.dup_acks += 1
+                else:
+                    self.acked[fid] = now
+
+    def on_member(self, _c, _u, m) -> None:
+        try:
+            self.claims[m.topic.rsplit("/", 1)[-1]] = set(json.loads(m.payload)["partitions"]) if m.payload else set()
+        except Exception:  # noqa: BLE001 - a malformed announcement only delays the start
+            pass
+
+    def listen(self, port: int, receivers: int) -> None:
+        """Subscribe, then wait until the receivers have split the partitions between them (sync/hub/partitions.py:
+        each announces what it holds every 10 s, and at once when that changes)."""
+        listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-acks", protocol=mqtt.MQTTv5)
+        listener.on_message = self.on_ack
+        listener.message_callback_add(f"{MEMBERS_ROOT}/hub/+", self.on_member)
+        listener.connect("127.0.0.1", port)
+        listener.subscribe("wasla/v1/+/down/ack", qos=1)
+        listener.subscribe(f"{MEMBERS_ROOT}/hub/+", qos=1)
+        listener.loop_start()
+        self.client = listener
+        claims = self.claims
+        harness.wait_until(lambda: len(claims) == receivers and all(claims.values()) and
+                           sum(len(c) for c in claims.values()) == protocol.PARTITIONS ==
+                           len(set().union(*claims.values())), timeout=60,
+                           what=f"receivers settled (heard: {claims})")
+
+
+def _senders(port: int, n: int) -> list:
+    senders = []
+    for i in range(n):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-box-{i}", protocol=mqtt.MQTTv5)
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        senders.append(c)
+    return senders
+
+
+def flags(a, senders: list, hub, acks: Acks, broker) -> int:
+    """`boxes` x `flags` flags, offered as fast as possible or at `rate`; throughput, CPU, latency, exactly once."""
+    sent: dict[str, float] = {}
+    acked, lock = acks.acked, acks.lock
+    boxes = [f"box-{i:04d}" for i in range(a.boxes)]
+    total = a.boxes * a.flags
+    payloads = []
+    for k in range(a.flags):
+        for b in boxes:
+            fid = uuid.uuid4().hex[:24]
+            data = protocol.encode("flag", b, flag_id=fid, study_uid=f"1.2.826.0.1.3680043.10.{abs(hash(fid)) % 10**12}",
+                                   label="urgent" if k % 5 == 0 else "normal", at=time.time(), modality="CR",
+                                   n_instances=1, reasons=[{"code": "score_above_review", "score": 0.5}])
+            payloads.append((protocol.up_topic(b, "flag"), fid, data))
+    cpu0, t0 = hub.cpu(), time.monotonic()
+    for n, (topic, fid, data) in enumerate(payloads):
+        if a.rate:
+            delay = t0 + n / a.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        with lock:
+            sent[fid] = time.monotonic()
+        senders[n % len(senders)].publish(topic, data, qos=1)
+    t_sent = time.monotonic()
+    harness.wait_until(lambda: len(acked) >= total, timeout=a.timeout, interval=0.2, what="every flag acknowledged")
+    t_done = time.monotonic()
+    cpu = hub.cpu() - cpu0
+    rows = hub.one("SELECT COUNT(*), SUM(times) FROM flags")
+    lat = [acked[f] - sent[f] for f in acked]
+    elapsed = t_done - t0
+    print(f"wasla hub bench: {cpu_name()}, {os.cpu_count()} CPUs; {hub.describe()}; receiver from {a.repo}")
+    print(f"  {a.boxes} boxes x {a.flags} flags = {total} flags over {a.clients} connections, "
+          f"offered {'as fast as possible' if not a.rate else f'{a.rate:g}/s'} (sent in {t_sent - t0:.1f} s)")
+    print(f"  flags committed and acknowledged : {len(acked)} in {elapsed:.2f} s = {len(acked) / elapsed:.0f} flags/s")
+    print(f"  receiver CPU                     : {cpu:.2f} s = {1000 * cpu / max(1, len(acked)):.3f} CPU-ms per flag")
+    print(f"  ack latency (publish -> ack back): p50 {pct(lat, 50):.3f} s, p95 {pct(lat, 95):.3f} s, "
+          f"p99 {pct(lat, 99):.3f} s, max {max(lat):.3f} s")
+    print(f"  exactly once                     : {rows[0]} flag rows for {total} flags, {acks.dup_acks} duplicate acks")
+    print(rss_line(hub, broker.proc.pid, a.boxes))
+    per_flag = 1000 * cpu / max(1, len(acked))
+    ok = verdicts([
+        ("<= 0.5 CPU-ms per flag (>= 2,000 flags/s per receiver core)", per_flag <= GOAL_CPU_MS_PER_FLAG,
+         f"{per_flag:.3f} CPU-ms, {len(acked) / elapsed:.0f} flags/s wall on this host"),
+        ("ack p99 <= 1 s at a steady offered load", None if not a.rate else pct(lat, 99) <= GOAL_ACK_P99_S,
+         f"p99 {pct(lat, 99):.3f} s" + ("" if a.rate else " (a flood, not a steady load: use --rate, <= 80 % "
+                                                          "of capacity)")),
+        ("exactly once", rows[0] == total and len(acked) == total,
+         f"{rows[0]} rows, {len(acked)} acked of {total}, {acks.dup_acks} duplicate acks"),
+    ])
+    return 0 if ok and rows[0] == total and len(acked) == total else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--boxes", type=int, default=200)
@@ -177,114 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     broker = harness.Mosquitto(work / "mqtt", extra_conf="max_queued_messages 1000000\nmax_inflight_messages 0\n")
     broker.start()
     hub = Hubs(a, work, broker.port).start()
-    sent: dict[str, float] = {}
-    acked: dict[str, float] = {}
-    dup_acks = 0
-    unknown: list[str] = []  # "unknown" answers: a chunk reached a receiver that could not find its manifest
-    lock = threading.Lock()
-
-    def on_ack(_c, _u, m):
-        nonlocal dup_acks
-        now = time.monotonic()
-        try:
-            msg = protocol.decode(m.topic, m.payload, direction="down", max_bytes=65536)
-            fid = msg.get("flag_id")
-            if msg.get("transfer") and msg.get("status") == "unknown":
-                unknown.append(msg["transfer"])
-            if msg.get("transfer") and msg.get("status") == "complete":
-                fid = msg["transfer"]
-        except Exception:  # noqa: BLE001 - not a flag ack
-            return
-        if fid:
-            with lock:
-                if fid in acked:
-                    dup_acks += 1
-                else:
-                    acked[fid] = now
-
+    acks = Acks()
     try:
         harness.wait_until(hub.ready, timeout=60, what="the hub's index")
         time.sleep(2.0)
-        claims: dict[str, set[int]] = {}
-
-        def on_member(_c, _u, m):
-            try:
-                claims[m.topic.rsplit("/", 1)[-1]] = set(json.loads(m.payload)["partitions"]) if m.payload else set()
-            except Exception:  # noqa: BLE001 - a malformed announcement only delays the start
-                pass
-
-        listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-acks", protocol=mqtt.MQTTv5)
-        listener.on_message = on_ack
-        listener.message_callback_add(f"{MEMBERS_ROOT}/hub/+", on_member)
-        listener.connect("127.0.0.1", broker.port)
-        listener.subscribe("wasla/v1/+/down/ack", qos=1)
-        listener.subscribe(f"{MEMBERS_ROOT}/hub/+", qos=1)
-        listener.loop_start()
-        # Measured once the receivers have split the partitions between them (sync/hub/partitions.py): each
-        # announces what it holds every 10 s, and at once when that changes.
-        harness.wait_until(lambda: len(claims) == a.receivers and all(claims.values()) and
-                           sum(len(c) for c in claims.values()) == protocol.PARTITIONS ==
-                           len(set().union(*claims.values())), timeout=60,
-                           what=f"receivers settled (heard: {claims})")
-        senders = []
-        for i in range(a.clients):
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-box-{i}", protocol=mqtt.MQTTv5)
-            c.max_inflight_messages_set(1000)
-            c.max_queued_messages_set(0)
-            c.connect("127.0.0.1", broker.port)
-            c.loop_start()
-            senders.append(c)
+        acks.listen(broker.port, a.receivers)
+        senders = _senders(broker.port, a.clients)
         time.sleep(1.0)
         if a.studies:
-            return studies(a, senders, hub, acked, lock, broker, unknown)
+            return studies(a, senders, hub, acks.acked, acks.lock, broker, acks.unknown)
         if a.storm:
-            return storm(a, senders, hub, acked, lock, broker)
-        boxes = [f"box-{i:04d}" for i in range(a.boxes)]
-        total = a.boxes * a.flags
-        payloads = []
-        for k in range(a.flags):
-            for b in boxes:
-                fid = uuid.uuid4().hex[:24]
-                data = protocol.encode("flag", b, flag_id=fid, study_uid=f"1.2.826.0.1.3680043.10.{abs(hash(fid)) % 10**12}",
-                                       label="urgent" if k % 5 == 0 else "normal", at=time.time(), modality="CR",
-                                       n_instances=1, reasons=[{"code": "score_above_review", "score": 0.5}])
-                payloads.append((protocol.up_topic(b, "flag"), fid, data))
-        cpu0, t0 = hub.cpu(), time.monotonic()
-        for n, (topic, fid, data) in enumerate(payloads):
-            if a.rate:
-                delay = t0 + n / a.rate - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            with lock:
-                sent[fid] = time.monotonic()
-            senders[n % len(senders)].publish(topic, data, qos=1)
-        t_sent = time.monotonic()
-        harness.wait_until(lambda: len(acked) >= total, timeout=a.timeout, interval=0.2, what="every flag acknowledged")
-        t_done = time.monotonic()
-        cpu = hub.cpu() - cpu0
-        rows = hub.one("SELECT COUNT(*), SUM(times) FROM flags")
-        lat = [acked[f] - sent[f] for f in acked]
-        elapsed = t_done - t0
-        print(f"wasla hub bench: {cpu_name()}, {os.cpu_count()} CPUs; {hub.describe()}; receiver from {a.repo}")
-        print(f"  {a.boxes} boxes x {a.flags} flags = {total} flags over {a.clients} connections, "
-              f"offered {'as fast as possible' if not a.rate else f'{a.rate:g}/s'} (sent in {t_sent - t0:.1f} s)")
-        print(f"  flags committed and acknowledged : {len(acked)} in {elapsed:.2f} s = {len(acked) / elapsed:.0f} flags/s")
-        print(f"  receiver CPU                     : {cpu:.2f} s = {1000 * cpu / max(1, len(acked)):.3f} CPU-ms per flag")
-        print(f"  ack latency (publish -> ack back): p50 {pct(lat, 50):.3f} s, p95 {pct(lat, 95):.3f} s, "
-              f"p99 {pct(lat, 99):.3f} s, max {max(lat):.3f} s")
-        print(f"  exactly once                     : {rows[0]} flag rows for {total} flags, {dup_acks} duplicate acks")
-        print(rss_line(hub, broker.proc.pid, a.boxes))
-        per_flag = 1000 * cpu / max(1, len(acked))
-        ok = verdicts([
-            ("<= 0.5 CPU-ms per flag (>= 2,000 flags/s per receiver core)", per_flag <= GOAL_CPU_MS_PER_FLAG,
-             f"{per_flag:.3f} CPU-ms, {len(acked) / elapsed:.0f} flags/s wall on this host"),
-            ("ack p99 <= 1 s at a steady offered load", None if not a.rate else pct(lat, 99) <= GOAL_ACK_P99_S,
-             f"p99 {pct(lat, 99):.3f} s" + ("" if a.rate else " (a flood, not a steady load: use --rate, <= 80 % "
-                                                              "of capacity)")),
-            ("exactly once", rows[0] == total and len(acked) == total,
-             f"{rows[0]} rows, {len(acked)} acked of {total}, {dup_acks} duplicate acks"),
-        ])
-        return 0 if ok and rows[0] == total and len(acked) == total else 1
+            return storm(a, senders, hub, acks.acked, acks.lock, broker)
+        return flags(a, senders, hub, acks, broker)
     finally:
         hub.close()
         broker.stop()

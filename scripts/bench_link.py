@@ -26,16 +26,12 @@ Profiles: geo, geo-cuts, leo (5 Mbit/s, 40 ms), leo-handovers (0.4 s stall every
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,102 +41,12 @@ for p in (REPO, REPO / "scripts", REPO / "tests"):
         sys.path.insert(0, str(p))
 
 import linkemu_lib as le  # noqa: E402
-import harness  # noqa: E402
 import bench_link_files  # noqa: E402
+import bench_link_report  # noqa: E402
+from bench_link_report import pct  # noqa: E402
 
-PY = sys.executable
-BROKER_PORT = 1883
-DICOM_PORT = 11112
-CSTORE_PORT = 11113
-DEVICE = "bench-box"
-
-
-# --- small helpers ---------------------------------------------------------------------------------------------
-
-def log(msg: str) -> None:
-    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-
-def q(db: Path, sql: str, params=()) -> list[dict]:
-    """A read-only query of a live SQLite database (the daemons write it in WAL mode)."""
-    if not db.exists():
-        return []
-    for attempt in range(20):
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as c:
-                c.row_factory = sqlite3.Row
-                return [dict(r) for r in c.execute(sql, params).fetchall()]
-        except sqlite3.OperationalError:
-            if attempt == 19:
-                raise
-            time.sleep(0.2)
-    return []
-
-
-def wait_until(pred, timeout: float, what: str, interval: float = 0.25):
-    return harness.wait_until(pred, timeout=timeout, interval=interval, what=what)
-
-
-def pct(values: list[float], p: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(values, p)) if values else float("nan")
-
-
-def probe_file(dest: Path) -> Path:
-    """A small bright DX chest image with fresh UIDs: the brightness test model scores it urgent."""
-    import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(dest), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.BodyPartExamined, ds.PatientName, ds.PatientID = "DX", "CHEST", "BENCH^PROBE", "PROBE-1"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    img = np.full((128, 128), 250, dtype=np.uint8)
-    img[:12, :12] = 0  # not flat, so any min-max windowing still leaves the image bright
-    ds.Rows, ds.Columns = img.shape
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = img.tobytes()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(dest, enforce_file_format=True)
-    return dest
-
-
-class Sampler(threading.Thread):
-    """Emulator counters every 0.2 s, so a phase's bytes can be cut at the database's timestamps afterwards."""
-
-    def __init__(self, link: le.LinkEmulator):
-        super().__init__(daemon=True, name="bench-sampler")
-        self.link, self.samples, self.stop_ev = link, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.stop_ev.is_set():
-            s = self.link.stats()
-            self.samples.append((time.time(), s["up"]["bytes_in"], s["up"]["bytes_out"], s["up"]["packets_in"],
-                                 s["down"]["bytes_in"]))
-            self.stop_ev.wait(0.2)
-
-    def at(self, t: float) -> tuple:
-        """The last sample taken at or before t (the first one if none)."""
-        best = self.samples[0]
-        for s in self.samples:
-            if s[0] <= t:
-                best = s
-            else:
-                break
-        return best
-
-    def between(self, t0: float, t1: float) -> dict:
-        a, b = self.at(t0), self.at(t1)
-        return {"up_in": b[1] - a[1], "up_out": b[2] - a[2], "up_pkts": b[3] - a[3], "down_in": b[4] - a[4]}
+from bench_link_lib import (BROKER_PORT, CSTORE_PORT, DEVICE, DICOM_PORT, PY, Sampler, log,  # noqa: E402,F401
+                            probe_file, q, wait_until)
 
 
 # --- the bench ---------------------------------------------------------------------------------------------------
@@ -544,116 +450,7 @@ broker_port = {BROKER_PORT}
 
     # --- report ----------------------------------------------------------------------------------------------------
     def report(self, started: float) -> int:
-        R, a, sc = self.results, self.args, self.sync_cfg
-        prof = self.link.profile
-        print()
-        print(f"Wasla link bench — profile {a.profile}{' (quick)' if a.quick else ''}, seed {a.seed}")
-        print(f"  link: {prof.describe()}")
-        print(f"  sync: chunk_bytes={sc.chunk_bytes} max_inflight_bytes={sc.max_inflight_bytes} "
-              f"socket_sndbuf_bytes={sc.socket_sndbuf_bytes} flag_lane={str(sc.flag_lane).lower()} "
-              f"max_rate_kbps={sc.max_rate_kbps:g} link_kbps={sc.link_kbps:g} "
-              f"(overrides: {' '.join(a.set or []) or 'none'})")
-        print("  box TCP: " + " ".join(f"{k}={v}" for k, v in self.tcp_settings.items())
-              + (" (systemd/60-wasla-link.conf not applied)" if a.no_link_sysctl else
-                 " (systemd/60-wasla-link.conf applied)") + (f" (set: {' '.join(a.box_sysctl)})" if a.box_sysctl else ""))
-        print(f"  total run time {time.time() - started:.0f} s")
-        rate = prof.up.rate_bps
-        goals: list[tuple[str, bool | None, str]] = []
-        print()
-        print(f"{'measurement':<46} {'value':>16}  detail")
-        print("-" * 110)
-
-        def row(name, value, detail=""):
-            print(f"{name:<46} {value:>16}  {detail}")
-
-        b = R.get("backlog")
-        if b:
-            row("backlog: studies + urgent probes", f"{b['n_studies']} + {b['n_probes']}",
-                f"{', '.join(b['names'])}; {b['chunks']} chunks")
-            row("  derived objects the box added (SR/SC)", f"{b['n_derived']}", f"{b['derived_bytes']:,} B, in the payload")
-            row("backlog: study wire bytes (payload)", f"{b['payload']:,}",
-                f"original {b['original']:,} B, ratio {b['original'] / b['payload']:.2f}")
-            row("backlog: first chunk -> last ack", f"{b['elapsed']:.1f} s", "")
-            row("goodput", f"{b['goodput_bps'] / 1000:.1f} kbit/s", f"link {rate / 1000:g} kbit/s")
-            row("goodput / link rate", f"{b['ratio']:.3f}", "goal >= 0.85")
-            row("uplink IP bytes sent by the box", f"{b['wire_up']:,}",
-                f"{b['up_pkts']:,} packets; {b['wire_up_delivered']:,} delivered; downlink {b['wire_down']:,}")
-            row("wire bytes / payload bytes", f"{1 + b['overhead']:.4f}",
-                f"overhead {b['overhead'] * 100:.2f} % (goal <= 5 %); counting only bytes delivered (no air "
-                f"losses) {100 * (b['wire_up_delivered'] / b['payload'] - 1):.2f} %")
-            row("  of which TCP segments retransmitted", f"{b['tcp_retrans']:,}",
-                f"of {b['tcp_out']:,} sent ({100 * b['tcp_retrans'] / max(1, b['tcp_out']):.2f} %)")
-            hdr = 40 + (12 if self.tcp_settings.get("tcp_timestamps") not in ("0", None) else 0)
-            row(f"  of which IP+TCP headers ({hdr} B/packet)", f"{b['up_pkts'] * hdr:,}",
-                f"{100 * b['up_pkts'] * hdr / b['payload']:.2f} % of payload")
-            row("  chunks the hub received twice", f"{b['dup_chunks']}", f"hub whole-file retries {b['retries']}")
-            lat = b["latencies"]
-            row("urgent flag latency p50", f"{pct(lat, 50):.2f} s", f"{len(lat)} flags, triaged (box) -> received (hub)")
-            row("urgent flag latency p95", f"{pct(lat, 95):.2f} s", f"max {max(lat) if lat else float('nan'):.2f} s; goal <= 3 s")
-            row(f"{b['big_name']} via Wasla, queued -> acked", f"{b['big_queued_to_ack']:.1f} s",
-                f"{b['big_size']:,} B on the wire ({b['big_original']:,} B original); ingest -> acked "
-                f"{b['big_ingest_to_ack']:.1f} s; shared the link with the probes")
-            goals += [("goodput >= 0.85 of link rate", b["ratio"] >= 0.85, f"{b['ratio']:.3f}"),
-                      ("urgent flag p95 <= 3 s", len(lat) >= 10 and pct(lat, 95) <= 3.0,
-                       f"p95 {pct(lat, 95):.2f} s over {len(lat)} flags (labels: "
-                       f"{sum(x == 'urgent' for x in b['probe_labels'])}/{len(b['probe_labels'])} urgent)"),
-                      ("overhead <= 5 %", b["overhead"] <= 0.05, f"{b['overhead'] * 100:.2f} %")]
-        c = R.get("cut")
-        if c:
-            bound = sc.chunk_bytes + sc.max_inflight_bytes
-            resent_app = c["dup_chunks"] * c["chunk_size"]
-            resent = max(resent_app, c["excess_after"])
-            row(f"cut: {c['name']} {c['cut_s']:g} s cut", f"{c['at_cut']}/{c['count']} chunks",
-                f"at the hub when cut ({c['cut_at_s']:.0f} s after ingest); {c['at_restore']} at restore")
-            row("cut: MQTT disconnects / reconnects", f"{c['disconnects']} / {c['reconnects']}", "")
-            row("cut: chunks the hub received twice", f"{c['dup_chunks']}", f"{resent_app:,} B; hub retries {c['retries']}")
-            row("cut: uplink bytes after restore", f"{c['wire_after']:,}",
-                f"payload the hub lacked at restore {c['remaining']:,} B x backlog wire factor = {c['expected_after']:,.0f} B")
-            row("cut: bytes resent (excess after restore)", f"{c['excess_after']:,.0f}",
-                f"bound: chunk + in-flight = {bound:,} B")
-            row("cut: TCP segments retransmitted (phase)", f"{c['tcp_retrans']:,}", f"of {c['tcp_out']:,}")
-            row(f"cut: {c['name']} via Wasla, queued -> acked", f"{c['queued_to_ack']:.1f} s",
-                f"stored at hub: {c['stored']}")
-            goals.append(("resent after a cut <= one chunk + in-flight window", resent <= bound,
-                          f"{resent:,.0f} B (max of hub duplicates and wire excess) vs {bound:,} B"))
-            goals.append(("Wasla delivers across a cut without starting over",
-                          c["stored"] and c["retries"] == 0 and c["at_cut"] > 0 and c["dup_chunks"] <= c["at_cut"]
-                          and c["wire_after"] < c["size"],
-                          f"stored; {c['at_restore']} chunks kept, {c['dup_chunks']} re-received, hub retries "
-                          f"{c['retries']}"))
-        rd = R.get("read")
-        if rd:
-            tb, rc = rd["to_box"], rd["receipt"]
-            row("read submitted -> applied on the box, p50", f"{pct(tb, 50):.2f} s",
-                f"{len(tb)} reads; max {max(tb):.2f} s; from the start of `wasla-hub read` (process start included)")
-            row("read submitted -> receipt back at the hub, p50", f"{pct(rc, 50):.2f} s", f"max {max(rc):.2f} s")
-            goals.append(("every read at the box within 10 s of submitting", max(tb) <= 10.0, f"max {max(tb):.2f} s"))
-        cs = R.get("cstore")
-        if cs:
-            pl, cu = cs["plain"], cs["cut"]
-            row(f"C-STORE {cs['name']} (storescu -> storescp)", f"{pl['seconds']:.1f} s",
-                f"{pl['size']:,} B, rc {pl['rc']}, stored {pl['ok']}")
-            row(f"C-STORE {cs['name']} across a {a.cut_seconds:g} s cut", f"{cu['seconds']:.1f} s",
-                f"rc {cu['rc']}, stored {cu['ok']}, cut at {cu['cut_at'] or 0:.0f} s; {' | '.join(cu['tail'])[:80]}")
-            wp = cs["wasla_plain"]
-            if wp:
-                ratio = pl["seconds"] / wp
-                row(f"{cs['name']}: C-STORE time / Wasla time", f"{ratio:.2f}x", "goal >= 1.5x")
-                goals.append((f"{cs['name']} >= 1.5x faster than C-STORE", pl["ok"] and ratio >= 1.5,
-                              f"{ratio:.2f}x ({pl['seconds']:.1f} s vs {wp:.1f} s)"))
-            if c and c["name"] == cs["name"]:
-                row(f"{cs['name']} across the cut: C-STORE / Wasla", f"{cu['seconds'] / c['queued_to_ack']:.2f}x",
-                    f"{cu['seconds']:.1f} s{'' if cu['ok'] else ' (FAILED)'} vs {c['queued_to_ack']:.1f} s")
-        bench_link_files.report(self, row, goals)
-        print()
-        fails = 0
-        for name, ok, detail in goals:
-            fails += not ok
-            print(f"{'PASS' if ok else 'FAIL'}  {name:<52} {detail}")
-        print(f"\n{len(goals) - fails}/{len(goals)} goals met")
-        if a.json:
-            Path(a.json).write_text(json.dumps({"args": vars(a), "box_tcp": self.tcp_settings, "results": R}, indent=2, default=str))
-        return 0 if fails == 0 else 1
+        return bench_link_report.report(self, started)
 
 
 def main(argv: list[str] | None = None) -> int:

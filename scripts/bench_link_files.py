@@ -21,7 +21,7 @@ GEO_GOALS = {"RG1_UNCR.dcm": 1.5, "RG3_UNCR.dcm": 5.0}
 
 
 def phase_files(bench) -> None:
-    from bench_link import CSTORE_PORT, log, wait_until
+    from bench_link_lib import CSTORE_PORT, log, wait_until
 
     names = bench.args.files.split(",")
     out = bench.work / "storescp-files"
@@ -57,7 +57,7 @@ def phase_files(bench) -> None:
 
 def phase_order(bench) -> None:
     """All of one band (no model routes these samples: 'review'), a large one first, then three small ones."""
-    from bench_link import log, wait_until
+    from bench_link_lib import log, wait_until
 
     large = bench.sample("RG1_UNCR.dcm", bench.work / "in" / "order" / "large.dcm")
     _s, large_sop = bench.study_of(large)
@@ -82,7 +82,7 @@ def phase_order(bench) -> None:
 
 def flag_order(bench) -> dict:
     """Studies at the hub whose first manifest arrived before their flag (should be none)."""
-    from bench_link import q
+    from bench_link_lib import q
 
     rows = q(bench.hub_db, "SELECT t.study_uid, MIN(t.created_at) AS first, (SELECT MIN(f.received_at) FROM flags f "
                            "WHERE f.study_uid = t.study_uid) AS flag FROM transfers t GROUP BY t.study_uid")
