@@ -150,9 +150,9 @@ def parse_toml(cls, text: str, validate, base: Path | None = None, source: Path 
 def load_toml(cls, validate, path: Path | str | None, env: dict[str, str] | None, env_var: str,
               default_paths: tuple[Path, ...], what: str = "config"):
     """From `path`, else $`env_var`, else the first of `default_paths` that exists, else the built-in defaults."""
-    env = os.environ if env is None else env
-    if path is None and env.get(env_var):
-        path = env[env_var]
+    environ: typing.Mapping[str, str] = os.environ if env is None else env
+    if path is None and environ.get(env_var):
+        path = environ[env_var]
     if path is None:
         path = next((p for p in default_paths if p.is_file()), None)
     if path is None:
