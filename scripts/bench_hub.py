@@ -100,7 +100,7 @@ class Hubs:
         self.pg = None
         index = ""
         if a.pg:
-            from test_hub_store_pg import PgServer, pg_bin_dir
+            from pgserver import PgServer, pg_bin_dir
 
             if pg_bin_dir() is None:
                 raise SystemExit("--pg needs PostgreSQL's server binaries (apt install postgresql)")

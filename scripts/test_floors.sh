@@ -18,5 +18,5 @@ exec .venv-floor/bin/python -m pytest -q -p no:cacheprovider \
   tests/test_store.py tests/test_sync_protocol.py tests/test_codecs.py tests/test_models_and_inference.py \
   tests/test_imaging.py tests/test_preprocess.py tests/test_results_dicom.py tests/test_sr_supersession.py \
   tests/test_scp.py tests/test_ingest.py tests/test_cli.py tests/test_cli_languages.py tests/test_report.py \
-  tests/test_pseudonym_table.py tests/test_sync_transfer.py tests/test_hub_partitions.py tests/test_hub_store_pg.py \
+  tests/test_pseudonym_table.py tests/test_sync_transfer.py tests/test_hub_partitions.py tests/test_hub_store_pg.py tests/test_hub_store_pg_parity.py \
   tests/test_web_worklist.py tests/test_config.py tests/test_metrics.py
