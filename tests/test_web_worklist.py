@@ -219,11 +219,7 @@ def chromium() -> tuple[str, str] | None:
 
 
 @pytest.mark.skipif(chromium() is None, reason="needs Debian's chromium + chromium-driver and selenium (scripts/setup.sh)")
-def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_the_box(tmp_path, broker, parts):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-
+def _three_studies_at_the_hub(tmp_path, broker, parts):
     from test_sync_support import Box, make_cr, start_hub, triage
 
     hub = start_hub(tmp_path, broker.port)
@@ -235,6 +231,51 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
         triage(box.store, f, label)
     wait_until(lambda: hub.store.query("SELECT COUNT(*) AS n FROM instances")[0]["n"] == 3, timeout=60,
                what="studies at the hub")
+    return hub, box
+
+
+def _headless_chrome(tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = chromium()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver_path), options=opts)
+
+
+def _wasla_show_in_arabic(tmp_path, box, study: str) -> subprocess.CompletedProcess:
+    """What the clinic's technician sees: `wasla show` on the box."""
+    box_toml = tmp_path / "box.toml"
+    box_toml.write_text(f'[box]\nid = "box-a"\ndata_dir = "{box.cfg.box.data_dir}"\n[models]\n'
+                        f'dir = "{tmp_path}"\ntrusted_keys = []\n[storage]\nmin_free_mb = 0\n')
+    return subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(box_toml), "--lang", "ar",
+                           "show", study], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def _french_pages_and_pilot_figures(driver, base: str, shots: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.get(base + "/?lang=fr")
+    assert driver.find_element(By.TAG_NAME, "html").get_attribute("dir") == "ltr"
+    driver.save_screenshot(str(shots / "worklist-fr.png"))
+    driver.find_element(By.CSS_SELECTOR, "#worklist tbody tr a.band").click()
+    wait_until(lambda: driver.find_element(By.ID, "canvas").get_attribute("data-loaded"), timeout=15,
+               what="the image in the viewer")
+    driver.save_screenshot(str(shots / "study-fr.png"))
+    for lang in ("fr", "ar"):
+        driver.get(f"{base}/kpi?lang={lang}")
+        assert driver.find_element(By.ID, "kpi-studies").text == "3"
+        driver.save_screenshot(str(shots / f"kpi-{lang}.png"))
+
+
+def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_the_box(tmp_path, broker, parts):
+    from selenium.webdriver.common.by import By
+
+    hub, box = _three_studies_at_the_hub(tmp_path, broker, parts)
     web_port = harness.free_port()
     cfg_for(tmp_path, broker_port=broker.port, web_port=web_port)
     (tmp_path / "pw").write_text(PASSWORD)
@@ -245,13 +286,7 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
     web = subprocess.Popen([*hub_cli, "web"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
         harness.wait_for_port(web_port, proc=web, timeout=60)
-        browser, driver_path = chromium()
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = browser
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1280,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
-            opts.add_argument(arg)
-        driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+        driver = _headless_chrome(tmp_path)
         try:
             base = f"http://127.0.0.1:{web_port}"
             driver.get(base + "/")
@@ -284,28 +319,13 @@ def test_radiologist_logs_in_opens_the_urgent_study_and_an_arabic_read_reaches_t
                        what="the read at the box")
             at_box = time.monotonic() - submitted
             assert note in box.store.study(study)["read_note"]
-            # What the clinic's technician sees: `wasla show` on the box.
-            box_toml = tmp_path / "box.toml"
-            box_toml.write_text(f'[box]\nid = "box-a"\ndata_dir = "{box.cfg.box.data_dir}"\n[models]\n'
-                                f'dir = "{tmp_path}"\ntrusted_keys = []\n[storage]\nmin_free_mb = 0\n')
-            shown = subprocess.run([sys.executable, "-m", "edge.cli", "--config", str(box_toml), "--lang", "ar",
-                                    "show", study], capture_output=True, text=True, cwd=REPO, timeout=60)
+            shown = _wasla_show_in_arabic(tmp_path, box, study)
             assert shown.returncode == 0 and note in shown.stdout and "د. بن علي" in shown.stdout
             # The page shows the clinic has it, without a reload (the box's receipt rides its next heartbeat).
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "td.delivery[data-delivered='1']"),
                        timeout=15, what="delivery shown on the page")
             assert at_box < 10
-            driver.get(base + "/?lang=fr")
-            assert driver.find_element(By.TAG_NAME, "html").get_attribute("dir") == "ltr"
-            driver.save_screenshot(str(shots / "worklist-fr.png"))
-            driver.find_element(By.CSS_SELECTOR, "#worklist tbody tr a.band").click()
-            wait_until(lambda: driver.find_element(By.ID, "canvas").get_attribute("data-loaded"), timeout=15,
-                       what="the image in the viewer")
-            driver.save_screenshot(str(shots / "study-fr.png"))
-            for lang in ("fr", "ar"):
-                driver.get(f"{base}/kpi?lang={lang}")
-                assert driver.find_element(By.ID, "kpi-studies").text == "3"
-                driver.save_screenshot(str(shots / f"kpi-{lang}.png"))
+            _french_pages_and_pilot_figures(driver, base, shots)
         finally:
             driver.quit()
     finally:
