@@ -17,8 +17,9 @@ from edge.uplink import connection
 from edge.uplink.budget import BULK, FLAG as FLAG_BYTES, TELEMETRY, Budget
 from edge.uplink.linkmeter import LinkMeter
 from edge.uplink.packer import Packer
+from edge.uplink.scheduler import LinkState, pick
 from edge.uplink.window import InflightWindow
-from edge.uplink.outbox import CONFIRMED, FLAG, Outbox
+from edge.uplink.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class Uploader:
                 self.wake.clear()
 
     def step(self) -> bool:
-        """Send the single most important thing that may go now; False when nothing can."""
+        """Send the single most important thing that may go now (edge.uplink.scheduler); False when nothing can."""
         if not self.connected:
             return False
         now = time.monotonic()
@@ -267,58 +268,38 @@ class Uploader:
             self._send_heartbeat()
             return True
         self._expire(now)
-        self.blocked = ""
-        rows = self.outbox.active()
-        # A study's images never reach the hub before its flag does: the radiologist's list learns of an urgent study
-        # from its flag, and a chunk that overtook it (a lane still reconnecting after a cut) would arrive unannounced.
-        # So a study's transfers wait while a flag for it is not yet confirmed by the hub: one round trip at most.
-        unflagged = {r["study_uid"] for r in rows if r["kind"] == FLAG}
-        for row in rows:
-            if row["kind"] == FLAG:
-                sent = self._flag_sent.get(row["flag_id"])
-                if sent is None or now - sent > self.sc.ack_timeout_seconds:
-                    return self._send_flag(row)
-                continue
-            tid = row["transfer_id"]
-            if row["study_uid"] in unflagged:
-                continue
-            if row["state"] == CONFIRMED:
-                # Every chunk is at the hub; ask again only if its final ack seems lost.
-                last = self._queried.get(tid)
-                if last is None or now - last > self.sc.ack_timeout_seconds:
-                    self._queried[tid] = now
-                    return self._send_manifest(row)
-                continue
-            ok, why = self.budget.allow_bulk(urgent=row["label"] == "urgent")
-            if not ok:
-                self.blocked = why
-                continue
-            if self._manifest_conn.get(tid) != self.conn_no:
-                started = row["attempts"] > 0
-                if self._send_manifest(row) and started:
-                    self._resume_wait[tid] = now + min(RESUME_WAIT_S, self.sc.ack_timeout_seconds)
-                return True
-            deadline = self._resume_wait.get(tid)
-            if deadline is not None:
-                if now < deadline:
-                    continue
-                self._resume_wait.pop(tid, None)
-            index = self._next_index(row)
-            if index is None:
-                continue
-            length = min(row["chunk_size"], row["size"] - index * row["chunk_size"])
-            with self._lock:
-                full = self.window.would_exceed(length, self.sc.max_inflight_bytes)
-            if full:
-                return False  # a PUBACK wakes us; meanwhile nothing below this row may overtake it either
-            wait = self.budget.delay(length)
-            if wait > 0:
-                # Wait in slices so a flag queued meanwhile is picked first when we look again.
-                self.stop_event.wait(min(wait, 0.25))
-                return True
-            return self._send_chunk(row, index)
-        self.meter.idle()  # nothing may go: the link is no longer saturated by us
+        state = LinkState(self.conn_no, self._flag_sent, self._queried, self._manifest_conn, self._resume_wait,
+                          self.sc.ack_timeout_seconds)
+        choice = pick(self.outbox.active(), now, state, next_index=self._next_index,
+                      allow_bulk=lambda urgent: self.budget.allow_bulk(urgent=urgent),
+                      window_full=self._window_full, pace=self.budget.delay)
+        self.blocked = choice.blocked
+        for tid in choice.resumed:
+            self._resume_wait.pop(tid, None)
+        row = choice.row
+        if choice.action == "flag":
+            return self._send_flag(row)
+        if choice.action == "query":
+            self._queried[row["transfer_id"]] = now
+            return self._send_manifest(row)
+        if choice.action == "manifest":
+            started = row["attempts"] > 0
+            if self._send_manifest(row) and started:
+                self._resume_wait[row["transfer_id"]] = now + min(RESUME_WAIT_S, self.sc.ack_timeout_seconds)
+            return True
+        if choice.action == "pace":
+            # Wait in slices so a flag queued meanwhile is picked first when we look again.
+            self.stop_event.wait(min(choice.wait, 0.25))
+            return True
+        if choice.action == "chunk":
+            return self._send_chunk(row, choice.index)
+        if choice.action == "idle":
+            self.meter.idle()  # nothing may go: the link is no longer saturated by us
         return False
+
+    def _window_full(self, length: int) -> bool:
+        with self._lock:
+            return self.window.would_exceed(length, self.sc.max_inflight_bytes)
 
     def _next_index(self, row: dict) -> int | None:
         tid = row["transfer_id"]
