@@ -8,7 +8,7 @@ device-like training renderings, the box's preprocessing (8-bit, JPEG quality 75
 device-like validation set, OpenVINO IR converted from the ONNX Runtime QDQ graph.
 
 Runs the pipeline on ../shared/datasets/cxr-pneumonia-kermany (relative to the repository); skips with a message
-when that folder is absent. Extra arguments go to the split (1.3.0) or `all` (1.2.0) step, e.g. `--epochs 3`.
+when that folder is absent. The 1.3.0 rebuild lands in work-data/rebuilt/cxr-triage/1.3.0. Extra arguments go to the split (1.3.0) or `all` (1.2.0) step, e.g. `--epochs 3`.
 """
 from __future__ import annotations
 
@@ -43,8 +43,11 @@ def recipe_1_3_0(argv: list[str]) -> int:
          "--calibration-urgent-specificity", "0.90", "--quantisation", json.dumps(QUANTISATION), *argv),
         ("weights", "--package", str(REPO / "models" / "cxr-triage" / "1.2.0")),
         ("export",), ("quantise",), ("calibrate",), ("parity",), ("evaluate",),
-        ("package", "--signing-key", str(REPO / ".keys" / "wasla-dev-5.key"),
-         "--public-key", str(REPO / "models" / "keys" / "wasla-dev-5.pub")),
+        # The shipped 1.3.0 was signed with wasla-dev-5, whose private half stays with its builder: a rebuild is
+        # signed by a development key of its own (created when missing) and written beside the work folder, so it
+        # never replaces the shipped package; compare its card and evaluation.json with models/cxr-triage/1.3.0.
+        ("package", "--out-root", str(REPO / "work-data" / "rebuilt"),
+         "--public-key", str(REPO / "work-data" / "rebuilt" / "rebuilt-dev.pub")),
     ]
     for step, *args in steps:
         rc = _run(step, "--work", work, *args)
