@@ -40,7 +40,8 @@ def recipe_1_3_0(argv: list[str]) -> int:
     steps = [
         ("split", "--data", str(DATA), "--name", "cxr-triage", "--version", "1.3.0", "--abnormal", "pneumonia",
          "--seed", "0", "--urgent-specificity", "0.995", "--calibration-fraction", "0.5",
-         "--calibration-urgent-specificity", "0.90", "--quantisation", json.dumps(QUANTISATION), *argv),
+         "--calibration-urgent-specificity", "0.90", "--quiet-thresholds", "--quantisation", json.dumps(QUANTISATION),
+         *argv),
         ("weights", "--package", str(REPO / "models" / "cxr-triage" / "1.2.0")),
         ("export",), ("quantise",), ("calibrate",), ("parity",), ("evaluate",),
         # The shipped 1.3.0 was signed with wasla-dev-5, whose private half stays with its builder: a rebuild is

@@ -367,7 +367,7 @@ def test_package_rebuilt_from_weights_keeps_stem_float_and_widens_thresholds_on_
     data, work, out = work0.parent / "data", tmp_path / "work", tmp_path / "models"
     _run(["split", "--data", str(data), "--work", str(work), "--name", "tiny-binary", "--version", "1.1.0",
           "--abnormal", "pneumonia", "--image-size", "64", "--val-fraction", "0.25", "--calibration-fraction", "0.5",
-          "--quantisation", json.dumps({"float_nodes": ["/_conv_stem/", "/_fc/"]})])
+          "--quiet-thresholds", "--quantisation", json.dumps({"float_nodes": ["/_conv_stem/", "/_fc/"]})])
     split = json.loads((work / "split.json").read_text())
     cal = {patient_id(Path(p).name) for p, _ in split["calibration"]}
     reported = {patient_id(Path(p).name) for p, _ in split["test_report"]}

@@ -128,6 +128,9 @@ def _job_options(p: argparse.ArgumentParser) -> None:
                         "the rest); 0: none (default %(default)s)")
     p.add_argument("--calibration-urgent-specificity", type=float, default=0.90,
                    help="urgent threshold on that part: lowest with specificity >= this (default %(default)s)")
+    p.add_argument("--quiet-thresholds", action="store_true",
+                   help="then move each threshold (review down, urgent up, <= 0.25 logit) off crowded score spots "
+                        "of the non-test images scored by both backends (shared thresholds only)")
     p.add_argument("--quantisation", default=None,
                    help='ONNX Runtime quantisation as JSON, e.g. {"float_nodes": ["/_conv_stem/"], "calibration": '
                         '"percentile", "percentile": 99.999} (default: MinMax, every node)')
@@ -183,7 +186,8 @@ def _job_from_args(args):
                review_rule=args.review_rule, mid_gap=not args.at_case,
                quantisation=json.loads(args.quantisation) if args.quantisation else None,
                calibration_fraction=args.calibration_fraction,
-               calibration_urgent_specificity=args.calibration_urgent_specificity)
+               calibration_urgent_specificity=args.calibration_urgent_specificity,
+               quiet_thresholds=args.quiet_thresholds)
 
 
 def _train_options(args) -> dict:

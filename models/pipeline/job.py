@@ -57,6 +57,9 @@ class Job:
     calibration_fraction: float = 0.0
     # Urgent threshold on that calibration part: the lowest with its specificity >= this.
     calibration_urgent_specificity: float = 0.90
+    # Move each threshold (review down, urgent up, at most 0.25 logit) to where the fewest non-test images sit
+    # within their ORT/OpenVINO score gap (metrics.quiet_threshold): fewer studies whose band depends on the backend.
+    quiet_thresholds: bool = False
     # A package whose INT8 weights (dequantised, models.pipeline.qdq) replace training: {"name", "version",
     # "onnx_sha256"}. None: the weights come from this job's own training.
     weights_from: dict | None = None

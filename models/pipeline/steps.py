@@ -138,7 +138,7 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
     result["scored_with"] = backend
     result["validation_set"] = "device-like validation (models.pipeline.deviceset)" if job.device_like \
         else "validation"
-    if job.openvino_int8 == "qdq" and job.quantisation:
+    if job.openvino_int8 == "qdq" and job.quiet_thresholds:
         result = _quiet(work, job, meta, result, images, val_scores)
     if job.openvino_int8 == "qdq":
         # One quantised network on both runtimes: scores differ by rounding only (mean 0.006 on device-like

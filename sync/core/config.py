@@ -91,7 +91,7 @@ def build(cls, data: dict, prefix: str, base: Path | None):
         return msgspec.convert(data, cls, strict=True, dec_hook=_path_hook(base))
     except msgspec.ValidationError as err:
         m = _AT.match(str(err))
-        path = re.sub(r"\[(\d+)\]", r"[\1]", (m.group("path") or "").lstrip(".")) if m else ""
+        path = (m.group("path") or "").lstrip(".") if m else ""
         message = (m.group("msg") if m else str(err)).replace("`", "")
         key = prefix + path if path else prefix.rstrip(".") or "config"
         raise ConfigError(f"{key}: {message[:1].lower()}{message[1:]}") from None
