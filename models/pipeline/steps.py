@@ -112,7 +112,8 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
     from models.pipeline.evaluate import is_abnormal, runners, scores
 
     job, meta = work.job(), work.read(meta_path(work), "export")
-    val = load_split(work.split)["val"]
+    split_data = load_split(work.split)
+    val = split_data["val"]
     if job.device_like:
         from models.pipeline import deviceset
 
@@ -130,16 +131,19 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
         chosen[name] = choose_thresholds(is_abnormal(y, job), score, job.review_sensitivity, job.urgent_specificity,
                                          job.review_rule, job.mid_gap)
         chosen[name]["urgent"] = min(chosen[name]["urgent"], 1.0)
-    if "calibration" in load_split(work.split):
+    cal_y, cal_scores = None, {}
+    if "calibration" in split_data:
+        cal = split_data["calibration"]
+        cal_y, cal_scores = _calibration_scores(work, job, meta, cal, [*chosen, *SHIPPED])
         for name in chosen:
-            chosen[name] = _with_calibration_part(work, job, meta, chosen[name], is_abnormal(y, job),
-                                                  val_scores[name], name)
+            chosen[name] = _with_calibration_part(job, chosen[name], is_abnormal(y, job), val_scores[name], cal_y,
+                                                  cal_scores[name], len(cal))
     result = dict(chosen[backend])
     result["scored_with"] = backend
     result["validation_set"] = "device-like validation (models.pipeline.deviceset)" if job.device_like \
         else "validation"
     if job.openvino_int8 == "qdq" and job.quiet_thresholds:
-        result = _quiet(work, job, meta, result, images, val_scores)
+        result = _quiet(result, val_scores, cal_scores)
     if job.openvino_int8 == "qdq":
         # One quantised network on both runtimes: scores differ by rounding only (mean 0.006 on device-like
         # validation), while thresholds chosen per backend hinge on single extreme cases and differed by up to 0.09;
@@ -158,26 +162,32 @@ def calibrate(work: Work, backend: str = "ort_int8") -> dict:
     return result
 
 
-def _quiet(work: Work, job: Job, meta: dict, result: dict, val_images: np.ndarray, val_scores: dict) -> dict:
+def _calibration_scores(work: Work, job: Job, meta: dict, cal: list[list],
+                        names: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The calibration part's clean and device-like images (pooled), decoded once and scored once per model."""
+    from models.pipeline.evaluate import is_abnormal, runners, scores
+
+    images = [load_images([p for p, _ in cal], meta["image_size"], job.pre())]
+    if job.device_like:
+        from models.pipeline import deviceset
+
+        images.append(deviceset.build(work, "calibration", cal, job)["images"])
+    y = is_abnormal(np.concatenate([np.array([label for _, label in cal])] * len(images)), job)
+    paths = model_paths(work)
+    out = {}
+    for name in dict.fromkeys(names):
+        runner = runners({name: paths[name]})[name]
+        out[name] = np.concatenate([scores(runner, batch, job, meta["mean"], meta["std"])[1] for batch in images])
+    return y, out
+
+
+def _quiet(result: dict, val_scores: dict, cal_scores: dict) -> dict:
     """Both thresholds moved (review down, urgent up, at most 0.25 logit) off the spots where the non-test images
     crowd, scored by both shipped backends: fewer studies there whose band depends on the backend."""
-    from models.pipeline.evaluate import runners, scores
     from models.pipeline.metrics import bands, quiet_threshold
 
-    a, b = [val_scores["ort_int8"]], [val_scores["openvino_int8"]]
-    split_data = load_split(work.split)
-    if "calibration" in split_data:
-        cal = split_data["calibration"]
-        sets = [load_images([p for p, _ in cal], meta["image_size"], job.pre())]
-        if job.device_like:
-            from models.pipeline import deviceset
-
-            sets.append(deviceset.build(work, "calibration", cal, job)["images"])
-        run = runners({name: model_paths(work)[name] for name in SHIPPED})
-        for images in sets:
-            a.append(scores(run["ort_int8"], images, job, meta["mean"], meta["std"])[1])
-            b.append(scores(run["openvino_int8"], images, job, meta["mean"], meta["std"])[1])
-    a, b = np.concatenate(a), np.concatenate(b)
+    a = np.concatenate([val_scores["ort_int8"], *([cal_scores["ort_int8"]] if cal_scores else [])])
+    b = np.concatenate([val_scores["openvino_int8"], *([cal_scores["openvino_int8"]] if cal_scores else [])])
     before = {"review": result["review"], "urgent": result["urgent"],
               "band_disagreements": int(np.sum(bands(a, result["review"], result["urgent"])
                                                != bands(b, result["review"], result["urgent"])))}
@@ -193,24 +203,14 @@ def _quiet(work: Work, job: Job, meta: dict, result: dict, val_images: np.ndarra
                 quiet={"before": before, "band_disagreements": after, "n": int(len(a))})
 
 
-def _with_calibration_part(work: Work, job: Job, meta: dict, chosen: dict, val_y: np.ndarray,
-                           val_score: np.ndarray, backend: str) -> dict:
+def _with_calibration_part(job: Job, chosen: dict, val_y: np.ndarray, val_score: np.ndarray, cal_y: np.ndarray,
+                           cal_score: np.ndarray, n_images: int) -> dict:
     """The thresholds widened on the test folder's calibration part, its clean and device-like images pooled."""
     from models.pipeline.calibrate import with_calibration_part
-    from models.pipeline.evaluate import is_abnormal, runners, scores
 
-    cal = load_split(work.split)["calibration"]
-    images = [load_images([p for p, _ in cal], meta["image_size"], job.pre())]
-    if job.device_like:
-        from models.pipeline import deviceset
-
-        images.append(deviceset.build(work, "calibration", cal, job)["images"])
-    y = np.concatenate([np.array([label for _, label in cal])] * len(images))
-    runner = runners({backend: model_paths(work)[backend]})[backend]
-    score = np.concatenate([scores(runner, batch, job, meta["mean"], meta["std"])[1] for batch in images])
-    result = with_calibration_part(chosen, val_y, val_score, is_abnormal(y, job), score, job.review_sensitivity,
+    result = with_calibration_part(chosen, val_y, val_score, cal_y, cal_score, job.review_sensitivity,
                                    job.calibration_urgent_specificity, job.mid_gap)
-    result["calibration"]["set"] = (f"calibration part of the test folder ({len(cal)} images of "
+    result["calibration"]["set"] = (f"calibration part of the test folder ({n_images} images of "
                                     f"{job.calibration_fraction:.0%} of its patients), clean"
                                     + (" and device-like" if job.device_like else ""))
     log.info("calibration part: review %.4f urgent %.4f -> review %.4f urgent %.4f; shares %s",
